@@ -5,8 +5,9 @@ client adds <= 5 ms per request. The server (StubServer, a real HTTP server) run
 so that its CPU does not share the client's GIL, as a real endpoint would not.
 
 Client overhead is measured two ways:
-* zero-latency server, sequential requests: ChatClient (cache on, as in production) minus raw
-  httpx2 POSTs to the same server — what the client adds on top of HTTP itself;
+* zero-latency server, sequential requests: ChatClient (cache on, as in production) minus bare
+  POSTs on the same HTTP client and transport to the same server — what the client adds on top of
+  HTTP itself;
 * 100 ms server, concurrency 1: wall time per request minus the 100 ms (an upper bound: it also
   holds the server's own per-request work).
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from preftune.client import ChatClient, Endpoint  # noqa: E402
+from preftune.client import ChatClient, Endpoint, _Conn  # noqa: E402
 from preftune.testing.stub_server import Reply, StubRequest, StubServer  # noqa: E402
 from tasks.pairs import generate_pairs  # noqa: E402
 
@@ -67,8 +68,8 @@ def pairs_wall(base_url: str, prompts: Path, work: Path, concurrency: int) -> di
 
 
 async def _sequential(base_url: str, n: int, cache: Path) -> tuple[float, float]:
-    import httpx2
-
+    """Seconds per request, sequential: through ChatClient, and as bare POSTs on the same HTTP client
+    (the SDK's, on the same transport) with a ready-made body — HTTP itself, nothing of ours."""
     client = ChatClient(Endpoint(base_url=base_url, model="m"), concurrency=1, cache_dir=cache)
     await client.chat([{"role": "user", "content": "warm up"}], max_tokens=8)
     t0 = time.perf_counter()
@@ -76,15 +77,20 @@ async def _sequential(base_url: str, n: int, cache: Path) -> tuple[float, float]
         await client.chat([{"role": "user", "content": f"q{i}"}], max_tokens=8)
     ours = (time.perf_counter() - t0) / n
     await client.aclose()
-    async with httpx2.AsyncClient() as raw:
-        url = base_url + "/chat/completions"
-        await raw.post(url, json={"model": "m", "messages": [{"role": "user", "content": "warm"}], "max_tokens": 8})
+    conn = _Conn.open(base_url, "unused", 1, 60.0)
+    try:
+        def body(text: str) -> bytes:
+            return json.dumps({"model": "m", "messages": [{"role": "user", "content": text}],
+                               "max_tokens": 8}).encode()
+
+        await conn.http.post(conn.url, content=body("warm"), headers=conn.headers)
         t0 = time.perf_counter()
         for i in range(n):
-            r = await raw.post(url, json={"model": "m", "messages": [{"role": "user", "content": f"r{i}"}],
-                                          "max_tokens": 8})
+            r = await conn.http.post(conn.url, content=body(f"r{i}"), headers=conn.headers)
             json.loads(r.content)
         plain = (time.perf_counter() - t0) / n
+    finally:
+        await conn.http.aclose()
     return ours, plain
 
 
@@ -118,7 +124,7 @@ def main() -> None:
         ("wall, concurrency 1", f"{t1:.2f} s", f"ideal {n * LATENCY:.1f} s"),
         ("wall, concurrency 32", f"{t32:.2f} s", f"ideal {n * LATENCY / 32:.2f} s"),
         ("speed-up 32 vs 1", f"{t1 / t32:.1f}x", "target >= 25x"),
-        ("client overhead (0 ms server)", f"{(ours - plain) * 1e3:.2f} ms", "ChatClient - raw httpx2, per request"),
+        ("client overhead (0 ms server)", f"{(ours - plain) * 1e3:.2f} ms", "ChatClient - bare POSTs, per request"),
         ("  ChatClient / raw per request", f"{ours * 1e3:.2f} / {plain * 1e3:.2f} ms", "sequential"),
         ("overhead at c=1 (100 ms server)", f"{(per_request_c1 - LATENCY) * 1e3:.2f} ms",
          "upper bound, target <= 5 ms"),

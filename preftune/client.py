@@ -2,11 +2,12 @@
 
 An :class:`Endpoint` is base_url + model + the *name* of where its key lives (an env var or a
 Prefect Secret block) — never the key itself, so it can be logged, written to provenance and shown
-in the UI. :class:`ChatClient` wraps ``openai.AsyncOpenAI`` with what a long pipeline needs:
+in the UI. :class:`ChatClient` sends through the ``openai`` SDK's HTTP client (its aiohttp transport
+when installed), with the URL and headers ``openai.AsyncOpenAI`` would use, and adds what a long
+pipeline needs:
 
 * a concurrency limit per endpoint (an ``asyncio.Semaphore``, not held while backing off);
-* our own retries (the SDK's are switched off so that every retry is counted and capped the same
-  way): exponential backoff with full jitter on 429, 408, 5xx, timeouts, dropped connections and
+* our own retries (every retry counted and capped the same way): exponential backoff with full jitter on 429, 408, 5xx, timeouts, dropped connections and
   malformed bodies, honouring ``Retry-After`` (seconds or an HTTP date, capped);
 * a per-request deadline covering the whole request, not just each socket read;
 * usage accounting (tokens, requests, retries, cache hits) from the responses;
@@ -24,7 +25,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,38 @@ def _parse_completion(body: str) -> ChatResult:
         raise _Retryable("malformed", f"malformed response body ({type(err).__name__})") from None
 
 
+@dataclass(frozen=True)
+class _Conn:
+    """What one event loop sends through: the SDK's HTTP client, the URL and the request headers.
+
+    The ``openai`` SDK supplies all three — its HTTP client (on its aiohttp transport when the
+    ``openai[aiohttp]`` extra is installed, else httpx2), the normalised base URL, and the headers
+    it would send (auth, user agent, platform) — but requests are posted on that client directly.
+    At 32+ requests in flight the client is CPU-bound, and the SDK's per-request pipeline (request
+    options, header merging, URL re-parsing) cost about as much CPU as the HTTP exchange itself:
+    1.5 ms a request against 0.95 ms without it (bench/bench_pairs.py and its notes).
+    """
+
+    http: Any
+    url: str
+    headers: dict[str, str] = field(repr=False)  # holds the key: never printed
+
+    @classmethod
+    def open(cls, base_url: str, api_key: str, concurrency: int, timeout: float) -> _Conn:
+        import openai
+
+        # No more connections than requests in flight: a pool probes every idle one per request.
+        limits = _http().Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        try:
+            http = openai.DefaultAioHttpClient(limits=limits, timeout=timeout)
+        except RuntimeError:  # the aiohttp extra is not installed
+            http = openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout)
+        sdk = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout,
+                                 http_client=http)
+        headers = {k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items() if isinstance(v, str)}
+        return cls(http=http, url=str(sdk.base_url).rstrip("/") + "/chat/completions", headers=headers)
+
+
 class ChatClient:
     """Async chat client for one endpoint; see the module docstring for what it adds to the SDK."""
 
@@ -184,7 +217,7 @@ class ChatClient:
         self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
         self.usage = Usage()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sdk: Any = None
+        self._conn: _Conn | None = None
         self._sem: asyncio.Semaphore | None = None
         self._secret: str | None = None  # a Prefect Secret's value, loaded once, memory only
 
@@ -219,29 +252,22 @@ class ChatClient:
         return text
 
     # -- per event loop state ----------------------------------------------------------------
-    async def _state(self) -> tuple[Any, asyncio.Semaphore]:
-        """The SDK client and semaphore bound to the running loop (the sync helpers make new loops)."""
+    async def _state(self) -> tuple[_Conn, asyncio.Semaphore]:
+        """The connection and semaphore bound to the running loop (the sync helpers make new loops)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             key = await self._api_key()  # may await a Prefect block: re-check the loop after it
         if self._loop is not loop:
-            import openai
-
-            http = _http()
-            # No more connections than requests in flight: the pool probes every idle one per request.
-            limits = http.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-            self._sdk = openai.AsyncOpenAI(
-                base_url=self.endpoint.base_url, api_key=key, max_retries=0,
-                timeout=self.timeout, http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout))
+            self._conn = _Conn.open(self.endpoint.base_url, key, self.concurrency, self.timeout)
             self._sem = asyncio.Semaphore(self.concurrency)
             self._loop = loop
-        assert self._sem is not None
-        return self._sdk, self._sem
+        assert self._conn is not None and self._sem is not None
+        return self._conn, self._sem
 
     async def aclose(self) -> None:
-        if self._sdk is not None and self._loop is asyncio.get_running_loop():
-            await self._sdk.close()
-        self._sdk, self._loop, self._sem = None, None, None
+        if self._conn is not None and self._loop is asyncio.get_running_loop():
+            await self._conn.http.aclose()
+        self._conn, self._loop, self._sem = None, None, None
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -270,14 +296,16 @@ class ChatClient:
         return result
 
     async def _with_retries(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> ChatResult:
-        sdk, sem = await self._state()
+        conn, sem = await self._state()
+        payload = json.dumps({"model": self.endpoint.model, "messages": messages, **params},
+                             ensure_ascii=False).encode()
         attempt = 0
         while True:
             attempt += 1
             try:
                 async with sem:
                     self.usage.requests += 1
-                    result = await self._send_once(sdk, messages, params)
+                    result = await self._send_once(conn, payload)
             except _Retryable as err:
                 if attempt > self.max_retries:
                     self.usage.failed += 1
@@ -303,31 +331,26 @@ class ChatClient:
             delay = max(delay, retry_after)  # the server's wish is a floor, already capped
         return delay
 
-    async def _send_once(self, sdk: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> ChatResult:
-        import openai
-
+    async def _send_once(self, conn: _Conn, payload: bytes) -> ChatResult:
         http = _http()
-        body = {"model": self.endpoint.model, "messages": messages, **params}
         try:
             async with asyncio.timeout(self.timeout):
-                # sdk.post with a plain body: the typed create() re-walks every message through the
-                # SDK's TypedDict transform, which cost ~1 ms a request (a third of the client's CPU).
-                response = await sdk.post("/chat/completions", cast_to=http.Response, body=body)
-                text = (await response.aread()).decode("utf-8", errors="replace")
+                response = await conn.http.post(conn.url, content=payload, headers=conn.headers)
         except TimeoutError:
             raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
-        except openai.APIStatusError as err:
-            status = err.status_code
-            detail = f"HTTP {status}: {_short(_error_text(err))}"
+        except http.TransportError as err:
+            if _is_timeout(err, http):
+                raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
+            raise _Retryable("connection", f"connection failed ({type(err.__cause__ or err).__name__})") from None
+        text = response.content.decode("utf-8", errors="replace")
+        status = response.status_code
+        if status >= 400:
+            detail = f"HTTP {status}: {_short(_error_text(text, response.reason_phrase))}"
             if status in RETRY_STATUS or status >= 500:
                 raise _Retryable(f"http {status}", detail, status=status,
-                                 retry_after=parse_retry_after(err.response.headers, self.retry_after_cap)) from None
+                                 retry_after=parse_retry_after(response.headers, self.retry_after_cap))
             raise ChatError(self._redact(f"{self.endpoint}: {detail}"), reason=f"http {status}", attempts=1,
-                            status=status) from None
-        except openai.APITimeoutError:
-            raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
-        except (openai.APIConnectionError, http.TransportError) as err:
-            raise _Retryable("connection", f"connection failed ({type(err.__cause__ or err).__name__})") from None
+                            status=status)
         return _parse_completion(text)
 
     # -- conveniences ------------------------------------------------------------------------
@@ -360,6 +383,17 @@ class ChatClient:
         return report
 
 
+def _is_timeout(err: Exception, http: Any) -> bool:
+    """A transport error that is really a timeout. The aiohttp transport maps every dropped
+    connection to httpx's ConnectTimeout; the aiohttp error it came from says which it was."""
+    cause = err.__cause__
+    if isinstance(cause, TimeoutError):
+        return True
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
+        return False
+    return isinstance(err, http.TimeoutException)
+
+
 def _http() -> Any:
     """The HTTP library the installed openai SDK is built on (httpx2 from openai 3.x, httpx before)."""
     try:
@@ -372,16 +406,19 @@ def _http() -> Any:
         return httpx
 
 
-def _error_text(err: Any) -> str:
-    """The server's own error message when its body has one, else the SDK's text."""
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-        if isinstance(inner, str):
-            return inner
-    return str(getattr(err, "message", err))
+def _error_text(body: str, reason: str) -> str:
+    """The server's own error message when its JSON body has one ({"error": {"message": ...}}), else
+    the body itself, else the HTTP reason phrase."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip() or reason
+    inner = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(inner, dict) and inner.get("message"):
+        return str(inner["message"])
+    if isinstance(inner, str) and inner:
+        return inner
+    return body.strip() or reason
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -2,7 +2,16 @@
 
 Keyed by a sha256 of exactly what determines a reply — where (base_url, or the endpoint's
 ``cache_id`` for a local server whose port changes between runs), the model, the messages and the
-sampling parameters; never the key. One small JSON file per finished request.
+sampling parameters; never the key.
+
+Storage is append-only: each cache object appends ``<key>\\t<json>\\n`` lines to a segment file of
+its own (``seg-*.log`` — its own, so concurrent processes never interleave lines), with one
+``write`` per reply and no file created per reply: at 64 requests in flight, creating a file per
+reply (open + write + rename) cost ~0.3 ms a request on this machine, a sixth of the client's CPU.
+Opening a cache indexes every segment (key → file, offset, length) without parsing the replies;
+``get`` reads one line back. A line torn by a crash fails its checks and reads as a miss, so a
+crash can cost one request, never a wrong reply. Caches written by earlier versions (one
+``??/<key>.json`` file per reply) are still read.
 """
 
 from __future__ import annotations
@@ -10,11 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from preftune.client import Endpoint
+
+KEY_LEN = 64  # hex sha256
 
 
 def request_key(endpoint: Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
@@ -27,41 +39,75 @@ def request_key(endpoint: Endpoint, messages: list[dict[str, Any]], params: dict
 
 
 class ResponseCache:
-    """One small JSON file per finished request, written atomically (tmp + rename).
-
-    A torn or unreadable file reads as a miss, so a crash can cost one request, never a wrong reply.
-    Writes take three syscalls (open, write, rename): at 32 requests in flight the cache must not be
-    what the client spends its time on.
-    """
+    """Append-only segments of ``<key>\\t<json>\\n`` lines, indexed when opened; see the module docstring."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._dirs: set[str] = set()
-        self._tmp_prefix = f".{os.getpid()}-{id(self):x}-"
-        self._seq = 0
+        self._index: dict[str, tuple[Path, int, int]] = {}  # key -> (segment, offset, length)
+        self._fd: int | None = None  # our own segment, opened on the first put
+        self._segment: Path | None = None
+        self._offset = 0
+        self._legacy = False
+        if self.root.is_dir():
+            for seg in sorted(self.root.glob("seg-*.log")):
+                self._scan(seg)
+            self._legacy = any(p.is_dir() and len(p.name) == 2 for p in self.root.iterdir())
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
+    def _scan(self, seg: Path) -> None:
+        offset = 0
+        with open(seg, "rb") as fh:
+            for line in fh:
+                if len(line) > KEY_LEN + 1 and line.endswith(b"\n") and line[KEY_LEN:KEY_LEN + 1] == b"\t":
+                    self._index[line[:KEY_LEN].decode("ascii", errors="replace")] = (seg, offset, len(line))
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
     def get(self, key: str) -> dict[str, Any] | None:
+        where = self._index.get(key)
+        if where is None:
+            return self._legacy_get(key) if self._legacy else None
+        seg, offset, length = where
         try:
-            with open(self._path(key), encoding="utf-8") as fh:
-                entry = json.load(fh)
+            if seg == self._segment and self._fd is not None:
+                line = os.pread(self._fd, length, offset)
+            else:
+                with open(seg, "rb") as fh:
+                    fh.seek(offset)
+                    line = fh.read(length)
+            entry = json.loads(line[KEY_LEN + 1:])
         except (OSError, ValueError):
             return None
         return entry if isinstance(entry, dict) and entry.get("key") == key else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        folder = self.root / key[:2]
-        if key[:2] not in self._dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(key[:2])
-        self._seq += 1
-        tmp = folder / f"{self._tmp_prefix}{self._seq}.tmp"
-        data = json.dumps({"key": key, **entry}, ensure_ascii=False).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if len(key) != KEY_LEN:
+            raise ValueError(f"cache keys are {KEY_LEN} hex characters")
+        line = key.encode("ascii") + b"\t" + json.dumps({"key": key, **entry}, ensure_ascii=False).encode() + b"\n"
+        if self._fd is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._segment = self.root / f"seg-{uuid.uuid4().hex}.log"
+            self._fd = os.open(self._segment, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self._offset = 0
+        assert self._segment is not None
+        written = os.write(self._fd, line)  # one write per reply: a crash tears at most this line
+        if written == len(line):
+            self._index[key] = (self._segment, self._offset, len(line))
+        self._offset += written
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _legacy_get(self, key: str) -> dict[str, Any] | None:
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, folder / f"{key}.json")
+            with open(self.root / key[:2] / f"{key}.json", encoding="utf-8") as fh:
+                entry = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None

@@ -117,6 +117,17 @@ def test_gives_up_after_max_retries_with_reason():
         assert client.usage.failed == 1 and client.usage.requests == 4 and client.usage.retries == 3
 
 
+def test_a_request_that_keeps_failing_names_the_failure():
+    def handler(req: StubRequest) -> Reply:
+        return Reply(drop=True) if req.last_user == "drop" else Reply(delay=3.0, text="too late")
+
+    with StubServer(handler) as srv:
+        for fault, reason in (("drop", "connection"), ("stall", "timeout")):
+            with pytest.raises(ChatError) as info:
+                run(_chat(fast_client(srv, max_retries=1, timeout=1.0), fault))
+            assert (info.value.reason, info.value.attempts) == (reason, 2), fault
+
+
 def test_client_error_is_not_retried():
     with StubServer(lambda req: Reply(status=400, text="unknown parameter foo")) as srv:
         client = fast_client(srv)

@@ -54,7 +54,7 @@ class Script:
         if kind == 2 and req.attempt == 1:
             return Reply(status=500)
         if kind == 3 and req.attempt == 1:
-            return Reply(delay=1.0, text="too late")
+            return Reply(delay=4.0, text="too late")
         if kind == 8 and req.attempt == 1:
             return Reply(drop=True)
         if kind == 5 and not strong:
@@ -67,10 +67,12 @@ class Script:
 
 
 def run_pairs(srv: StubServer, prompts: Path, out: Path, **kw) -> dict:
+    # timeout 1.5 s against a 4 s stall: a full garbage collection with torch loaded pauses the
+    # process (server thread included) for ~0.3 s, which must not read as a timeout.
     kw.setdefault("max_tokens", 16)
     kw.setdefault("concurrency", 8)
     return generate_pairs(prompts, Endpoint(base_url=srv.base_url, model="big"),
-                          Endpoint(base_url=srv.base_url, model="small"), out, max_retries=2, timeout=0.3,
+                          Endpoint(base_url=srv.base_url, model="small"), out, max_retries=2, timeout=1.5,
                           progress=False, **kw)
 
 
