@@ -143,8 +143,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
         if kind == "failed":
             logger.error("job %s failed: %s", payload["job"]["id"], payload["error"])
 
-    results = run_sweep(jobs, lambda job: contextvars.copy_context().run(run_one, job),
-                        max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish, on_event=on_event)
+    results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish, on_event=on_event)
     update_progress_artifact(progress, 100.0)
     _sweep_table(results)
     write_json_atomic(ws.jobs_dir / "sweep.json", results)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import sys
 import threading
 import time
@@ -121,7 +122,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         except BaseException as err:  # re-raised in the caller's thread
             box["error"] = err
 
-    thread = threading.Thread(target=target)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,))  # keep the run context
     thread.start()
     thread.join()
     if "error" in box:

@@ -10,6 +10,7 @@ A finished job (summary.json with the same config hash) returns at once, so a re
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import subprocess
@@ -82,7 +83,9 @@ def run_sweep(jobs: list[dict], launch: Callable[[dict], dict], *, max_concurren
             while pending and len(active) < max_concurrent and not stop.is_set():
                 job = pending.pop(0)
                 notify("started", job)
-                active[pool.submit(launch, job)] = job
+                # The job runs in the submitting thread's context (a Prefect task run inside
+                # a pool thread must still see the flow run it belongs to).
+                active[pool.submit(contextvars.copy_context().run, launch, job)] = job
             if not active:
                 break
             done, _ = wait(list(active), return_when=FIRST_COMPLETED)

@@ -50,6 +50,22 @@ def _artifact_data(key: str) -> list:
     return [a["data"] for a in response.json()]
 
 
+def _task_run_logs(flow_run_id: str) -> dict[str, list[str]]:
+    """{task run name: its log messages in the API} for every task run under this flow run."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.request("POST", "/task_runs/filter", json={
+            "task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": 0}).json()
+        logs = client.request("POST", "/logs/filter", json={
+            "logs": {"task_run_id": {"any_": [r["id"] for r in runs]}}, "limit": 200, "offset": 0}).json()
+    names = {r["id"]: r["name"] for r in runs}
+    out: dict[str, list[str]] = {name: [] for name in names.values()}
+    for log in logs:
+        out[names[log["task_run_id"]]].append(log["message"])
+    return out
+
+
 def _stop_deployment(ws: Path) -> None:
     from tasks.deploy import stop_deployment
 
@@ -85,6 +101,10 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         report = (ws / "final_report.md").read_text()
         assert _artifact_data("final-report") == [report]
         assert _artifact_data("sweep-progress") == [100.0]
+        # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
+        logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
+        for r in sweep:
+            assert any("Completed" in m for m in logs[f"train-{r['job']['id']}"]), logs
         for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "## Cost: estimated vs actual",
                         "## Approvals"):
             assert heading in report

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from preftune.errors import UserError
 
@@ -34,12 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
 # preftune runs offline and self-hosted: no Prefect telemetry (it would only fail, with a traceback,
 # on machines without network), and no hub look-ups for local model folders.
 OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                    "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+                    "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+                    # transformers' per-load "Loading weights" bars interleave with the flow's log
+                    # lines; preftune shows its own progress (terminal bars, Prefect artifacts).
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _quiet_library_warnings() -> None:
+    # peft 0.21 asks transformers 5 a deprecated question on every adapter load; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
