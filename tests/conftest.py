@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+# Samples of real public preference data (UltraFeedback, LLaMA-Factory, HH-RLHF, MT-Bench, a TRL-format
+# file), kept in the repo so a clean checkout runs every test; sources and licences in its SOURCES.md.
+PUBLIC_DATASETS = REPO / "tests" / "data" / "public"
 
 # Keep CPU tests from oversubscribing the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -39,7 +41,5 @@ def prefect_api():
 
 
 @pytest.fixture
-def shared_datasets() -> Path:
-    if not SHARED_DATASETS.is_dir():
-        pytest.skip("../shared/datasets is not beside this checkout")
-    return SHARED_DATASETS
+def public_datasets() -> Path:
+    return PUBLIC_DATASETS

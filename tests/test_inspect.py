@@ -111,9 +111,9 @@ def test_given_test_file_removes_overlapping_prompts(tmp_path):
     assert report2["split"]["overlap_removed"] == 1 and report2["train_examples"] == 8
 
 
-def test_test_file_must_match_kind(tmp_path, shared_datasets):
+def test_test_file_must_match_kind(tmp_path, public_datasets):
     with pytest.raises(UserError, match="expected a pairs dataset, but this file is prompts-only"):
-        inspect_dataset(shared_datasets / "public_pairs.jsonl", test_path=shared_datasets / "mtbench_prompts.jsonl",
+        inspect_dataset(public_datasets / "public_pairs.jsonl", test_path=public_datasets / "mtbench_prompts.jsonl",
                         workspace=tmp_path / "ws")
 
 
@@ -160,14 +160,14 @@ def test_bad_data_writes_nothing(tmp_path):
     assert not (tmp_path / "ws").exists()
 
 
-def test_shared_formats(tmp_path, shared_datasets):
+def test_shared_formats(tmp_path, public_datasets):
     expect = {"public_pairs.jsonl": ("pairs", "openai", 300), "trl_format_sample.jsonl": ("pairs", "trl", 150),
               "mtbench_prompts.jsonl": ("prompts", "prompts", 80)}
     for name, (fmt, source_format, n) in expect.items():
-        report = inspect_dataset(shared_datasets / name, workspace=tmp_path / name)
+        report = inspect_dataset(public_datasets / name, workspace=tmp_path / name)
         assert (report["format"], report["source_format"], report["examples"]) == (fmt, source_format, n)
         assert report["duplicates"] == 0 and report["train_examples"] + report["test_examples"] == n
-        assert report["sha256"] == sha(shared_datasets / name)
+        assert report["sha256"] == sha(public_datasets / name)
         test = read_jsonl(tmp_path / name / "data" / "test.jsonl")
         assert len(test) == report["test_examples"] and all(is_test(h) for h in hashes(test))
         if fmt == "prompts":
@@ -215,11 +215,11 @@ def test_token_counts_match_the_chat_template(tmp_path, zoo):
     assert 0 < over < 8  # the threshold actually splits this data
 
 
-def test_prompts_token_counts_and_missing_model(tmp_path, zoo, shared_datasets):
+def test_prompts_token_counts_and_missing_model(tmp_path, zoo, public_datasets):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(zoo["models"]["tiny-qwen"])
-    path = shared_datasets / "mtbench_prompts.jsonl"
+    path = public_datasets / "mtbench_prompts.jsonl"
     report = inspect_dataset(path, models=[zoo["models"]["tiny-qwen"]], workspace=tmp_path / "ws")
     lengths = [len(tok.apply_chat_template(json.loads(line)["messages"], add_generation_prompt=True,
                                            return_dict=False)) for line in path.read_text().splitlines()]
@@ -257,8 +257,8 @@ def test_cli_bad_input_exit_2_without_traceback(tmp_path):
     assert not (tmp_path / "workspaces").exists()
 
 
-def test_cli_json_report_and_default_workspace(tmp_path, shared_datasets):
-    src = shared_datasets / "public_pairs.jsonl"
+def test_cli_json_report_and_default_workspace(tmp_path, public_datasets):
+    src = public_datasets / "public_pairs.jsonl"
     before = sha(src)
     res = cli(str(src), "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -278,7 +278,7 @@ def test_cli_json_report_and_default_workspace(tmp_path, shared_datasets):
 
 
 
-def test_prefect_task_wrapper(tmp_path, prefect_api, shared_datasets):
+def test_prefect_task_wrapper(tmp_path, prefect_api, public_datasets):
     from prefect import flow
 
     from tasks.inspect import inspect_task
@@ -287,5 +287,5 @@ def test_prefect_task_wrapper(tmp_path, prefect_api, shared_datasets):
     def phase1(path: str, ws: str) -> dict:
         return inspect_task(path, workspace=ws)
 
-    report = phase1(str(shared_datasets / "mtbench_prompts.jsonl"), str(tmp_path / "ws"))
+    report = phase1(str(public_datasets / "mtbench_prompts.jsonl"), str(tmp_path / "ws"))
     assert report["examples"] == 80 and (tmp_path / "ws" / "inspection.json").is_file()

@@ -56,18 +56,18 @@ def errors_of(path: Path, loader=load_pairs) -> list[tuple[int | None, str]]:
 # ---------------------------------------------------------------- formats
 
 
-def test_shared_openai_pairs(shared_datasets):
-    reader = RecordReader(shared_datasets / "public_pairs.jsonl")
+def test_shared_openai_pairs(public_datasets):
+    reader = RecordReader(public_datasets / "public_pairs.jsonl")
     records = [rec for _, rec in reader]
     assert reader.format == "openai"
     assert len(records) == 300
     assert reader.sha256 == "3e4fd39920af3918262b18c56b8d760d544fa2d6659edd08341a493032333538"
-    first = json.loads((shared_datasets / "public_pairs.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    first = json.loads((public_datasets / "public_pairs.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert records[0] == first  # canonical format passes through unchanged
 
 
-def test_shared_trl_string_format(shared_datasets):
-    path = shared_datasets / "trl_format_sample.jsonl"
+def test_shared_trl_string_format(public_datasets):
+    path = public_datasets / "trl_format_sample.jsonl"
     records = load_pairs(path)
     assert len(records) == 150
     src = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
@@ -76,13 +76,13 @@ def test_shared_trl_string_format(shared_datasets):
                           "non_preferred_output": [{"role": "assistant", "content": src["rejected"]}]}
 
 
-def test_shared_prompts_format(shared_datasets):
-    reader = RecordReader(shared_datasets / "mtbench_prompts.jsonl")
+def test_shared_prompts_format(public_datasets):
+    reader = RecordReader(public_datasets / "mtbench_prompts.jsonl")
     records = [rec for _, rec in reader]
     assert reader.format == "prompts" and len(records) == 80
     assert records[0]["messages"][0]["role"] == "user"
     assert records[0]["messages"][0]["content"].startswith("Compose an engaging travel blog post")
-    assert load_prompts(shared_datasets / "mtbench_prompts.jsonl") == records
+    assert load_prompts(public_datasets / "mtbench_prompts.jsonl") == records
 
 
 def test_trl_message_lists_and_implicit_prompt(tmp_path):
@@ -247,9 +247,9 @@ def test_too_many_examples(tmp_path):
     assert info.value.errors == [(None, "more than 4 examples (the limit)")]
 
 
-def test_wrong_kind_for_loader(shared_datasets):
+def test_wrong_kind_for_loader(public_datasets):
     with pytest.raises(UserError) as info:
-        load_prompts(shared_datasets / "public_pairs.jsonl")
+        load_prompts(public_datasets / "public_pairs.jsonl")
     assert str(info.value).endswith(
         "public_pairs.jsonl:1: expected a prompts dataset, but this file is OpenAI/Fireworks pairs (line 1)")
 
@@ -271,3 +271,15 @@ def test_prompt_hash_is_stable_and_canonical():
     assert prompt_hash([{"content": msgs[0]["content"], "role": "user", "name": "x"}]) == expected
     assert prompt_hash(msgs, tools=[{"type": "function"}]) != expected
     assert prompt_hash([{"role": "user", "content": "What is Einstein famous for"}]) != expected
+
+
+def test_public_samples_are_the_documented_files(public_datasets):
+    """The bundled samples are byte for byte what SOURCES.md records (no silent edits)."""
+    import hashlib
+    import re
+
+    table = dict(re.findall(r"\| `([\w.]+\.jsonl)` \| \d+ \| `([0-9a-f]{64})` \|",
+                            (public_datasets / "SOURCES.md").read_text(encoding="utf-8")))
+    assert set(table) == {"public_pairs.jsonl", "mtbench_prompts.jsonl", "trl_format_sample.jsonl"}
+    for name, digest in table.items():
+        assert hashlib.sha256((public_datasets / name).read_bytes()).hexdigest() == digest, name
