@@ -44,8 +44,8 @@ class ResponseCache:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._index: dict[str, tuple[Path, int, int]] = {}  # key -> (segment, offset, length)
-        self._fd: int | None = None  # our own segment, opened on the first put
-        self._segment: Path | None = None
+        self._fds: dict[Path, int] = {}  # open segments, read with pread: no open() per hit
+        self._segment: Path | None = None  # our own segment, created on the first put
         self._offset = 0
         self._legacy = False
         if self.root.is_dir():
@@ -70,36 +70,31 @@ class ResponseCache:
             return self._legacy_get(key) if self._legacy else None
         seg, offset, length = where
         try:
-            if seg == self._segment and self._fd is not None:
-                line = os.pread(self._fd, length, offset)
-            else:
-                with open(seg, "rb") as fh:
-                    fh.seek(offset)
-                    line = fh.read(length)
-            entry = json.loads(line[KEY_LEN + 1:])
+            if seg not in self._fds:
+                self._fds[seg] = os.open(seg, os.O_RDONLY)
+            entry = json.loads(os.pread(self._fds[seg], length, offset)[KEY_LEN + 1:])
         except (OSError, ValueError):
             return None
-        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+        return _checked(entry, key)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         if len(key) != KEY_LEN:
             raise ValueError(f"cache keys are {KEY_LEN} hex characters")
         line = key.encode("ascii") + b"\t" + json.dumps({"key": key, **entry}, ensure_ascii=False).encode() + b"\n"
-        if self._fd is None:
+        if self._segment is None:
             self.root.mkdir(parents=True, exist_ok=True)
             self._segment = self.root / f"seg-{uuid.uuid4().hex}.log"
-            self._fd = os.open(self._segment, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-            self._offset = 0
-        assert self._segment is not None
-        written = os.write(self._fd, line)  # one write per reply: a crash tears at most this line
+            self._fds[self._segment] = os.open(self._segment, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        written = os.write(self._fds[self._segment], line)  # one write per reply: a crash tears at most this line
         if written == len(line):
             self._index[key] = (self._segment, self._offset, len(line))
         self._offset += written
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = None
+        """Close the open segments; a later put starts a new segment of its own."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds, self._segment, self._offset = {}, None, 0
 
     def __del__(self) -> None:
         self.close()
@@ -110,4 +105,9 @@ class ResponseCache:
                 entry = json.load(fh)
         except (OSError, ValueError):
             return None
-        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+        return _checked(entry, key)
+
+
+def _checked(entry: Any, key: str) -> dict[str, Any] | None:
+    """The entry when it is the reply stored for ``key`` (a torn or foreign record is a miss)."""
+    return entry if isinstance(entry, dict) and entry.get("key") == key else None
