@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import http.server
 import json
@@ -266,22 +267,29 @@ class _HeaderRecorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _recording_server():
+    """A real HTTP server that answers "hi" and records each request's Authorization header;
+    yields its base URL."""
+    _HeaderRecorder.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+
+
 def test_key_is_sent_but_never_logged_written_or_raised(tmp_path, monkeypatch, caplog, capsys):
     secret = "sk-test-SECRET-9f8e7d6c5b4a"
     monkeypatch.setenv("PREFTUNE_TEST_KEY", secret)
     monkeypatch.setenv("OPENAI_LOG", "debug")
     caplog.set_level(logging.DEBUG)
 
-    _HeaderRecorder.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderRecorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ep = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m",
-                      api_key_env="PREFTUNE_TEST_KEY")
+    with _recording_server() as url:
+        ep = Endpoint(base_url=url, model="m", api_key_env="PREFTUNE_TEST_KEY")
         client = ChatClient(ep, cache_dir=tmp_path / "cache")
         assert client.chat_sync(msgs("hi")).text == "hi"
-    finally:
-        server.shutdown()
     assert _HeaderRecorder.seen == [f"Bearer {secret}"]  # the key does reach the server
 
     # A server echoing the key in an error must not put it in our exception.
@@ -313,15 +321,9 @@ def test_key_from_a_prefect_secret_block(prefect_api, tmp_path, caplog):
     secret = "sk-block-SECRET-0a1b2c3d4e"
     Secret(value=secret).save("preftune-test-key", overwrite=True)
     caplog.set_level(logging.DEBUG)
-    _HeaderRecorder.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderRecorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ep = Endpoint(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m",
-                      api_key_block="preftune-test-key")
+    with _recording_server() as url:
+        ep = Endpoint(base_url=url, model="m", api_key_block="preftune-test-key")
         assert ChatClient(ep, cache_dir=tmp_path).chat_sync(msgs("hi")).text == "hi"
-    finally:
-        server.shutdown()
     assert _HeaderRecorder.seen == [f"Bearer {secret}"]
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert secret not in caplog.text + written + repr(ep)

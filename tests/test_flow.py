@@ -39,26 +39,25 @@ def _spec(zoo: dict, data: Path, ws: Path, **kw) -> RunSpec:
     return RunSpec(**(base | kw))
 
 
-def _artifact_data(key: str) -> list:
-    """Every artifact version under `key`, newest first. Through the raw filter route: in Prefect
-    3.8.8 the client's read_artifacts gets HTTP 422 with defaults and nothing with empty filters."""
+def _api(route: str, body: dict) -> list:
+    """POST to the Prefect API's raw filter routes. In Prefect 3.8.8 the client's read_artifacts
+    gets HTTP 422 with defaults and nothing with empty filters, so the tests use the routes."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        response = client.request("POST", "/artifacts/filter", json={
-            "artifacts": {"key": {"any_": [key]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"})
-    return [a["data"] for a in response.json()]
+        return client.request("POST", route, json={"limit": 200, "offset": 0, **body}).json()
+
+
+def _artifact_data(key: str) -> list:
+    """Every artifact version under `key`, newest first."""
+    return [a["data"] for a in _api("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
+                                                          "limit": 10, "sort": "CREATED_DESC"})]
 
 
 def _task_run_logs(flow_run_id: str) -> dict[str, list[str]]:
     """{task run name: its log messages in the API} for every task run under this flow run."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        runs = client.request("POST", "/task_runs/filter", json={
-            "task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": 0}).json()
-        logs = client.request("POST", "/logs/filter", json={
-            "logs": {"task_run_id": {"any_": [r["id"] for r in runs]}}, "limit": 200, "offset": 0}).json()
+    runs = _api("/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
+    logs = _api("/logs/filter", {"logs": {"task_run_id": {"any_": [r["id"] for r in runs]}}})
     names = {r["id"]: r["name"] for r in runs}
     out: dict[str, list[str]] = {name: [] for name in names.values()}
     for log in logs:
