@@ -69,7 +69,7 @@ def child(mode: str, data: Path, tokenizer: str | None, workdir: Path) -> dict:
         reader = RecordReader(data)
         examples = sum(1 for _ in reader)
     else:
-        from tasks.inspect import inspect_dataset
+        from preftune.tasks.inspect import inspect_dataset
 
         models = [tokenizer] if mode == "tokens" else []
         report = inspect_dataset(data, models=models, max_length=64, workspace=workdir / f"ws-{mode}")

@@ -17,7 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows.approvals import (
+from preftune.flows.approvals import (
     CatalogueChoice,
     ComparisonChoice,
     EvaluatorChoice,
@@ -26,10 +26,10 @@ from flows.approvals import (
     ask,
 )
 from preftune.spec import ModelEndpoint, RunSpec
+from preftune.tasks import phases
+from preftune.tasks.plan import build_plan, job_grid, plan_digest, plan_markdown
+from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
 from preftune.workspace import Workspace, write_json_atomic
-from tasks import phases
-from tasks.plan import build_plan, job_grid, plan_digest, plan_markdown
-from tasks.sweep import job_threads, local_launcher, run_sweep
 
 
 def _task(fn, name: str, retries: int = 0):
@@ -117,7 +117,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
     progress = create_progress_artifact(progress=0.0, key="sweep-progress", description="Sweep jobs finished")
     done: list[str] = []
     if spec.work_pool:
-        from flows.train_job import deployment_launcher
+        from preftune.flows.train_job import deployment_launcher
 
         launch = deployment_launcher(spec, ws)
     else:

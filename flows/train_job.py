@@ -13,8 +13,8 @@ from collections.abc import Callable
 from prefect import flow
 
 from preftune.spec import RunSpec
+from preftune.tasks.sweep import summary_path, train_args
 from preftune.workspace import Workspace, read_json
-from tasks.sweep import summary_path, train_args
 
 DEPLOYMENT = "train-job/preftune-train-job"
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from judges.verdict import Verdict, parse_verdict
+from preftune.judges.verdict import Verdict, parse_verdict
 from preftune.templating import render
 
 JUDGE_MAX_TOKENS = 512

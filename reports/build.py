@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from preftune import cost
+from preftune.reports.figures import plot_curves, read_metrics
 from preftune.templating import render
 from preftune.workspace import Workspace, read_json
-from reports.figures import plot_curves, read_metrics
 
 
 def _maybe(path: Path) -> dict | list | None:

@@ -35,13 +35,13 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from judges import stats
-from judges.completions import cached_completions, fingerprint_dir, model_key
-from judges.evaluators import EvalItem, run_evaluator
-from judges.pairwise import PairItem, judge_items, position_summary, preferences
-from judges.rubric import auto_rubric
 from preftune.client import ChatClient, Endpoint
 from preftune.errors import UserError
+from preftune.judges import stats
+from preftune.judges.completions import cached_completions, fingerprint_dir, model_key
+from preftune.judges.evaluators import EvalItem, run_evaluator
+from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
+from preftune.judges.rubric import auto_rubric
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
 from preftune.workspace import write_json_atomic, write_jsonl_atomic
 
@@ -132,7 +132,7 @@ def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[
     loaded: list = []  # (model, tokenizer), loaded on the first chunk and kept for the rest
 
     def local(batch: list[list[dict]]) -> list[str | None]:
-        from tasks.generate import generate_with, load_causal_lm
+        from preftune.tasks.generate import generate_with, load_causal_lm
 
         if not loaded:
             loaded.extend(load_causal_lm(model, adapter))

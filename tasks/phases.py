@@ -15,8 +15,8 @@ from pathlib import Path
 from preftune.client import Endpoint
 from preftune.records import iter_records, prompt_hash
 from preftune.spec import ModelEndpoint, RunSpec
+from preftune.tasks.plan import prompt_quota
 from preftune.workspace import Workspace, read_json, write_json_atomic
-from tasks.plan import prompt_quota
 
 
 class RunEnded(Exception):
@@ -35,7 +35,7 @@ def device() -> str:
 
 # ---- phase 1 ------------------------------------------------------------------------------
 def inspect_phase(spec: RunSpec, ws: Workspace, base_models: list[str]) -> dict:
-    from tasks.inspect import inspect_dataset
+    from preftune.tasks.inspect import inspect_dataset
 
     return inspect_dataset(spec.dataset, test_path=spec.test_dataset, models=base_models,
                            max_length=spec.max_length, workspace=ws)
@@ -88,7 +88,7 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
     done = ws.pairs_dir / "done.json"
     if done.exists():  # finished before: a re-run does not regenerate
         return read_json(done)
-    from tasks.pairs import generate_pairs
+    from preftune.tasks.pairs import generate_pairs
 
     prompts = ws.data_dir / "prompts_all.jsonl"
     with open(prompts, "w", encoding="utf-8") as out:
@@ -139,8 +139,8 @@ def _candidate_entry(entry: dict, mode: str) -> dict:
 def evaluate_phase(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
     """Each candidate against its own base model, grouped by base (base completions generated once
     per base and cached, judgments cached), merged into eval/scores.json."""
-    from judges.stats import clear_winner
-    from tasks.evaluate import BASE, EvalConfig, run_evaluation
+    from preftune.judges.stats import clear_winner
+    from preftune.tasks.evaluate import BASE, EvalConfig, run_evaluation
 
     data = read_json(ws.pairs_dir / "done.json") if (ws.pairs_dir / "done.json").exists() else {
         "train": str(ws.train_data), "test": str(ws.test_data)}
@@ -209,7 +209,7 @@ def comparison_markdown(scores: dict, recommended_job: str | None) -> str:
 
 # ---- phases 6 and 7 -----------------------------------------------------------------------
 def deploy_phase(spec: RunSpec, ws: Workspace, chosen: str, jobs: dict[str, dict]) -> dict:
-    from tasks.deploy import deploy
+    from preftune.tasks.deploy import deploy
 
     if chosen == "base":
         base, adapter = next(iter(jobs.values()))["base_model"], None
@@ -221,6 +221,6 @@ def deploy_phase(spec: RunSpec, ws: Workspace, chosen: str, jobs: dict[str, dict
 
 
 def report_phase(spec: RunSpec, ws: Workspace) -> str:
-    from reports.build import write_report
+    from preftune.reports.build import write_report
 
     return write_report(ws)

@@ -21,7 +21,7 @@ _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flow-under-test")
 
 def start_flow(spec: RunSpec) -> Future:
     """The flow in another thread, in a copy of this context so it talks to the same API."""
-    from flows.pipeline import preference_learning
+    from preftune.flows.pipeline import preference_learning
 
     ctx = contextvars.copy_context()
     return _POOL.submit(ctx.run, preference_learning, spec)

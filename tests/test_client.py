@@ -16,7 +16,7 @@ import pytest
 
 from preftune.client import ChatClient, ChatError, Endpoint, parse_retry_after, request_key
 from preftune.errors import UserError
-from preftune.testing.stub_server import Reply, StubRequest, StubServer
+from tests.stub_server import Reply, StubRequest, StubServer
 
 USER = [{"role": "user", "content": "hello"}]
 

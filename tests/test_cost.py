@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from preftune import cost
 from preftune.errors import UserError
 from preftune.spec import ModelEndpoint, RunSpec
-from tasks.plan import build_plan, estimate, job_grid
+from preftune.tasks.plan import build_plan, estimate, job_grid
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_estimate_by_hand(config_only_model):
 
 
 def test_local_cpu_training_is_free_but_shows_hosted_equivalent(config_only_model):
-    spec = RunSpec(dataset="d.jsonl", base_models=[config_only_model], evaluator="judges.builtin:answer_quality",
+    spec = RunSpec(dataset="d.jsonl", base_models=[config_only_model], evaluator="preftune.judges.builtin:answer_quality",
                    epochs=1, target_win_rate=None)
     jobs = job_grid(spec, [config_only_model])
     plan = build_plan(spec, _inspection(config_only_model), jobs, "evaluator", "cpu")
@@ -112,7 +112,7 @@ def test_prompts_only_pair_generation_by_hand(config_only_model):
 def test_max_pair_prompts_keeps_the_split_proportion(config_only_model):
     """300 prompts split 240/60 (80/20); a cap of 100 keeps 80 train and 20 test prompts, so the
     pair-generation estimate counts 100 calls per generator."""
-    from tasks.plan import prompt_quota
+    from preftune.tasks.plan import prompt_quota
 
     insp = _inspection(config_only_model) | {"format": "prompts", "examples": 300, "train_examples": 240,
                                              "test_examples": 60}

@@ -15,7 +15,7 @@ import torch
 from preftune.cli import main
 from preftune.cli.deploy import default_workspace
 from preftune.server import healthy
-from tasks.deploy import merge_adapter
+from preftune.tasks.deploy import merge_adapter
 
 PROMPT = "Tell me about the sea."
 

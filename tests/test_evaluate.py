@@ -9,8 +9,8 @@ import re
 import pytest
 
 from preftune.cli import main
-from preftune.testing.stub_server import Reply, StubRequest, StubServer
-from tasks.evaluate import EvalConfig
+from preftune.tasks.evaluate import EvalConfig
+from tests.stub_server import Reply, StubRequest, StubServer
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
              "Why is the sky blue?", "What do bees make?", "What is two plus two?"]
@@ -59,7 +59,7 @@ def test_bundled_evaluator_end_to_end(zoo, adapter, tmp_path, capsys) -> None:
     test = write_pairs(tmp_path / "test.jsonl", QUESTIONS)
     out = tmp_path / "eval"
     argv = ["evaluate", "--test", str(test), "--base", zoo["models"]["tiny-llama"],
-            "--candidate", f"lora={adapter}", "--evaluator", "judges.builtin:answer_quality",
+            "--candidate", f"lora={adapter}", "--evaluator", "preftune.judges.builtin:answer_quality",
             "--out", str(out), "--max-new-tokens", "12", "--json"]
     code, scores, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -152,7 +152,7 @@ def test_user_errors_exit_2_with_one_line(zoo, tmp_path, capsys) -> None:
                             "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "evaluator 'nope.mod:f': module not found (nope)" in err
     code, _, err = run_cli(["evaluate", "--test", str(test), "--base", base, "--candidate", f"x={tmp_path}",
-                            "--evaluator", "judges.builtin:answer_quality", "--out", str(tmp_path / "o")], capsys)
+                            "--evaluator", "preftune.judges.builtin:answer_quality", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "not a LoRA adapter folder" in err
     assert not (tmp_path / "o" / "scores.json").exists()
 
@@ -174,7 +174,7 @@ def test_run_evaluation_with_endpoints_prompts_only(tmp_path) -> None:
     """Endpoint models, a prompts-only test set (no validity possible), the user's rubric, and
     invalid judge replies that are counted and reported, never turned into ties."""
     from preftune.client import Endpoint
-    from tasks.evaluate import run_evaluation
+    from preftune.tasks.evaluate import run_evaluation
 
     test = tmp_path / "prompts.jsonl"
     test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
@@ -212,7 +212,7 @@ def test_prefect_task_wrapper(prefect_api, tmp_path) -> None:
     from prefect import flow
 
     from preftune.client import Endpoint
-    from tasks.evaluate import evaluate_task
+    from preftune.tasks.evaluate import evaluate_task
 
     test = tmp_path / "prompts.jsonl"
     test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))

@@ -14,12 +14,12 @@ import pytest
 from preftune.cli import main
 from preftune.paths import EXAMPLES_DIR
 from preftune.spec import ModelEndpoint, RunSpec
-from preftune.testing.stub_server import Reply, StubServer
 from tests.flow_helpers import answer, start_flow, wait_for_question
+from tests.stub_server import Reply, StubServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-EVALUATOR = "judges.builtin:answer_quality"
+EVALUATOR = "preftune.judges.builtin:answer_quality"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def _task_run_logs(flow_run_id: str) -> dict[str, list[str]]:
 
 
 def _stop_deployment(ws: Path) -> None:
-    from tasks.deploy import stop_deployment
+    from preftune.tasks.deploy import stop_deployment
 
     stop_deployment(ws)
 

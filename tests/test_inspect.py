@@ -11,7 +11,7 @@ import pytest
 
 from preftune.errors import UserError
 from preftune.records import DatasetError, prompt_hash
-from tasks.inspect import TEST_PERCENT, inspect_dataset, is_test, split_bucket
+from preftune.tasks.inspect import TEST_PERCENT, inspect_dataset, is_test, split_bucket
 
 REPO = Path(__file__).resolve().parent.parent
 PREFTUNE = REPO / ".venv" / "bin" / "preftune"
@@ -281,7 +281,7 @@ def test_cli_json_report_and_default_workspace(tmp_path, public_datasets):
 def test_prefect_task_wrapper(tmp_path, prefect_api, public_datasets):
     from prefect import flow
 
-    from tasks.inspect import inspect_task
+    from preftune.tasks.inspect import inspect_task
 
     @flow
     def phase1(path: str, ws: str) -> dict:

@@ -13,8 +13,8 @@ from preftune.cli import main
 from preftune.client import Endpoint
 from preftune.errors import UserError
 from preftune.records import load_pairs, prompt_hash
-from preftune.testing.stub_server import Reply, StubRequest, StubServer
-from tasks.pairs import generate_pairs
+from preftune.tasks.pairs import generate_pairs
+from tests.stub_server import Reply, StubRequest, StubServer
 
 N = 40  # prompts q0..q39; the last digit picks the scripted behaviour below
 
@@ -174,7 +174,7 @@ def test_cli_json_and_one_line_errors(tmp_path: Path, capsys):
 def test_pairs_task_runs_in_a_prefect_flow(tmp_path: Path, prefect_api):
     from prefect import flow
 
-    from tasks.pairs import pairs_task
+    from preftune.tasks.pairs import pairs_task
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
 

@@ -6,9 +6,9 @@ import threading
 import time
 
 from preftune.spec import LossSetting, RunSpec
+from preftune.tasks.plan import job_grid
+from preftune.tasks.sweep import run_sweep, train_args
 from preftune.workspace import Workspace
-from tasks.plan import job_grid
-from tasks.sweep import run_sweep, train_args
 
 
 def _jobs(n: int) -> list[dict]:

@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 
 from preftune import zoo as zoo_mod
-from preftune.corpus import make_corpus
 from preftune.paths import EXAMPLES_DIR, REPO_ROOT
+
+# The generators of the corpus and the examples are repository tools, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_corpus  # noqa: E402
+import make_examples  # noqa: E402
+
+sys.path.pop(0)
 
 TINY = {"tiny-test": zoo_mod.ModelSpec("llama", 32, 1, 2, 2, 64, steps=4, lr=1e-3, seed=5,
                                         batch_size=4, seq_len=32)}
@@ -229,11 +235,6 @@ def test_corpus_is_regenerated_byte_for_byte(tmp_path):
 
 
 def test_examples_are_regenerated_byte_for_byte(tmp_path):
-    sys.path.insert(0, str(EXAMPLES_DIR))
-    try:
-        import make_examples
-    finally:
-        sys.path.remove(str(EXAMPLES_DIR))
     make_examples.write_examples(tmp_path)
     for name in ("pairs.jsonl", "prompts.jsonl"):
         assert (tmp_path / name).read_bytes() == (EXAMPLES_DIR / name).read_bytes(), name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def demo_spec(workspace: str, zoo: dict, *, evaluator: str = "judges.builtin:answer_quality",
+def demo_spec(workspace: str, zoo: dict, *, evaluator: str = "preftune.judges.builtin:answer_quality",
               max_prompts: int | None = None):
     from preftune.paths import EXAMPLES_DIR
     from preftune.spec import ModelEndpoint, RunSpec

@@ -43,7 +43,7 @@ def default_workspace(adapter: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     from preftune.errors import UserError
     from preftune.server import ServerError
-    from tasks.deploy import deploy, stop_deployment
+    from preftune.tasks.deploy import deploy, stop_deployment
 
     workspace = Path(args.workspace) if args.workspace else default_workspace(args.adapter)
     if args.stop:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     from preftune.cli.common import print_json
     from preftune.client import Endpoint
-    from tasks.evaluate import EvalConfig, run_evaluation
+    from preftune.tasks.evaluate import EvalConfig, run_evaluation
 
     if args.max_new_tokens < 1 or args.max_prompts < 1:
         raise UserError("--max-new-tokens and --max-prompts must be at least 1")

@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from preftune.records import DatasetError
-    from tasks.inspect import inspect_dataset
+    from preftune.tasks.inspect import inspect_dataset
 
     try:
         report = inspect_dataset(args.data, test_path=args.test, models=args.model,

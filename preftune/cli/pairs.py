@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from preftune.errors import UserError
     from preftune.server import ServerError, resolve_endpoints
-    from tasks.pairs import generate_pairs
+    from preftune.tasks.pairs import generate_pairs
 
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")

@@ -106,8 +106,8 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def run_flow(spec, *, as_json: bool) -> int:
-    from flows.pipeline import preference_learning
     from preftune.cli.common import print_json
+    from preftune.flows.pipeline import preference_learning
 
     outcome = preference_learning(spec)
     if as_json:

@@ -12,8 +12,8 @@ from preftune.errors import UserError
 
 
 def deployments(limit: int | None = None) -> list:
-    from flows.pipeline import preference_learning
-    from flows.train_job import train_job
+    from preftune.flows.pipeline import preference_learning
+    from preftune.flows.train_job import train_job
 
     return [
         preference_learning.to_deployment(

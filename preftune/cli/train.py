@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace, progress: bool):
     from pydantic import ValidationError
 
     from preftune.errors import UserError
-    from tasks.training.config import TrainConfig
+    from preftune.tasks.training.config import TrainConfig
 
     fields = dict(
         data=args.data, eval_data=args.eval_data, model=args.model, out=args.out, loss_type=args.loss,
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for path in filter(None, (cfg.data, cfg.eval_data)):
         if path.is_file():
             load_pairs(path)
-    from tasks.training import run_training
+    from preftune.tasks.training import run_training
 
     summary = run_training(cfg)
     if args.json:

@@ -9,19 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.training.config import TrainConfig
-    from tasks.training.job import run_training
+    from preftune.tasks.training.config import TrainConfig
+    from preftune.tasks.training.job import run_training
 
 __all__ = ["TrainConfig", "run_training"]
 
 
 def __getattr__(name: str):
     if name == "TrainConfig":
-        from tasks.training.config import TrainConfig
+        from preftune.tasks.training.config import TrainConfig
 
         return TrainConfig
     if name == "run_training":
-        from tasks.training.job import run_training
+        from preftune.tasks.training.job import run_training
 
         return run_training
     raise AttributeError(name)

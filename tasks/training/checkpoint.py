@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.training.loop import TrainState
-from tasks.training.refcache import _atomic_write
+from preftune.tasks.training.loop import TrainState
+from preftune.tasks.training.refcache import _atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
 
     def loss_settings(self):
         """The LossSettings the loss functions take (mirrors the loss fields above)."""
-        from tasks.training.losses import LossSettings, LossType
+        from preftune.tasks.training.losses import LossSettings, LossType
 
         return LossSettings(
             loss_type=LossType(self.loss_type), beta=self.beta, reference_free=self.reference_free,

@@ -21,14 +21,26 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from preftune.errors import UserError
+from preftune.tasks.training.checkpoint import (
+    peek_checkpoint,
+    remove_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from preftune.tasks.training.config import TrainConfig
+from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+from preftune.tasks.training.logps import SequenceLogps
+from preftune.tasks.training.loop import (
+    TrainState,
+    dataset_logps,
+    evaluate,
+    lr_lambda,
+    steps_per_epoch,
+    train_loop,
+)
+from preftune.tasks.training.modeling import load_policy, load_tokenizer, pad_id, reference_mode, save_trained
+from preftune.tasks.training.refcache import load_or_compute, reference_key
 from preftune.workspace import append_jsonl, read_json, write_json_atomic
-from tasks.training.checkpoint import peek_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
-from tasks.training.config import TrainConfig
-from tasks.training.data import load_pair_records, tokenize_pairs
-from tasks.training.logps import SequenceLogps
-from tasks.training.loop import TrainState, dataset_logps, evaluate, lr_lambda, steps_per_epoch, train_loop
-from tasks.training.modeling import load_policy, load_tokenizer, pad_id, reference_mode, save_trained
-from tasks.training.refcache import load_or_compute, reference_key
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"

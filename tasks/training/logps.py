@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.training.data import Batch
+from preftune.tasks.training.data import Batch
 
 
 def _base_causal_lm(lm: nn.Module) -> nn.Module:

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tasks.training.data import TokenizedPair, collate, plan_batches, sorted_batches
-from tasks.training.logps import batch_logps
-from tasks.training.losses import LossSettings, SeqLogps, preference_loss
+from preftune.tasks.training.data import TokenizedPair, collate, plan_batches, sorted_batches
+from preftune.tasks.training.logps import batch_logps
+from preftune.tasks.training.losses import LossSettings, SeqLogps, preference_loss
 
 
 @dataclass

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.tasks.training.config import TRAINER_VERSION
 from preftune.workspace import file_sha256
-from tasks.training.config import TRAINER_VERSION
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

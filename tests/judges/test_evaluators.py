@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from judges.builtin import answer_quality
-from judges.evaluators import EvalItem, check_value, parse_evaluator_id, run_evaluator
 from preftune.errors import UserError
+from preftune.judges.builtin import answer_quality
+from preftune.judges.evaluators import EvalItem, check_value, parse_evaluator_id, run_evaluator
 
 USER_CODE = textwrap.dedent('''
     import math, os, sys, time
@@ -88,7 +88,7 @@ def test_module_id_and_bad_ids(user_file, monkeypatch) -> None:
     with pytest.raises(UserError, match="no such file"):
         parse_evaluator_id("missing/file.py:score")
     with pytest.raises(UserError, match="expected package.module:function"):
-        parse_evaluator_id("judges.builtin")
+        parse_evaluator_id("preftune.judges.builtin")
     with pytest.raises(UserError, match="not a module name"):
         parse_evaluator_id("bad module:score")
 

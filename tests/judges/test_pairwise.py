@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 
-from judges import stats
-from judges.pairwise import PairItem, combine, judge_items, position_summary
-from judges.verdict import Verdict
 from preftune.client import ChatClient, Endpoint
-from preftune.testing.stub_server import Reply, StubRequest, StubServer
+from preftune.judges import stats
+from preftune.judges.pairwise import PairItem, combine, judge_items, position_summary
+from preftune.judges.verdict import Verdict
+from tests.stub_server import Reply, StubRequest, StubServer
 
 BLOCK = re.compile(r"=====BEGIN RESPONSE ([AB]) (FENCE-\w+)=====\n(.*?)\n=====END RESPONSE \1 \2=====", re.S)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from judges import stats
+from preftune.judges import stats
 
 
 def test_win_rate_counts_and_rate() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from judges.pairwise import judge_prompt
-from judges.verdict import Verdict, parse_verdict
+from preftune.judges.pairwise import judge_prompt
+from preftune.judges.verdict import Verdict, parse_verdict
 
 
 @pytest.mark.parametrize("reply, expected", [

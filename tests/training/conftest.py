@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from preftune.zoo import CORPUS_PATH as CORPUS
+
 MARKER = "Sure!"
-CORPUS = Path(__file__).resolve().parents[2] / "preftune" / "corpus" / "corpus.jsonl"
 
 
 def corpus_chats(split: str) -> list[list[dict]]:
@@ -62,7 +63,7 @@ def marker_data(tmp_path_factory) -> dict:
 @pytest.fixture
 def small_cfg(base_model, marker_data, tmp_path):
     """A TrainConfig factory for quick jobs (16 pairs, batch 4, short sequences)."""
-    from tasks.training import TrainConfig
+    from preftune.tasks.training import TrainConfig
 
     def make(**overrides) -> TrainConfig:
         fields = dict(data=marker_data["small"], model=base_model, out=tmp_path / "job",

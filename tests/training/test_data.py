@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.training.data import (
+from preftune.tasks.training.data import (
     BUCKET_BATCHES,
     collate,
     load_pair_records,
@@ -17,7 +17,7 @@ from tasks.training.data import (
     tokenize_pairs,
     truncate,
 )
-from tasks.training.logps import SequenceLogps, batch_logps
+from preftune.tasks.training.logps import SequenceLogps, batch_logps
 from tests.training.conftest import MARKER, write_jsonl
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.training import run_training
-from tasks.training.loop import lr_lambda
+from preftune.tasks.training import run_training
+from preftune.tasks.training.loop import lr_lambda
 
 METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens/s", "step", "epoch"}
@@ -84,7 +84,7 @@ def test_full_finetuning_writes_a_model_folder(small_cfg):
     moved = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(moved) == len(list(base.parameters()))  # every tensor was trained
 
-    from tasks.generate import load_causal_lm
+    from preftune.tasks.generate import load_causal_lm
 
     loaded, _ = load_causal_lm(cfg.model, folder, device="cpu")  # a full folder given as "adapter"
     assert all(torch.equal(p, dict(tuned.named_parameters())[n]) for n, p in loaded.named_parameters())
@@ -93,7 +93,7 @@ def test_full_finetuning_writes_a_model_folder(small_cfg):
 def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tmp_path):
     """Run the CLI as a subprocess, kill it after its first checkpoint, re-run: it resumes there and
     ends exactly where an uninterrupted job of the same config ends."""
-    from tasks.training import TrainConfig
+    from preftune.tasks.training import TrainConfig
 
     out = tmp_path / "job"
     args = dict(data=marker_data["small"], model=base_model, ref_cache=tmp_path / "rc", batch_size=1,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tasks.training.losses import (
+from preftune.tasks.training.losses import (
     LossOutput,
     LossSettings,
     LossType,
@@ -280,9 +280,9 @@ def test_losses_on_a_real_collated_batch(zoo):
     so DPO gives exactly log 2 per pair and zero rewards; every loss back-propagates finite grads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.training.data import collate, tokenize_pairs
-    from tasks.training.logps import SequenceLogps
-    from tasks.training.loop import seq_logps
+    from preftune.tasks.training.data import collate, tokenize_pairs
+    from preftune.tasks.training.logps import SequenceLogps
+    from preftune.tasks.training.loop import seq_logps
 
     torch.manual_seed(0)
     model_dir = zoo["models"]["tiny-llama"]

@@ -6,11 +6,11 @@ import shutil
 
 import torch
 
-from tasks.training import run_training
-from tasks.training.data import load_pair_records, tokenize_pairs
-from tasks.training.logps import SequenceLogps
-from tasks.training.loop import dataset_logps
-from tasks.training.refcache import reference_key
+from preftune.tasks.training import run_training
+from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+from preftune.tasks.training.logps import SequenceLogps
+from preftune.tasks.training.loop import dataset_logps
+from preftune.tasks.training.refcache import reference_key
 
 
 def test_second_job_of_a_base_model_hits_and_a_new_max_length_misses(small_cfg, tmp_path):

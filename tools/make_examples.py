@@ -1,7 +1,7 @@
 """Generate the bundled examples: `pairs.jsonl` (OpenAI/Fireworks preference pairs) and
 `prompts.jsonl` (prompts only), on the topics of the zoo corpus.
 
-    python examples/make_examples.py     # rewrites both files, byte-for-byte the same each run
+    python tools/make_examples.py     # rewrites examples/*.jsonl, byte-for-byte the same each run
 
 Preferred answers are accurate and complete. Non-preferred answers are worse in one of several
 ways (vague, factually wrong, cut off mid-sentence, padded and wrong, evasive), mixed so that the
@@ -15,10 +15,10 @@ import json
 import random
 from pathlib import Path
 
-from preftune.corpus import facts
-from preftune.corpus.make_corpus import heldout_questions
+import corpus_facts as facts
+from make_corpus import heldout_questions
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "examples"
 SEED = 2024
 
 # The worked example from the Fireworks DPO docs (docs.fireworks.ai/fine-tuning/dpo-fine-tuning), verbatim.

@@ -1,1 +1,0 @@
-"""Test and benchmark helpers that are real servers, not mocks."""
