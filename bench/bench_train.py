@@ -102,7 +102,8 @@ def worker_ours(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from preftune.tasks.training import TrainConfig, run_training
+    from preftune.job import TrainConfig
+    from preftune.tasks.training import run_training
 
     cfg = TrainConfig(
         data=Path(spec["data"]), model=Path(spec["model"]), out=Path(spec["out"]),

@@ -18,7 +18,8 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from preftune.workspace import Workspace, append_jsonl
+from preftune.files import append_jsonl
+from preftune.workspace import Workspace
 
 T = TypeVar("T", bound=RunInput)
 

@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from preftune.files import write_json_atomic
 from preftune.flows.approvals import (
     CatalogueChoice,
     ComparisonChoice,
@@ -29,7 +30,7 @@ from preftune.spec import ModelEndpoint, RunSpec
 from preftune.tasks import phases
 from preftune.tasks.plan import build_plan, job_grid, plan_digest, plan_markdown
 from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
-from preftune.workspace import Workspace, write_json_atomic
+from preftune.workspace import Workspace
 
 
 def _task(fn, name: str, retries: int = 0):
@@ -174,7 +175,7 @@ def _sweep_table(results: list[dict]) -> None:
     for r in results:
         s = r.get("summary") or {}
         rows.append({"job": r["job"]["id"], "status": r["status"], "beta": r["job"]["beta"],
-                     "loss": r["job"]["loss"]["loss"], "train_loss": s.get("train_loss"),
+                     "loss": r["job"]["loss_label"], "train_loss": s.get("train_loss"),
                      "eval_loss": s.get("eval_loss"), "eval_reward_accuracy": s.get("eval_reward_accuracy"),
                      "samples_per_s": s.get("train_samples_per_second"), "ref_cache": s.get("ref_cache")})
     create_table_artifact(table=rows, key="sweep-results", description="Every sweep job and its metrics")

@@ -1,33 +1,37 @@
 """One sweep job as a flow of its own, so it can run as a deployment on a GPU work pool.
 
-Its parameter is the `preftune train` command line the local sweep would run, so a job is the
-same wherever it runs. The workspace must be on storage the workers share (its paths are in
-the arguments); the summary is read back from `jobs/<id>/summary.json`.
+Its parameter is the path of the job's config, `jobs/<id>/job.json` (a `preftune.job.TrainConfig`,
+written by the sweep), so a job is the same file wherever it runs; the flow calls the trainer
+directly. The workspace must be on storage the workers share (the config's paths point into it).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from prefect import flow
 
+from preftune.errors import UserError
+from preftune.files import read_json
+from preftune.job import TrainConfig
 from preftune.spec import RunSpec
-from preftune.tasks.sweep import summary_path, train_args
-from preftune.workspace import Workspace, read_json
+from preftune.tasks.sweep import write_job_config
+from preftune.workspace import Workspace
 
 DEPLOYMENT = "train-job/preftune-train-job"
 
 
 @flow(name="train-job", persist_result=False)
-def train_job(argv: list[str]) -> dict:
-    """Run `preftune train ARGV` in this process and return its summary."""
-    from preftune.cli import main
+def train_job(config: str) -> dict:
+    """Train the job described by the file `config` and return its summary."""
+    from preftune.tasks.training import run_training
 
-    if main(argv) != 0:
-        raise RuntimeError(f"preftune {' '.join(argv)} failed")
-    out = argv[argv.index("--out") + 1]
-    return json.loads((Workspace(out).root / "summary.json").read_text())
+    try:
+        cfg = TrainConfig.load(config)
+    except FileNotFoundError:
+        raise UserError("job file not found on this worker: is the workspace on shared storage?",
+                        path=config) from None
+    return run_training(cfg)
 
 
 def deployment_launcher(spec: RunSpec, ws: Workspace) -> Callable[[dict], dict]:
@@ -36,10 +40,11 @@ def deployment_launcher(spec: RunSpec, ws: Workspace) -> Callable[[dict], dict]:
     from prefect.deployments import run_deployment
 
     def launch(job: dict) -> dict:
-        run = run_deployment(DEPLOYMENT, parameters={"argv": train_args(spec, ws, job, threads=0)},
-                             timeout=None, as_subflow=True)
+        config = write_job_config(spec, ws, job, threads=None)  # threads: the worker's machine decides
+        run = run_deployment(DEPLOYMENT, parameters={"config": str(config.resolve())}, timeout=None,
+                             as_subflow=True)
         if run.state is None or not run.state.is_completed():
             raise RuntimeError(f"job {job['id']}: deployment run {run.id} ended {run.state.name if run.state else '?'}")
-        return read_json(summary_path(ws, job["id"]))
+        return read_json(ws.job_summary(job["id"]))
 
     return launch

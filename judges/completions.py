@@ -15,21 +15,9 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from preftune.workspace import append_jsonl
+from preftune.files import append_jsonl
 
 CHUNK = 64  # prompts per generate call: the unit of resumable progress
-
-
-def fingerprint_dir(path: str | Path) -> str:
-    """sha256 over the names and bytes of every file under ``path`` (an adapter folder)."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(root)).encode() + b"\x00")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def model_key(name: str, identity: dict) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -41,6 +40,7 @@ import psutil
 
 from preftune.client import Endpoint
 from preftune.errors import UserError
+from preftune.files import file_lock, tree_fingerprint, write_json_atomic
 from preftune.paths import cache_dir
 
 _LOCK = threading.RLock()
@@ -118,9 +118,7 @@ def registry_path() -> Path:
 def _registry() -> Iterator[dict[str, Any]]:
     """The registry, read and written under an exclusive file lock (other processes use it too)."""
     path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_suffix(".lock")):
         try:
             data = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:
@@ -128,9 +126,7 @@ def _registry() -> Iterator[dict[str, Any]]:
         before = json.dumps(data, sort_keys=True)
         yield data
         if json.dumps(data, sort_keys=True) != before:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-            os.replace(tmp, path)
+            write_json_atomic(path, data)
 
 
 def _registry_remove(key: str, pid: int) -> None:
@@ -182,14 +178,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
     A re-served folder gets a new port but the same fingerprint; a retrained one a new fingerprint.
     """
-    import hashlib
-
     root = Path(model_dir)
     if not root.is_dir():
         return f"local:{model_dir}"
-    parts = sorted(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}"
-                   for p in root.rglob("*") if p.is_file() for st in [p.stat()])
-    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    return "local:" + tree_fingerprint(root, content=False)[:32]
 
 
 def free_port() -> int:

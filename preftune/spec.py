@@ -1,62 +1,21 @@
 """RunSpec: the flow's one parameter. It renders as the form in the Prefect UI, so every field
 carries a description, bounds and, where it is a choice, an enum. Validated once, when built.
+
+The job settings (optimisation, LoRA, the loss options, beta's bounds) are not written here: RunSpec
+inherits them from preftune/job.py, the one definition a training job is built from, so the form,
+`preftune run`'s flags and `preftune train` accept and refuse exactly the same values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class LossName(StrEnum):
-    dpo = "dpo"
-    ipo = "ipo"
-    hinge = "hinge"
-    simpo = "simpo"
-    orpo = "orpo"
-
-
-class LossSetting(BaseModel):
-    """One loss configuration of the sweep grid."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    loss: LossName = Field(LossName.dpo, description="Loss family: dpo (sigmoid), ipo, hinge, simpo or orpo.")
-    normalize_by_length: bool = Field(False, description="Divide each log-ratio by the completion length.")
-    reference_free: bool = Field(False, description="DPO without a reference model (reference log-probs = 0).")
-    rpo_alpha: float = Field(0.0, ge=0.0, le=10.0, description="Weight of an NLL term on the preferred answer.")
-    simpo_gamma: float = Field(0.0, ge=0.0, le=10.0, description="SimPO target reward margin gamma.")
-    orpo_lambda: float = Field(0.1, gt=0.0, le=10.0, description="ORPO weight of the odds-ratio term.")
-
-    @model_validator(mode="after")
-    def _exclusive(self) -> LossSetting:
-        # The same rules as tasks/training/losses.LossSettings, checked when the form is submitted.
-        if self.rpo_alpha > 0 and self.simpo_gamma > 0:
-            raise ValueError("rpo_alpha and simpo_gamma cannot both be positive")
-        if self.simpo_gamma > 0 and self.loss is not LossName.simpo:
-            raise ValueError("simpo_gamma applies only to the simpo loss")
-        if self.rpo_alpha > 0 and self.loss is LossName.orpo:
-            raise ValueError("rpo_alpha does not apply to orpo (it has its own NLL term)")
-        return self
-
-    @property
-    def label(self) -> str:
-        parts = [self.loss.value]
-        if self.normalize_by_length:
-            parts.append("lnorm")
-        if self.reference_free:
-            parts.append("reffree")
-        if self.rpo_alpha:
-            parts.append(f"rpo{self.rpo_alpha:g}")
-        if self.loss is LossName.simpo and self.simpo_gamma:
-            parts.append(f"g{self.simpo_gamma:g}")
-        if self.loss is LossName.orpo:
-            parts.append(f"l{self.orpo_lambda:g}")
-        return "-".join(parts)
+from preftune.job import Beta, LoraOptions, LossOptions, TrainingOptions
+from preftune.workspace import default_workspace
 
 
 class ModelEndpoint(BaseModel):
@@ -85,17 +44,9 @@ class ModelEndpoint(BaseModel):
         return self.base_url is None
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    full: bool = Field(False, description="Full-parameter fine-tuning instead of LoRA.")
-    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-
-
-class RunSpec(BaseModel):
-    """Everything one preference-learning run needs. Empty lists mean 'use the defaults'."""
+class RunSpec(TrainingOptions, LoraOptions):
+    """Everything one preference-learning run needs. Empty lists mean 'use the defaults'.
+    Every job of the sweep gets the training and LoRA fields inherited from preftune.job."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -104,16 +55,9 @@ class RunSpec(BaseModel):
     workspace: str | None = Field(None, description="Folder for every output; a re-run with the same one resumes.")
     base_models: list[str] = Field(
         default_factory=list, description="Base model folders or ids. Empty: sweep the configured catalogue.")
-    betas: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="DPO beta values to sweep.")
-    losses: list[LossSetting] = Field(default_factory=lambda: [LossSetting()], min_length=1,
+    betas: list[Beta] = Field(default_factory=lambda: [0.1], min_length=1, description="DPO beta values to sweep.")
+    losses: list[LossOptions] = Field(default_factory=lambda: [LossOptions()], min_length=1,
                                       description="Loss settings to sweep.")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA or full fine-tuning.")
-    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate.")
-    epochs: int = Field(1, ge=1, le=100, description="Passes over the training pairs.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Pairs per optimizer micro-batch.")
-    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    max_length: int = Field(256, ge=16, le=131072, description="Max tokens of prompt + completion.")
-    seed: int = Field(0, ge=0, description="Random seed for splits, training and sampling.")
     strong: ModelEndpoint | None = Field(None, description="Strong generator (preferred answers), prompts-only data.")
     weak: ModelEndpoint | None = Field(None, description="Weak generator (non-preferred answers), prompts-only data.")
     max_pair_prompts: int | None = Field(
@@ -145,7 +89,7 @@ class RunSpec(BaseModel):
     def workspace_path(self) -> Path:
         if self.workspace:
             return Path(self.workspace)
-        return Path("workspaces") / f"{Path(self.dataset).stem}-{self.digest()[:8]}"
+        return default_workspace(f"{Path(self.dataset).stem}-{self.digest()[:8]}")
 
     def digest(self) -> str:
         """Hash of the spec minus where it runs: the same spec resumes the same workspace."""

@@ -1,6 +1,6 @@
 """The run's workspace: every phase's output is a file here, so a re-run resumes.
 
-Layout (DESIGN.md):
+Layout (docs/ARCHITECTURE.md says which phase writes each):
     inspection.json, data/train.jsonl, data/test.jsonl      phase 1
     plan.json, approvals.jsonl                                phase 2
     pairs/pairs-<UTC>.jsonl, pairs/provenance.json            phase 3
@@ -13,14 +13,23 @@ Layout (DESIGN.md):
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+
+WORKSPACES = Path("workspaces")  # default parent of every workspace, relative to where preftune runs
+
+
+def short_name(model: str | Path) -> str:
+    """A model's short name: its folder's last part (`/models/Qwen2.5-1.5B/` → `Qwen2.5-1.5B`),
+    made safe for file and job names. Used for job ids, eval folders, drops and reports."""
+    text = str(model).rstrip("/")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text)
+
+
+def default_workspace(name: str) -> Path:
+    """`./workspaces/<name>`: where a command writes when no --workspace is given."""
+    return WORKSPACES / name
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,36 @@ class Workspace:
         return self.root / "pairs"
 
     @property
+    def pairs_done(self) -> Path:
+        """Written when pair generation and its split finished: the train/test pair files."""
+        return self.pairs_dir / "done.json"
+
+    @property
+    def train_pairs(self) -> Path:
+        return self.data_dir / "train_pairs.jsonl"
+
+    @property
+    def test_pairs(self) -> Path:
+        return self.data_dir / "test_pairs.jsonl"
+
+    @property
     def jobs_dir(self) -> Path:
         return self.root / "jobs"
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+    def job_config(self, job_id: str) -> Path:
+        """The job's TrainConfig, written by the sweep, read by `preftune train --config`."""
+        return self.job_dir(job_id) / "job.json"
+
+    def job_summary(self, job_id: str) -> Path:
+        """Written last by the trainer: its presence (with the config hash) means the job is done."""
+        return self.job_dir(job_id) / "summary.json"
+
+    @property
+    def sweep_results(self) -> Path:
+        return self.jobs_dir / "sweep.json"
 
     @property
     def refcache(self) -> Path:
@@ -76,6 +110,14 @@ class Workspace:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    def eval_base_dir(self, base_model: str) -> Path:
+        """Evaluation of one base model and its candidates."""
+        return self.eval_dir / short_name(base_model)
+
+    @property
+    def scores(self) -> Path:
+        return self.eval_dir / "scores.json"
 
     @property
     def deploy_dir(self) -> Path:
@@ -86,63 +128,18 @@ class Workspace:
         return self.root / "logs"
 
     @property
+    def run_record(self) -> Path:
+        """Which flow run and spec produced this workspace."""
+        return self.root / "run.json"
+
+    @property
+    def outcome(self) -> Path:
+        return self.root / "outcome.json"
+
+    @property
     def report(self) -> Path:
         return self.root / "final_report.md"
 
     @property
     def figures(self) -> Path:
         return self.root / "figures"
-
-
-def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write through a temp file renamed into place, so a crash never leaves a half-written file
-    that a re-run would trust."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    def write(fh: TextIO) -> None:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
-
-    _write_atomic(path, write)
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    """Replace `path` with one JSON object a line, atomically."""
-    _write_atomic(path, lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                                 for r in rows))
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def append_jsonl(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of a file, read in 1 MiB chunks (datasets can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

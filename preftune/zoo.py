@@ -14,7 +14,6 @@ temporary folder renamed into place under an `fcntl` lock, so concurrent callers
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -26,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from preftune.files import file_lock
 from preftune.paths import default_zoo_dir
 
 BUILD_VERSION = "zoo-4"  # bump whenever a change alters the built files
@@ -301,8 +301,7 @@ def build_zoo(dir: Path | str | None = None, *, specs: dict[str, ModelSpec] | No
     if manifest is not None:
         return _result(root, manifest)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the cache
+    with file_lock(root.parent / f".{root.name}.lock"):  # a second process waits here, then finds the cache
         manifest = _cached(root, key)
         if manifest is not None:
             return _result(root, manifest)

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 from preftune import cost
+from preftune.files import read_json
 from preftune.reports.figures import plot_curves, read_metrics
 from preftune.templating import render
-from preftune.workspace import Workspace, read_json
+from preftune.workspace import Workspace, short_name
 
 
 def _maybe(path: Path) -> dict | list | None:
@@ -30,8 +31,8 @@ def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
     rows, curves = [], {}
     for entry in sweep:
         job, summary = entry["job"], entry.get("summary") or {}
-        rows.append({"id": job["id"], "base_model": Path(job["base_model"]).name, "beta": job["beta"],
-                     "loss": job["loss"]["loss"], "status": entry["status"], "summary": summary,
+        rows.append({"id": job["id"], "base_model": short_name(job["base_model"]), "beta": job["beta"],
+                     "loss": job["loss_label"], "status": entry["status"], "summary": summary,
                      "error": entry.get("error")})
         metrics = read_metrics(ws.job_dir(job["id"]) / "metrics.jsonl")
         if metrics:
@@ -60,7 +61,7 @@ def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: d
         if remote:
             params = cost.model_params(summary.get("base_model") or row["base_model"])
             training += summary.get("train_tokens", 0) * cost.training_usd_per_1m(
-                params, spec["lora"]["full"], prices) / 1e6
+                params, spec["full"], prices) / 1e6
         else:
             training += summary.get("wall_seconds", 0.0) * prices["local_usd_per_hour"][device] / 3600
     pairs_usd = 0.0

@@ -11,7 +11,6 @@ before the error (with its last log lines) is raised: nothing is left running.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from prefect import task
 
 from preftune.client import ChatClient, ChatError
 from preftune.errors import UserError
-from preftune.server import ServerError, ServerHandle, model_fingerprint, serve_local, stop_server
-from preftune.workspace import Workspace, read_json, write_json_atomic
+from preftune.files import atomic_dir, read_json, tree_fingerprint, write_json_atomic
+from preftune.server import ServerError, ServerHandle, serve_local, stop_server
+from preftune.workspace import Workspace
 
 SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 LORA_NAME = "preftune"  # the served model name of a vLLM LoRA module
@@ -35,7 +35,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
 
     out_dir = Path(out_dir)
     stamp = {"base": str(Path(base).resolve()), "adapter": str(Path(adapter).resolve()),
-             "base_fingerprint": model_fingerprint(base), "adapter_fingerprint": model_fingerprint(adapter)}
+             "base_fingerprint": tree_fingerprint(base, content=False),
+             "adapter_fingerprint": tree_fingerprint(adapter, content=False)}
     marker = out_dir / "preftune_merge.json"
     if marker.exists() and read_json(marker) == stamp and (out_dir / "config.json").exists():
         return out_dir
@@ -47,13 +48,10 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
     # The adapter folder carries the tokenizer when training changed it (added pad token, template).
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "preftune_merge.json", stamp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "preftune_merge.json", stamp)
     return out_dir
 
 

@@ -37,13 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from preftune.client import ChatClient, Endpoint
 from preftune.errors import UserError
+from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
 from preftune.judges import stats
-from preftune.judges.completions import cached_completions, fingerprint_dir, model_key
+from preftune.judges.completions import cached_completions, model_key
 from preftune.judges.evaluators import EvalItem, run_evaluator
 from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
 from preftune.judges.rubric import auto_rubric
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
-from preftune.workspace import write_json_atomic, write_jsonl_atomic
 
 BASE = "base"
 
@@ -172,7 +172,7 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]],
     info: dict[str, Any] = {}
     for name, model, adapter in _models(cfg):
         identity = {"model": model if _is_endpoint(model) else _folder_stamp(model),
-                    "adapter": fingerprint_dir(adapter) if adapter else None,
+                    "adapter": tree_fingerprint(adapter) if adapter else None,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": 0.0}
         path = cfg.out_dir / "completions" / f"{model_key(name, identity)}.jsonl"
         texts, generated = cached_completions(path, prompts, _generator(cfg, model, adapter, warnings, name))

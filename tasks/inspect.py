@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import UserError
+from preftune.files import file_sha256, read_json, write_json_atomic
 from preftune.records import PAIR_FORMATS, RecordReader, prompt_hash, prompt_of
 from preftune.tasks.inspect_stats import Stats, TokenCounter, load_tokenizer, summarize
-from preftune.workspace import Workspace, file_sha256, read_json, write_json_atomic
+from preftune.workspace import Workspace
 
 TEST_PERCENT = 20  # prompts whose hash bucket (0..99) is below this go to the test split
 REPORT_VERSION = 1

@@ -32,8 +32,8 @@ from prefect import task
 
 from preftune.client import ChatClient, ChatError, ChatResult, Endpoint
 from preftune.errors import UserError
+from preftune.files import write_json_atomic, write_jsonl_atomic
 from preftune.records import RecordReader, prompt_hash
-from preftune.workspace import write_json_atomic, write_jsonl_atomic
 
 REASONS = ("failed", "empty", "identical", "truncated")
 T = TypeVar("T")

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from preftune.client import Endpoint
+from preftune.files import read_json, write_json_atomic
 from preftune.records import iter_records, prompt_hash
 from preftune.spec import ModelEndpoint, RunSpec
 from preftune.tasks.plan import prompt_quota
-from preftune.workspace import Workspace, read_json, write_json_atomic
+from preftune.workspace import Workspace
 
 
 class RunEnded(Exception):

@@ -6,17 +6,15 @@ Nothing here spends: it reads the inspection report and model configs (no weight
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 from preftune import cost
 from preftune.spec import RunSpec
 from preftune.templating import render
+from preftune.workspace import short_name
 
 
 def job_id(base_model: str, loss_label: str, beta: float) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(base_model.rstrip("/")).name or base_model)
-    return f"{name}-{loss_label}-b{beta:g}"
+    return f"{short_name(base_model)}-{loss_label}-b{beta:g}"
 
 
 def job_grid(spec: RunSpec, base_models: list[str]) -> list[dict]:
@@ -27,7 +25,7 @@ def job_grid(spec: RunSpec, base_models: list[str]) -> list[dict]:
         for loss in spec.losses:
             for beta in spec.betas:
                 jobs.append({"id": job_id(model, loss.label, beta), "base_model": model, "beta": beta,
-                             "loss": loss.model_dump(mode="json")})
+                             "loss": loss.model_dump(mode="json"), "loss_label": loss.label})
     seen: set[str] = set()
     for job in jobs:  # two models with the same folder name: keep ids unique
         while job["id"] in seen:
@@ -81,7 +79,7 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
     min_jobs = 1 if spec.target_win_rate is not None else len(jobs)
     phases: dict[str, cost.PhaseEstimate] = {
         "training": cost.estimate_training(
-            jobs, per_example, n_train, epochs=spec.epochs, full=spec.lora.full,
+            jobs, per_example, n_train, epochs=spec.epochs, full=spec.full,
             remote=spec.work_pool is not None, device=device, min_jobs=min_jobs, prices=prices)}
 
     pair_calls = n_train + n_test if inspection["format"] == "prompts" else 0
@@ -140,8 +138,6 @@ def evaluator_summary(kind: str, spec: RunSpec) -> str:
 def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
                prices: dict | None = None) -> dict:
     """Everything the approver sees, as data (plan.json) — the Markdown is rendered from it."""
-    from preftune.spec import LossSetting
-
     warnings = list(inspection.get("warnings", []))
     pairs = None
     if inspection["format"] == "prompts":
@@ -155,13 +151,12 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
                     "test_examples": inspection["test_examples"], "sha256": inspection.get("sha256"),
                     "warnings": warnings},
         "pairs": pairs,
-        "jobs": [{**j, "base_model_name": Path(j["base_model"]).name,
-                  "loss_label": LossSetting(**j["loss"]).label} for j in jobs],
+        "jobs": [{**j, "base_model_name": short_name(j["base_model"])} for j in jobs],
         "max_concurrent_jobs": spec.max_concurrent_jobs,
         "target": spec.target_win_rate,
         "target_label": "win rate vs base",
-        "method": "full fine-tuning" if spec.lora.full else f"LoRA r={spec.lora.r} alpha={spec.lora.alpha}",
-        "learning_rate": spec.learning_rate, "epochs": spec.epochs, "batch_size": spec.batch_size,
+        "method": spec.method,
+        "learning_rate": spec.lr, "epochs": spec.epochs, "batch_size": spec.batch_size,
         "max_length": spec.max_length,
         "evaluator": {"kind": evaluator_kind, "summary": evaluator_summary(evaluator_kind, spec)},
         "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices),

@@ -2,8 +2,8 @@
 the target.
 
 A job is launched by a `launch(job) -> summary` callable: locally a child process running
-`preftune train` (so a crash in one job never takes the flow down, and the OS reclaims its
-memory), or a run of the train-job deployment on a work pool. Jobs of the same base model are
+`preftune train --config jobs/<id>/job.json`, or a run of the train-job deployment on a work pool
+(flows/train_job.py), which reads the same file. Jobs of the same base model are
 queued together so the first computes the shared reference log-probs and the rest hit the cache.
 A finished job (summary.json with the same config hash) returns at once, so a re-run resumes.
 """
@@ -20,47 +20,40 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from preftune.files import write_text_atomic
+from preftune.job import TrainConfig, shared_fields
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
 
 
-def train_args(spec: RunSpec, ws: Workspace, job: dict, threads: int) -> list[str]:
-    """The `preftune train` command line of one job."""
-    loss = job["loss"]
-    out = ws.job_dir(job["id"])
-    args = ["train", "--data", str(job["train_data"]), "--model", job["base_model"], "--out", str(out),
-            "--loss", loss["loss"], "--beta", f"{job['beta']}", "--lr", f"{spec.learning_rate}",
-            "--epochs", str(spec.epochs), "--batch-size", str(spec.batch_size),
-            "--grad-accum", str(spec.grad_accum), "--max-length", str(spec.max_length),
-            "--seed", str(spec.seed), "--ref-cache", str(ws.refcache),
-            "--lora-r", str(spec.lora.r), "--lora-alpha", str(spec.lora.alpha),
-            "--rpo-alpha", f"{loss['rpo_alpha']}", "--simpo-gamma", f"{loss['simpo_gamma']}",
-            "--orpo-lambda", f"{loss['orpo_lambda']}", "--lora-dropout", f"{spec.lora.dropout}", "--json"]
-    if threads > 0:  # 0: let the worker's machine decide
-        args += ["--threads", str(threads)]
-    if job.get("eval_data"):
-        args += ["--eval-data", str(job["eval_data"])]
-    if loss["normalize_by_length"]:
-        args.append("--normalize-by-length")
-    if loss["reference_free"]:
-        args.append("--reference-free")
-    if spec.lora.full:
-        args.append("--full")
-    return args
+def job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None) -> TrainConfig:
+    """One job of the grid as a TrainConfig: the spec's training and LoRA fields, the job's loss
+    options, beta, base model and data. `threads`: torch threads (None: the worker's own choice)."""
+    return TrainConfig(**spec.model_dump(include=shared_fields(RunSpec)), **job["loss"], beta=job["beta"],
+                       model=job["base_model"], data=job["train_data"], eval_data=job.get("eval_data"),
+                       out=ws.job_dir(job["id"]), ref_cache=ws.refcache, num_threads=threads)
+
+
+def write_job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None) -> Path:
+    """Write jobs/<id>/job.json (what `preftune train --config` and the work-pool flow read)."""
+    path = ws.job_config(job["id"])
+    write_text_atomic(path, job_config(spec, ws, job, threads).model_dump_json(indent=2) + "\n")
+    return path
 
 
 def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict], dict]:
-    """Run each job as a `preftune train` child process; its log goes to jobs/<id>/train.log."""
+    """Run each job as a `preftune train --config` child process (a crash in one job never takes
+    the flow down, and the OS reclaims its memory); its log goes to jobs/<id>/train.log."""
 
     def launch(job: dict) -> dict:
-        out = ws.job_dir(job["id"])
-        out.mkdir(parents=True, exist_ok=True)
+        config = write_job_config(spec, ws, job, threads)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "preftune.cli", *train_args(spec, ws, job, threads)]
-        with open(out / "train.log", "ab") as log:
+        cmd = [sys.executable, "-m", "preftune.cli", "train", "--config", str(config), "--json"]
+        log_path = ws.job_dir(job["id"]) / "train.log"
+        with open(log_path, "ab") as log:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, check=False)
         if proc.returncode != 0:
-            tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-5:]
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"job {job['id']} exited with {proc.returncode}: " + " | ".join(tail))
         return json.loads(proc.stdout)
 
@@ -110,7 +103,3 @@ def job_threads(max_concurrent: int, n_jobs: int) -> int:
     """Threads per child: share the cores instead of oversubscribing them."""
     cores = os.cpu_count() or 1
     return max(1, cores // max(1, min(max_concurrent, n_jobs)))
-
-
-def summary_path(ws: Workspace, job_id: str) -> Path:
-    return ws.job_dir(job_id) / "summary.json"

@@ -24,7 +24,7 @@ def test_flags_fill_the_run_spec():
                  "--target-win-rate", "0.8", "--no-deploy", "--yes", "--max-cost-usd", "12.5")
     assert spec.base_models == ["/m/a", "/m/b"] and spec.betas == [0.1, 0.3]
     assert [loss.label for loss in spec.losses] == ["dpo", "ipo-lnorm", "simpo-g0.5"]
-    assert spec.lora.r == 16 and spec.lora.full is False
+    assert spec.lora_r == 16 and spec.full is False
     assert (spec.judge.model, spec.judge.base_url, spec.judge.api_key_env) == ("gpt-x", "https://api.example/v1",
                                                                              "JUDGE_KEY")
     assert spec.judge.price_input_per_m == 0.5
@@ -37,9 +37,9 @@ def test_without_yes_every_plan_is_asked():
 
 
 def test_out_of_range_setting_is_a_user_error():
-    with pytest.raises(UserError, match="max_concurrent_jobs"):
+    with pytest.raises(UserError, match="--max-concurrent-jobs: Input should be greater than or equal to 1"):
         _spec("--dataset", "d.jsonl", "--max-concurrent-jobs", "0")
-    with pytest.raises(UserError, match="rpo_alpha and simpo_gamma"):
+    with pytest.raises(UserError, match=r"--loss: rpo_alpha \(1.0\) and simpo_gamma \(1.0\) cannot both be positive"):
         _spec("--dataset", "d.jsonl", "--loss", "dpo:rpo_alpha=1,simpo_gamma=1")
 
 

@@ -34,7 +34,7 @@ def small_pairs(tmp_path_factory) -> Path:
 def _spec(zoo: dict, data: Path, ws: Path, **kw) -> RunSpec:
     base = dict(dataset=str(data), workspace=str(ws), base_models=[zoo["models"]["tiny-llama"]],
                 betas=[0.1, 0.5], evaluator=EVALUATOR, epochs=1, batch_size=8, max_length=128,
-                eval_max_new_tokens=24, max_eval_prompts=12, learning_rate=1e-3, target_win_rate=None,
+                eval_max_new_tokens=24, max_eval_prompts=12, lr=1e-3, target_win_rate=None,
                 max_concurrent_jobs=2, approval_poll_s=1, approval_timeout_s=600)
     return RunSpec(**(base | kw))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from preftune.spec import LossSetting, RunSpec
+from preftune.job import LossOptions
+from preftune.spec import RunSpec
 from preftune.tasks.plan import job_grid
-from preftune.tasks.sweep import run_sweep, train_args
+from preftune.tasks.sweep import run_sweep, write_job_config
 from preftune.workspace import Workspace
 
 
@@ -61,17 +62,27 @@ def test_a_failed_job_does_not_sink_the_sweep():
     assert "out of memory" in results[1]["error"]
 
 
-def test_grid_and_train_command(tmp_path):
-    spec = RunSpec(dataset="d.jsonl", betas=[0.1, 0.5],
-                   losses=[LossSetting(), LossSetting(loss="ipo", normalize_by_length=True)])
+def test_grid_and_job_config_file(tmp_path):
+    """The sweep hands each job over as jobs/<id>/job.json; `preftune train --config` reads exactly
+    that TrainConfig back (the same fields the work-pool flow reads)."""
+    from preftune.cli import build_parser
+    from preftune.cli.train import config_from_args
+    from preftune.job import LossType, TrainConfig
+
+    spec = RunSpec(dataset="d.jsonl", betas=[0.1, 0.5], lora_r=4, lr=2e-4, max_length=128,
+                   losses=[LossOptions(), LossOptions(loss_type="ipo", normalize_by_length=True)])
     jobs = job_grid(spec, ["/models/tiny-llama", "/models/tiny-qwen"])
     assert [j["id"] for j in jobs] == [
         "tiny-llama-dpo-b0.1", "tiny-llama-dpo-b0.5", "tiny-llama-ipo-lnorm-b0.1", "tiny-llama-ipo-lnorm-b0.5",
         "tiny-qwen-dpo-b0.1", "tiny-qwen-dpo-b0.5", "tiny-qwen-ipo-lnorm-b0.1", "tiny-qwen-ipo-lnorm-b0.5"]
+    ws = Workspace(tmp_path)
     job = {**jobs[2], "train_data": "t.jsonl", "eval_data": "e.jsonl"}
-    args = train_args(spec, Workspace(tmp_path), job, threads=1)
-    assert args[args.index("--loss") + 1] == "ipo"
-    assert args[args.index("--beta") + 1] == "0.1"
-    assert "--normalize-by-length" in args and "--reference-free" not in args
-    assert args[args.index("--ref-cache") + 1] == str(tmp_path / "refcache")
-    assert args[args.index("--out") + 1] == str(tmp_path / "jobs" / "tiny-llama-ipo-lnorm-b0.1")
+    path = write_job_config(spec, ws, job, threads=1)
+    assert path == tmp_path / "jobs" / "tiny-llama-ipo-lnorm-b0.1" / "job.json"
+    cfg = TrainConfig.load(path)
+    assert cfg.loss_type is LossType.IPO and cfg.normalize_by_length and not cfg.reference_free
+    assert (cfg.beta, cfg.lora_r, cfg.lr, cfg.max_length, cfg.num_threads) == (0.1, 4, 2e-4, 128, 1)
+    assert cfg.ref_cache == tmp_path / "refcache" and cfg.out == tmp_path / "jobs" / "tiny-llama-ipo-lnorm-b0.1"
+    assert (str(cfg.model), str(cfg.data), str(cfg.eval_data)) == ("/models/tiny-llama", "t.jsonl", "e.jsonl")
+    args = build_parser().parse_args(["train", "--config", str(path), "--beta", "0.3"])
+    assert config_from_args(args, progress=False) == cfg.model_copy(update={"beta": 0.3})

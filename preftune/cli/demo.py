@@ -19,7 +19,7 @@ def demo_spec(workspace: str, zoo: dict, *, evaluator: str = "preftune.judges.bu
         # The tiny weak generator often loops until max_tokens under greedy decoding: that rambling
         # answer is the non-preferred side delta learning wants, so truncated pairs are kept.
         keep_truncated=True, eval_max_new_tokens=48, max_length=192,
-        max_eval_prompts=max_prompts or 60, epochs=2, batch_size=8, learning_rate=1e-3,
+        max_eval_prompts=max_prompts or 60, epochs=2, batch_size=8, lr=1e-3,
         max_concurrent_jobs=2, target_win_rate=None, auto_approve_max_usd=0.0)
 
 

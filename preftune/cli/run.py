@@ -7,27 +7,17 @@ import sys
 
 from preftune.errors import UserError
 
-# Flags built by hand: nested RunSpec fields (losses, LoRA, endpoints) and the headless approval.
-_NESTED = {"losses", "lora", "strong", "weak", "judge", "auto_approve_max_usd", "base_models", "betas"}
-
-
-def _scalar_flags(parser: argparse.ArgumentParser) -> None:
-    from preftune.spec import RunSpec
-
-    for name, field in RunSpec.model_fields.items():
-        if name in _NESTED or name == "dataset":
-            continue
-        flag = "--" + name.replace("_", "-")
-        ann = field.annotation
-        kind = next((t for t in (bool, int, float) if ann in (t, t | None)), str)
-        if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
-        else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=field.description)
+# Flags built by hand: list fields (repeatable flags), the endpoints and the headless approval. Every
+# other RunSpec field gets a generated flag (preftune/cli/flags.py), the job fields included.
+_NESTED = {"losses", "strong", "weak", "judge", "auto_approve_max_usd", "base_models", "betas", "dataset"}
+# The flag a list field is given with, for error messages.
+_LIST_FLAGS = {"betas": "--beta", "losses": "--loss", "base_models": "--base-model"}
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    from preftune.cli.flags import add_model_flags
+    from preftune.spec import RunSpec
+
     parser.add_argument("--dataset", required=True, help="JSONL dataset: preference pairs or prompts only.")
     parser.add_argument("--base-model", dest="base_models", action="append", default=None,
                         help="Base model folder or cached id (repeat). None: the catalogue.")
@@ -35,16 +25,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", dest="losses", action="append", default=None,
                         help="dpo|ipo|hinge|simpo|orpo, optionally with options: "
                         "'dpo:normalize_by_length=true,rpo_alpha=0.5' (repeat to sweep).")
-    parser.add_argument("--full", action="store_true", help="Full fine-tuning instead of LoRA.")
-    parser.add_argument("--lora-r", type=int, default=None)
-    parser.add_argument("--lora-alpha", type=int, default=None)
-    parser.add_argument("--lora-dropout", type=float, default=None)
     for role in ("strong", "weak", "judge"):
         parser.add_argument(f"--{role}", default=None, help=f"{role} model: MODEL@BASE_URL or a local folder.")
         parser.add_argument(f"--{role}-api-key-env", default=None, help=f"NAME of the env var with the {role} key.")
         parser.add_argument(f"--{role}-price-in", type=float, default=None, help="USD per 1M input tokens.")
         parser.add_argument(f"--{role}-price-out", type=float, default=None, help="USD per 1M output tokens.")
-    _scalar_flags(parser)
+    add_model_flags(parser, RunSpec, skip=_NESTED)
     parser.add_argument("--yes", action="store_true",
                         help="Approve by itself when the high estimate is within --max-cost-usd.")
     parser.add_argument("--max-cost-usd", type=float, default=0.0, help="Limit for --yes (default $0).")
@@ -58,9 +44,9 @@ def _value(text: str) -> bool | float:
 
 
 def _loss(text: str) -> dict:
-    """'dpo' or 'dpo:normalize_by_length=true,rpo_alpha=0.5' → a LossSetting's fields."""
+    """'dpo' or 'dpo:normalize_by_length=true,rpo_alpha=0.5' → a LossOptions' fields."""
     name, _, opts = text.partition(":")
-    out: dict = {"loss": name}
+    out: dict = {"loss_type": name}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         try:
@@ -71,22 +57,16 @@ def _loss(text: str) -> dict:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from pydantic import ValidationError
-
+    from preftune.cli.flags import build, given
     from preftune.spec import ModelEndpoint, RunSpec
 
-    data: dict = {"dataset": args.dataset}
-    for name in RunSpec.model_fields:
-        if name not in _NESTED and getattr(args, name, None) is not None:
-            data[name] = getattr(args, name)
+    data: dict = {"dataset": args.dataset} | given(args, RunSpec, _NESTED)
     if args.base_models:
         data["base_models"] = args.base_models
     if args.betas:
         data["betas"] = args.betas
     if args.losses:
         data["losses"] = [_loss(x) for x in args.losses]
-    lora = {"full": args.full, "r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
-    data["lora"] = {k: v for k, v in lora.items() if v is not None}
     for role in ("strong", "weak", "judge"):
         if getattr(args, role):
             ep = ModelEndpoint.parse(getattr(args, role)).model_dump()
@@ -97,12 +77,7 @@ def spec_from_args(args: argparse.Namespace):
             data[role] = ep
     if args.yes:
         data["auto_approve_max_usd"] = args.max_cost_usd
-    try:
-        return RunSpec(**data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"invalid run settings: {where}: {first['msg']}") from None
+    return build(RunSpec, data, names=_LIST_FLAGS)
 
 
 def run_flow(spec, *, as_json: bool) -> int:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.files import atomic_output
 from preftune.tasks.training.loop import TrainState
-from preftune.tasks.training.refcache import _atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,7 +45,8 @@ def save_checkpoint(out: Path, config_hash: str, module, optimizer, scheduler, s
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
     }
-    _atomic_write(Path(out) / CHECKPOINT, lambda fh: torch.save(blob, fh))
+    with atomic_output(Path(out) / CHECKPOINT, "wb") as fh:
+        torch.save(blob, fh)
 
 
 def peek_checkpoint(out: Path) -> dict | None:

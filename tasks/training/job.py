@@ -21,13 +21,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from preftune.errors import UserError
+from preftune.files import append_jsonl, read_json, write_json_atomic
+from preftune.job import TrainConfig
 from preftune.tasks.training.checkpoint import (
     peek_checkpoint,
     remove_checkpoint,
     restore_checkpoint,
     save_checkpoint,
 )
-from preftune.tasks.training.config import TrainConfig
 from preftune.tasks.training.data import load_pair_records, tokenize_pairs
 from preftune.tasks.training.logps import SequenceLogps
 from preftune.tasks.training.loop import (
@@ -40,7 +41,6 @@ from preftune.tasks.training.loop import (
 )
 from preftune.tasks.training.modeling import load_policy, load_tokenizer, pad_id, reference_mode, save_trained
 from preftune.tasks.training.refcache import load_or_compute, reference_key
-from preftune.workspace import append_jsonl, read_json, write_json_atomic
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -74,7 +74,7 @@ def _tokenized(path: Path, tokenizer, cfg: TrainConfig):
 
 def _references(cfg, acc, module, tokenizer, datasets: dict, precision: str) -> tuple[dict, str]:
     """Reference log-probs per dataset name ({} when the loss needs none) and hit/miss/skipped."""
-    if not cfg.loss_settings().needs_reference:
+    if not cfg.needs_reference:
         return {}, "skipped"
     cache = cfg.resolved_ref_cache()
     refs, statuses = {}, []
@@ -137,10 +137,6 @@ def _preflight(cfg: TrainConfig) -> tuple[str, dict | None, dict | None]:
     done = finished_summary(Path(cfg.out), config_hash)
     if done is not None:
         return config_hash, done, None
-    try:
-        cfg.loss_settings()
-    except ValueError as err:
-        raise UserError(str(err)) from None
     ckpt = peek_checkpoint(Path(cfg.out))
     if ckpt is not None and ckpt["config_hash"] != config_hash:
         raise UserError("holds a checkpoint of a different configuration; choose another --out", path=cfg.out)
@@ -182,7 +178,7 @@ def run_training(cfg: TrainConfig) -> dict:
     config_hash, done, ckpt = _preflight(cfg)
     if done is not None:
         return done
-    out, settings = Path(cfg.out), cfg.loss_settings()
+    out, settings = Path(cfg.out), cfg  # a TrainConfig is the LossSettings the loss functions take
     out.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
     if cfg.num_threads:
@@ -240,7 +236,7 @@ def _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder, trunc
              n_pairs, resumed_from, wall) -> dict:
     busy = state.seconds + ref_seconds
     return {
-        "loss_type": cfg.loss_type, "beta": cfg.beta, "base_model": str(Path(cfg.model).resolve()),
+        "loss_type": cfg.loss_type.value, "beta": cfg.beta, "base_model": str(Path(cfg.model).resolve()),
         "train_loss": state.last_epoch_loss, **ev,
         "train_samples_per_second": state.samples / busy if busy > 0 else None,
         "train_tokens": state.tokens, "train_pairs": n_pairs, "samples": state.samples,

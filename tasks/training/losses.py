@@ -31,80 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
+
+# The loss family and its settings are defined once, with the job (pydantic, no torch); re-exported
+# here because they are the loss functions' own vocabulary.
+from preftune.job import LossSettings, LossType  # noqa: F401
 
 # Length-averaged log-probs are clamped just below 0 before log(1 − p): a completion the model
 # predicts with certainty would otherwise give log(0) and an infinite log-odds.
 _MAX_AVG_LOGP = -1e-7
 _LN2 = math.log(2.0)
-
-
-class LossType(StrEnum):
-    """The loss family; the loop branches on the properties, never on the names."""
-
-    DPO = "dpo"
-    IPO = "ipo"
-    HINGE = "hinge"
-    SIMPO = "simpo"
-    ORPO = "orpo"
-
-    @property
-    def needs_reference(self) -> bool:
-        """True when the loss compares against reference-model log-probs."""
-        return self in (LossType.DPO, LossType.IPO, LossType.HINGE)
-
-    @property
-    def length_normalized(self) -> bool:
-        """True when the loss itself works on length-averaged policy log-probs (no reference)."""
-        return self in (LossType.SIMPO, LossType.ORPO)
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """Which loss, and its hyper-parameters. Validated once, when built."""
-
-    loss_type: LossType = LossType.DPO
-    beta: float = 0.1
-    reference_free: bool = False
-    normalize_by_length: bool = False
-    rpo_alpha: float = 0.0
-    simpo_gamma: float = 0.0
-    orpo_lambda: float = 0.1
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "loss_type", LossType(self.loss_type))
-        except ValueError:
-            names = ", ".join(t.value for t in LossType)
-            raise ValueError(f"loss_type must be one of {names}, got {self.loss_type!r}") from None
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
-        for name in ("rpo_alpha", "simpo_gamma", "orpo_lambda"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.rpo_alpha > 0 and self.simpo_gamma > 0:
-            raise ValueError(
-                f"rpo_alpha ({self.rpo_alpha}) and simpo_gamma ({self.simpo_gamma}) cannot both be "
-                "positive: set one of them to 0"
-            )
-        if self.simpo_gamma > 0 and self.loss_type is not LossType.SIMPO:
-            raise ValueError(
-                f"simpo_gamma only applies to loss_type 'simpo', not {self.loss_type.value!r}"
-            )
-        if self.rpo_alpha > 0 and self.loss_type is LossType.ORPO:
-            raise ValueError(
-                "rpo_alpha cannot be used with loss_type 'orpo': ORPO already includes an NLL "
-                "term on the preferred answer"
-            )
-
-    @property
-    def needs_reference(self) -> bool:
-        """True when the loop must provide reference log-probs."""
-        return self.loss_type.needs_reference and not self.reference_free
 
 
 @dataclass

@@ -10,7 +10,6 @@ jobs in one process. ``transformers.activations`` is what every model class pull
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,6 +21,7 @@ import transformers.activations  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.errors import UserError
+from preftune.files import atomic_dir
 
 
 def load_tokenizer(model_dir: Path):
@@ -69,12 +69,7 @@ def reference_mode(lm: torch.nn.Module):
 def save_trained(lm: torch.nn.Module, tokenizer, out: Path, full: bool) -> Path:
     """OUT/adapter/ (a PEFT folder) or OUT/model/ (a full model folder), with the tokenizer."""
     folder = Path(out) / ("model" if full else "adapter")
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    lm.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        lm.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return folder

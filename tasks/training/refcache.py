@@ -13,19 +13,15 @@ and then read it (one reference pass for the whole sweep, not one per job).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from preftune.tasks.training.config import TRAINER_VERSION
-from preftune.workspace import file_sha256
+from preftune.files import atomic_output, file_lock, file_sha256, write_json_atomic
+from preftune.job import TRAINER_VERSION
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -50,7 +46,7 @@ def _load_memo(cache: Path) -> dict:
 
 
 def _save_memo(cache: Path, memo: dict) -> None:
-    _atomic_write(cache / "digests.json", lambda fh: fh.write(json.dumps(memo, indent=1).encode()))
+    write_json_atomic(cache / "digests.json", memo)
 
 
 def model_fingerprint(model_dir: Path, memo: dict) -> dict:
@@ -80,34 +76,11 @@ def reference_key(cache: Path, model_dir: Path, chat_template: str | None, data:
     return key, fields
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def load_or_compute(cache: Path, key: str, fields: dict, n: int,
                     compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, str]:
     """({"chosen": (n,), "rejected": (n,)}, "hit" | "miss"); computes and stores on a miss."""
     path = Path(cache) / f"{key}.pt"
-    with _locked(Path(cache) / f"{key}.lock"):
+    with file_lock(Path(cache) / f"{key}.lock"):
         if path.exists():
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored["chosen"].numel() == n:
@@ -115,5 +88,6 @@ def load_or_compute(cache: Path, key: str, fields: dict, n: int,
         chosen, rejected = compute()
         blob = {"chosen": chosen.detach().float().cpu(), "rejected": rejected.detach().float().cpu(),
                 "fields": json.dumps(fields, sort_keys=True)}
-        _atomic_write(path, lambda fh: torch.save(blob, fh))
+        with atomic_output(path, "wb") as fh:
+            torch.save(blob, fh)
         return {"chosen": blob["chosen"], "rejected": blob["rejected"]}, "miss"

@@ -63,7 +63,7 @@ def marker_data(tmp_path_factory) -> dict:
 @pytest.fixture
 def small_cfg(base_model, marker_data, tmp_path):
     """A TrainConfig factory for quick jobs (16 pairs, batch 4, short sequences)."""
-    from preftune.tasks.training import TrainConfig
+    from preftune.job import TrainConfig
 
     def make(**overrides) -> TrainConfig:
         fields = dict(data=marker_data["small"], model=base_model, out=tmp_path / "job",

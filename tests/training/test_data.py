@@ -145,7 +145,7 @@ def test_conflicting_loss_flags_are_a_user_error(base_model, marker_data, tmp_pa
     from preftune.cli import main
 
     code = main(["train", "--data", str(marker_data["small"]), "--model", str(base_model), "--out",
-                 str(tmp_path / "o"), "--loss", "simpo", "--rpo-alpha", "0.5", "--simpo-gamma", "1"])
+                 str(tmp_path / "o"), "--loss-type", "simpo", "--rpo-alpha", "0.5", "--simpo-gamma", "1"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["preftune train: error: rpo_alpha (0.5) and simpo_gamma (1.0) cannot both be positive: "

@@ -13,8 +13,9 @@ likely, which is what RPO is for.
 
 from __future__ import annotations
 
+from preftune.job import TrainConfig
 from preftune.tasks.generate import generate_completions, generate_with, load_causal_lm
-from preftune.tasks.training import TrainConfig, run_training
+from preftune.tasks.training import run_training
 from tests.training.conftest import MARKER
 
 

@@ -93,7 +93,7 @@ def test_full_finetuning_writes_a_model_folder(small_cfg):
 def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tmp_path):
     """Run the CLI as a subprocess, kill it after its first checkpoint, re-run: it resumes there and
     ends exactly where an uninterrupted job of the same config ends."""
-    from preftune.tasks.training import TrainConfig
+    from preftune.job import TrainConfig
 
     out = tmp_path / "job"
     args = dict(data=marker_data["small"], model=base_model, ref_cache=tmp_path / "rc", batch_size=1,
@@ -101,7 +101,7 @@ def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tm
     cmd = [str(Path(sys.executable).parent / "preftune"), "train", "--data", str(args["data"]),
            "--model", str(base_model), "--out", str(out), "--ref-cache", str(args["ref_cache"]),
            "--batch-size", "1", "--max-length", "64", "--epochs", "2", "--save-every", "3",
-           "--threads", "1", "--json"]
+           "--num-threads", "1", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").exists():

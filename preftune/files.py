@@ -1,0 +1,130 @@
+"""File primitives every phase shares: atomic writes, locks, content fingerprints.
+
+A crash (or a full disk) at any moment must leave either the old file or the new one, never a
+half-written file that a re-run would trust: every output goes through a temporary name in the
+same folder, is flushed to disk, and is renamed into place. Locks are `fcntl` advisory locks on a
+side file, so concurrent processes (sweep jobs, two servers, a second zoo build) wait instead of
+racing, and a lock dies with the process that held it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_output(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path` (mode "w" or "wb"); on a clean exit it is fsynced and
+    renamed over `path`, on an error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_output(path) as fh:
+        fh.write(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    with atomic_output(path) as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
+    """Replace `path` with one JSON object a line, atomically."""
+    with atomic_output(path) as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to fill; on a clean exit it replaces `path` (the old
+    folder is moved aside first, then removed), on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old.rmdir()
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one line and fsync it: an appended record survives a crash right after."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing), held for the block; other processes wait."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file, read in 1 MiB chunks (datasets and weights can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_fingerprint(path: str | Path, *, content: bool = True) -> str:
+    """Identity of a folder: sha256 over each file's relative name and either its bytes
+    (`content=True`: an adapter that was retrained to the same bytes keeps its identity) or its
+    size and mtime (`content=False`: cheap, for multi-GB model folders where a re-save counts as new)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode() + b"\x00")
+        if content:
+            digest.update(bytes.fromhex(file_sha256(f)))
+        else:
+            st = f.stat()
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
