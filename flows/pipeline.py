@@ -1,4 +1,4 @@
-"""The seven-phase preference-learning flow (DESIGN.md): inspect → plan and approve → pairs →
+"""The seven-phase preference-learning flow (docs/ARCHITECTURE.md): inspect → plan and approve → pairs →
 sweep → evaluate → deploy → report. Each phase is a task over plain functions in `tasks/`;
 every output is a file in the workspace, so the same spec and workspace resume a crashed run.
 """
@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
 from preftune.flows.approvals import (
     CatalogueChoice,
@@ -26,22 +27,29 @@ from preftune.flows.approvals import (
     PromotionDecision,
     ask,
 )
+from preftune.judges import selection
+from preftune.reports.build import comparison_markdown, write_report
+from preftune.server import device_name
 from preftune.spec import ModelEndpoint, RunSpec
-from preftune.tasks import phases
+from preftune.tasks.deploy import deploy_phase as _deploy_phase
+from preftune.tasks.evaluate_candidates import evaluate_candidates
+from preftune.tasks.inspect import inspect_phase as _inspect_phase
+from preftune.tasks.pairs import check_generators
+from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid, plan_digest, plan_markdown
 from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
-from preftune.workspace import Workspace
+from preftune.workspace import Workspace, short_name
 
 
 def _task(fn, name: str, retries: int = 0):
     return task(fn, name=name, cache_policy=NO_CACHE, retries=retries)
 
 
-inspect_phase = _task(phases.inspect_phase, "inspect")
-pairs_phase = _task(phases.pairs_phase, "pairs")
-evaluate_phase = _task(phases.evaluate_phase, "evaluate")
-deploy_phase = _task(phases.deploy_phase, "deploy")
-report_phase = _task(phases.report_phase, "report")
+inspect_phase = _task(_inspect_phase, "inspect")
+pairs_phase = _task(_pairs_phase, "pairs")
+evaluate_phase = _task(evaluate_candidates, "evaluate")
+deploy_phase = _task(_deploy_phase, "deploy")
+report_phase = _task(write_report, "report")
 train_job_task = _task(lambda launch, job: launch(job), "train-job")
 
 
@@ -62,7 +70,7 @@ def _resolve_base_models(spec: RunSpec, ws: Workspace) -> list[str]:
     if answer.base_models:
         return list(answer.base_models)
     if not answer.sweep_catalogue:
-        raise phases.RunEnded("rejected", "no base model chosen")
+        raise RunEnded("rejected", "no base model chosen")
     return models
 
 
@@ -79,7 +87,7 @@ def _resolve_evaluator(spec: RunSpec, ws: Workspace) -> tuple[RunSpec, str]:
     if answer.evaluator:
         return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
     if not answer.judge_model:
-        raise phases.RunEnded("rejected", "no evaluator and no judge given")
+        raise RunEnded("rejected", "no evaluator and no judge given")
     judge = ModelEndpoint(model=answer.judge_model, base_url=answer.judge_base_url,
                           api_key_env=answer.judge_api_key_env)
     spec = spec.model_copy(update={"judge": judge, "rubric": answer.rubric or spec.rubric})
@@ -99,16 +107,16 @@ def _approve_plan(spec: RunSpec, ws: Workspace, plan: dict) -> PlanDecision:
 
 def _apply_decision(spec: RunSpec, plan: dict, jobs: list[dict], decision: PlanDecision) -> list[dict]:
     if not decision.approve:
-        raise phases.RunEnded("rejected", decision.note or "plan rejected")
+        raise RunEnded("rejected", decision.note or "plan rejected")
     cap = decision.budget_usd if decision.budget_usd is not None else spec.budget_usd
     if cap is not None and plan["estimate"]["total"]["high"] > cap:
-        raise phases.RunEnded("rejected", f"high estimate ${plan['estimate']['total']['high']:.2f} "
+        raise RunEnded("rejected", f"high estimate ${plan['estimate']['total']['high']:.2f} "
                               f"exceeds the budget cap ${cap:.2f}")
     dropped = set(decision.drop_models)
     kept = [j for j in jobs if j["beta"] not in decision.drop_betas
-            and j["base_model"] not in dropped and j["base_model"].rstrip("/").split("/")[-1] not in dropped]
+            and j["base_model"] not in dropped and short_name(j["base_model"]) not in dropped]
     if not kept:
-        raise phases.RunEnded("rejected", "every job was dropped from the grid")
+        raise RunEnded("rejected", "every job was dropped from the grid")
     return kept
 
 
@@ -134,9 +142,9 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
             return False
         score = evaluate_phase.with_options(task_run_name=f"early-stop-eval-{job['id']}")(
             spec, ws, evaluator_kind, [job])
-        value = phases.target_value(score, job["id"])
+        value = selection.target_value(score, job["id"])
         met = value is not None and value >= spec.target_win_rate
-        logger.info("job %s: %s = %s (target %.2f)%s", job["id"], phases.TARGET_NAME, value,
+        logger.info("job %s: %s = %s (target %.2f)%s", job["id"], selection.TARGET_NAME, value,
                     spec.target_win_rate, " — target met, no new job starts" if met else "")
         return met
 
@@ -147,7 +155,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
     results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish, on_event=on_event)
     update_progress_artifact(progress, 100.0)
     _sweep_table(results)
-    write_json_atomic(ws.jobs_dir / "sweep.json", results)
+    write_json_atomic(ws.sweep_results, results)
     return results
 
 
@@ -182,8 +190,8 @@ def _sweep_table(results: list[dict]) -> None:
 
 
 def _choose_deployment(spec: RunSpec, ws: Workspace, scores: dict, results: dict) -> str | None:
-    recommended = phases.recommended(scores)
-    md = phases.comparison_markdown(scores, recommended)
+    recommended = selection.recommended(scores)
+    md = comparison_markdown(scores, recommended)
     auto = _auto(spec, {"deploy": "recommended"})
     choice = ask(ws, "comparison", md, ComparisonChoice, context={"scores": plan_digest(scores)}, auto=auto,
                  timeout_s=spec.approval_timeout_s, poll_s=spec.approval_poll_s).deploy
@@ -201,7 +209,7 @@ def _choose_deployment(spec: RunSpec, ws: Workspace, scores: dict, results: dict
                 return None
         return recommended
     if choice != "base" and choice not in results:
-        raise phases.RunEnded("failed", f"unknown job {choice!r} chosen for deployment")
+        raise RunEnded("failed", f"unknown job {choice!r} chosen for deployment")
     return choice
 
 
@@ -209,13 +217,13 @@ def _choose_deployment(spec: RunSpec, ws: Workspace, scores: dict, results: dict
 def preference_learning(spec: RunSpec) -> dict:
     """Inspect → plan and approve → pairs → sweep → evaluate → deploy → report."""
     ws = Workspace(spec.workspace_path()).ensure()
-    write_json_atomic(ws.root / "run.json", {"flow_run_id": str(runtime.flow_run.id or ""),
+    write_json_atomic(ws.run_record, {"flow_run_id": str(runtime.flow_run.id or ""),
                                              "spec": spec.model_dump(mode="json")})
     try:
         return _run(spec, ws)
-    except phases.RunEnded as end:
+    except RunEnded as end:
         outcome = {"status": end.status, "reason": end.reason, "workspace": str(ws.root)}
-        write_json_atomic(ws.root / "outcome.json", outcome)
+        write_json_atomic(ws.outcome, outcome)
         get_run_logger().warning("run ended: %s (%s)", end.status, end.reason)
         return outcome
 
@@ -224,9 +232,9 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     base_models = _resolve_base_models(spec, ws)
     spec, evaluator_kind = _resolve_evaluator(spec, ws)
     inspection = inspect_phase(spec, ws, base_models)
-    phases.check_generators(spec, inspection)
+    check_generators(spec, inspection)
     jobs = job_grid(spec, base_models)
-    plan = build_plan(spec, inspection, jobs, evaluator_kind, phases.device())
+    plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu")
     write_json_atomic(ws.plan, plan)
     jobs = _apply_decision(spec, plan, jobs, _approve_plan(spec, ws, plan))
     # ---- nothing above this line spends; everything below does ----
@@ -235,15 +243,15 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     results = _sweep(spec, ws, jobs, evaluator_kind)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:
-        raise phases.RunEnded("failed", "no training job finished; see jobs/*/train.log")
+        raise RunEnded("failed", "no training job finished; see jobs/*/train.log")
     scores = evaluate_phase(spec, ws, evaluator_kind, finished)
     chosen = _choose_deployment(spec, ws, scores, {r["job"]["id"]: r for r in results})
     endpoint = deploy_phase(spec, ws, chosen, {r["job"]["id"]: r["job"] for r in results}) if chosen else None
     outcome = {"status": "completed", "workspace": str(ws.root), "report": str(ws.report),
                "deployed": chosen, "endpoint": endpoint, "clear_winner": scores.get("clear_winner"),
-               "target_met": phases.target_met(spec, scores)}
-    write_json_atomic(ws.root / "outcome.json", outcome)  # the report reads it back
-    report = report_phase(spec, ws)
+               "target_met": selection.target_met(spec.target_win_rate, scores)}
+    write_json_atomic(ws.outcome, outcome)  # the report reads it back
+    report = report_phase(ws)
     create_markdown_artifact(markdown=report, key="final-report", description="preftune final report")
     return outcome
 

@@ -24,3 +24,12 @@ class UserError(Exception):
         if self.path and self.line is not None:
             where = f"{self.path}:{self.line}"
         return f"{where}: {self.message}" if where else self.message
+
+
+class RunEnded(Exception):
+    """The run stops here on purpose (a rejection, too little to go on): not a crash. `status` is
+    what outcome.json records ("rejected", "failed"), `reason` the one line a person reads."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason

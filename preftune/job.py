@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from preftune.files import file_sha256
 
+# A job folder's summary, written last by the trainer: its presence means the job finished.
+SUMMARY_FILE = "summary.json"
+
 # Bump when tokenization, collation or the loop change what a config trains to.
 TRAINER_VERSION = 1
 

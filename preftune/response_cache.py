@@ -7,7 +7,7 @@ sampling parameters; never the key.
 Storage is append-only: each cache object appends ``<key>\\t<json>\\n`` lines to a segment file of
 its own (``seg-*.log`` — its own, so concurrent processes never interleave lines), with one
 ``write`` per reply and no file created per reply: at 64 requests in flight, creating a file per
-reply (open + write + rename) cost ~0.3 ms a request on this machine, a sixth of the client's CPU.
+reply (open + write + rename) was a large share of the client's CPU (bench/bench_pairs.py).
 Opening a cache indexes every segment (key → file, offset, length) without parsing the replies;
 ``get`` reads one line back. A line torn by a crash fails its checks and reads as a miss, so a
 crash can cost one request, never a wrong reply. Caches written by earlier versions (one

@@ -427,3 +427,20 @@ def resolve_endpoint(spec: str, *, log_dir: str | Path, api_key_env: str | None 
     """
     return resolve_endpoints([spec], log_dir=log_dir, api_key_envs=[api_key_env], stack=stack, device=device,
                              timeout=timeout)[0]
+
+
+def device_name() -> str:
+    """Where local models run: "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_run_endpoints(eps: list, log_dir: Path, stack: contextlib.ExitStack) -> list[Endpoint]:
+    """Client Endpoints for a run's endpoint settings: local model folders are served
+    (transformers serve, loaded side by side) for the stack's life; remote ones pass through."""
+    local = [e.model for e in eps if e.is_local]
+    served = iter(resolve_endpoints(local, log_dir=log_dir, stack=stack, device=device_name()) if local else [])
+    return [next(served) if e.is_local else Endpoint(
+        base_url=e.base_url, model=e.model, api_key_env=e.api_key_env, prompt_price_per_mtok=e.price_input_per_m,
+        completion_price_per_mtok=e.price_output_per_m) for e in eps]

@@ -17,7 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-WORKSPACES = Path("workspaces")  # default parent of every workspace, relative to where preftune runs
+from preftune.job import SUMMARY_FILE
+
+WORKSPACES = "workspaces"  # default parent of every workspace, under the directory preftune runs in
 
 
 def short_name(model: str | Path) -> str:
@@ -28,8 +30,8 @@ def short_name(model: str | Path) -> str:
 
 
 def default_workspace(name: str) -> Path:
-    """`./workspaces/<name>`: where a command writes when no --workspace is given."""
-    return WORKSPACES / name
+    """`./workspaces/<name>` (absolute): where a command writes when no --workspace is given."""
+    return Path.cwd() / WORKSPACES / name
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class Workspace:
 
     def job_summary(self, job_id: str) -> Path:
         """Written last by the trainer: its presence (with the config hash) means the job is done."""
-        return self.job_dir(job_id) / "summary.json"
+        return self.job_dir(job_id) / SUMMARY_FILE
 
     @property
     def sweep_results(self) -> Path:
@@ -122,6 +124,11 @@ class Workspace:
     @property
     def deploy_dir(self) -> Path:
         return self.root / "deploy"
+
+    @property
+    def endpoint(self) -> Path:
+        """The deployed endpoint: URL, model, pid, smoke test; `deploy --stop` reads it."""
+        return self.deploy_dir / "endpoint.json"
 
     @property
     def logs_dir(self) -> Path:

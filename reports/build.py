@@ -27,7 +27,7 @@ def _approvals(ws: Workspace) -> list[dict]:
 
 
 def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
-    sweep = _maybe(ws.jobs_dir / "sweep.json") or []
+    sweep = _maybe(ws.sweep_results) or []
     rows, curves = [], {}
     for entry in sweep:
         job, summary = entry["job"], entry.get("summary") or {}
@@ -78,18 +78,18 @@ def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: d
 
 
 def collect(ws: Workspace) -> dict:
-    run = _maybe(ws.root / "run.json") or {}
+    run = _maybe(ws.run_record) or {}
     spec = run.get("spec", {})
     plan = _maybe(ws.plan) or {}
     rows, curves = _sweep_rows(ws)
-    scores = _maybe(ws.eval_dir / "scores.json")
+    scores = _maybe(ws.scores)
     provenance = _maybe(ws.pairs_dir / "provenance.json")
     device = (plan.get("estimate") or {}).get("device", "cpu")
     return {
         "spec": spec, "plan": plan, "inspection": _maybe(ws.inspection) or {}, "rows": rows,
         "curves": curves, "scores": scores, "provenance": provenance,
-        "endpoint": _maybe(ws.deploy_dir / "endpoint.json"), "approvals": _approvals(ws),
-        "outcome": _maybe(ws.root / "outcome.json") or {},
+        "endpoint": _maybe(ws.endpoint), "approvals": _approvals(ws),
+        "outcome": _maybe(ws.outcome) or {},
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device) if spec else None,
     }
@@ -108,3 +108,8 @@ def write_report(ws: Workspace, extra: dict | None = None) -> str:
     markdown = render("final_report.md.j2", **context)
     ws.report.write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def comparison_markdown(scores: dict, recommended_job: str | None) -> str:
+    """The comparison shown at the deploy decision: every candidate's scores beside its base's."""
+    return render("comparison.md.j2", scores=scores, recommended=recommended_job)

@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from preftune.client import ChatClient, ChatError
 from preftune.errors import UserError
 from preftune.files import atomic_dir, read_json, tree_fingerprint, write_json_atomic
-from preftune.server import ServerError, ServerHandle, serve_local, stop_server
+from preftune.server import ServerError, ServerHandle, device_name, serve_local, stop_server
+from preftune.spec import RunSpec
+from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace
 
 SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
@@ -124,13 +124,13 @@ def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | No
             "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")}
     ws.deploy_dir.mkdir(parents=True, exist_ok=True)
     (ws.deploy_dir / "client_snippet.py").write_text(snippet(handle.base_url, handle.model))
-    write_json_atomic(ws.deploy_dir / "endpoint.json", info)
+    write_json_atomic(ws.endpoint, info)
     return info
 
 
 def stop_deployment(workspace: str | Path) -> dict[str, Any]:
     """Stop the workspace's deployed server (if any) and mark endpoint.json stopped."""
-    path = Workspace(Path(workspace)).deploy_dir / "endpoint.json"
+    path = Workspace(Path(workspace)).endpoint
     if not path.exists():
         return {"stopped": False, "reason": "no deployment in this workspace"}
     info = read_json(path)
@@ -142,4 +142,12 @@ def stop_deployment(workspace: str | Path) -> dict[str, Any]:
     return {"stopped": stopped, "pid": info.get("pid"), "base_url": info.get("base_url")}
 
 
-deploy_task = task(name="deploy", task_run_name="deploy")(deploy)
+def deploy_phase(spec: RunSpec, ws: Workspace, chosen: str, jobs: dict[str, dict]) -> dict:
+    """Phase 6 of the flow: serve `chosen` ("base" or a job id) from the run's workspace."""
+    if chosen == "base":
+        base, adapter = next(iter(jobs.values()))["base_model"], None
+    elif spec.full:  # a full model folder stands alone
+        base, adapter = trained_weights(ws, chosen), None
+    else:
+        base, adapter = jobs[chosen]["base_model"], trained_weights(ws, chosen)
+    return deploy(base, ws.root, adapter=adapter, port=spec.deploy_port, device=device_name())

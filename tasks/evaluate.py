@@ -32,7 +32,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from preftune.client import ChatClient, Endpoint
@@ -341,9 +340,3 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
-
-
-@task(name="evaluate", task_run_name="evaluate")
-def evaluate_task(cfg: EvalConfig) -> dict:
-    """Thin Prefect wrapper over :func:`run_evaluation`."""
-    return run_evaluation(cfg)

@@ -17,17 +17,14 @@ from typing import Any
 
 from preftune.errors import UserError
 from preftune.files import file_sha256, read_json, write_json_atomic
+from preftune.hf import load_tokenizer
 from preftune.records import PAIR_FORMATS, RecordReader, prompt_hash, prompt_of
-from preftune.tasks.inspect_stats import Stats, TokenCounter, load_tokenizer, summarize
-from preftune.workspace import Workspace
+from preftune.spec import RunSpec
+from preftune.tasks.inspect_stats import Stats, TokenCounter, summarize
+from preftune.workspace import Workspace, default_workspace
 
 TEST_PERCENT = 20  # prompts whose hash bucket (0..99) is below this go to the test split
 REPORT_VERSION = 1
-
-
-def default_workspace(path: str | Path) -> Path:
-    """``./workspaces/<dataset stem>`` under the current directory."""
-    return Path.cwd() / "workspaces" / Path(path).stem
 
 
 def split_bucket(phash: str) -> int:
@@ -166,7 +163,7 @@ def inspect_dataset(path: str | Path, *, test_path: str | Path | None = None, mo
     """
     path = Path(path)
     test_path = Path(test_path) if test_path is not None else None
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace or default_workspace(path))
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace or default_workspace(Path(path).stem))
     if max_length is not None and max_length < 1:
         raise UserError(f"--max-length must be a positive number of tokens, got {max_length}")
     for p in (path, test_path):
@@ -244,20 +241,7 @@ def _run(reader: RecordReader, test_reader: RecordReader | None, sink: _Sink, st
     return report
 
 
-def _inspect_task(path: str, test_path: str | None = None, models: Sequence[str] = (),
-                  max_length: int | None = None, workspace: str | None = None) -> dict:
-    """Phase 1 of the flow: a thin wrapper around :func:`inspect_dataset`."""
-    return inspect_dataset(path, test_path=test_path, models=models, max_length=max_length,
-                           workspace=workspace)
-
-
-def __getattr__(name: str) -> Any:
-    """``inspect_task``, the Prefect task, built on first use: importing prefect costs ~2 s, which
-    `preftune inspect` (plain function, no flow) should not pay."""
-    if name == "inspect_task":
-        from prefect import task
-
-        wrapped = task(name="inspect", task_run_name="inspect {path}")(_inspect_task)
-        globals()["inspect_task"] = wrapped
-        return wrapped
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def inspect_phase(spec: RunSpec, ws: Workspace, base_models: list[str]) -> dict:
+    """Phase 1 of the flow: the run's dataset (and test set) with each base model's tokenizer."""
+    return inspect_dataset(spec.dataset, test_path=spec.test_dataset, models=base_models,
+                           max_length=spec.max_length, workspace=ws)

@@ -10,40 +10,20 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from preftune.errors import UserError
-
 FIELDS = ("prompt", "preferred", "non_preferred")
 BIAS_HIGH, BIAS_LOW = 0.70, 0.30  # a preferred-longer share outside this band is a length bias
-
-
-def load_tokenizer(model: str) -> Any:
-    """A model's tokenizer: a local folder, or a hub id already in the local cache (never downloaded)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    except (OSError, ValueError) as err:
-        if Path(model).exists():
-            reason = " ".join(str(err).split())[:200]
-            raise UserError(f'cannot load the tokenizer of model "{model}": {reason}') from None
-        raise UserError(f'model "{model}" is neither a local folder nor a hub id in the local Hugging Face '
-                        "cache (preftune never downloads; `preftune zoo` builds local test models)") from None
-    if not getattr(tok, "chat_template", None):
-        raise UserError(f'model "{model}" has no chat template; token counts need one')
-    return tok
 
 
 def _plain_backend(tokenizer: Any) -> Any:
     """The Rust tokenizer's batch encoder with truncation and padding off, or None (slow tokenizer).
 
     It gives the same ids as ``tokenizer(texts, add_special_tokens=False)`` without building a
-    Python encoding object per text (about 25% less time on short texts, measured here).
+    Python encoding object per text (faster on short texts; bench/bench_inspect.py).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

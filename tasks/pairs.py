@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import sys
 import threading
 import time
@@ -28,12 +29,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import task
-
 from preftune.client import ChatClient, ChatError, ChatResult, Endpoint
-from preftune.errors import UserError
-from preftune.files import write_json_atomic, write_jsonl_atomic
-from preftune.records import RecordReader, prompt_hash
+from preftune.errors import RunEnded, UserError
+from preftune.files import read_json, write_json_atomic, write_jsonl_atomic
+from preftune.records import RecordReader, iter_records, prompt_hash
+from preftune.server import resolve_run_endpoints
+from preftune.spec import RunSpec
+from preftune.tasks.plan import prompt_quota
+from preftune.workspace import Workspace
 
 REASONS = ("failed", "empty", "identical", "truncated")
 T = TypeVar("T")
@@ -225,19 +228,50 @@ def _provenance(prompts_path: Path, sha: str | None, pairs_path: Path, clients: 
     }
 
 
-def pairs_task_fn(prompts_path: str | Path, strong: str | Endpoint, weak: str | Endpoint, out_dir: str | Path,
-                  *, log_dir: str | Path | None = None, **kwargs: Any) -> dict:
-    """``generate_pairs`` where strong/weak may also be ``MODEL@BASE_URL`` or a local model folder
-    (served with ``transformers serve`` for the duration of the call)."""
-    from preftune.server import resolve_endpoints
+# ---- the flow's phase 3 -------------------------------------------------------------------
+def check_generators(spec: RunSpec, inspection: dict) -> None:
+    """Prompts-only data needs both generators; checked before the plan is shown."""
+    if inspection["format"] == "prompts" and (spec.strong is None or spec.weak is None):
+        raise RunEnded("failed", "the dataset holds prompts only: pair generation needs a strong and a weak "
+                       "model (RunSpec strong/weak; `--strong`, `--weak`)")
 
-    logs = Path(log_dir) if log_dir is not None else Path(out_dir) / "logs"
-    specs = [ep for ep in (strong, weak) if not isinstance(ep, Endpoint)]
+
+def _split_by_test_prompts(pairs_file: Path, ws: Workspace) -> dict:
+    """Generated pairs follow phase 1's split: a pair is test iff its prompt was a test prompt."""
+    test_hashes = {prompt_hash(r["messages"], r.get("tools")) for _, r in iter_records(ws.test_data)}
+    with open(ws.train_pairs, "w", encoding="utf-8") as tr, open(ws.test_pairs, "w", encoding="utf-8") as te:
+        for _, rec in iter_records(pairs_file, expect="pairs"):
+            side = te if prompt_hash(rec["input"]["messages"], rec["input"].get("tools")) in test_hashes else tr
+            side.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return {"train": str(ws.train_pairs), "test": str(ws.test_pairs)}
+
+
+def run_data(ws: Workspace) -> dict:
+    """The run's {"train", "test"} pair files: generated ones once phase 3 finished, else phase 1's split."""
+    if ws.pairs_done.exists():
+        return read_json(ws.pairs_done)
+    return {"train": str(ws.train_data), "test": str(ws.test_data)}
+
+
+def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
+                on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Training and held-out pair files: phase 1's split for pairs; delta-learning pairs for prompts."""
+    if inspection["format"] == "pairs" or ws.pairs_done.exists():  # done before: a re-run does not regenerate
+        return run_data(ws)
+    prompts = ws.data_dir / "prompts_all.jsonl"
+    with open(prompts, "w", encoding="utf-8") as out:
+        for path, limit in zip((ws.train_data, ws.test_data), prompt_quota(spec, inspection), strict=True):
+            with open(path, encoding="utf-8") as src:
+                for _, line in zip(range(limit), src, strict=False):
+                    out.write(line)
     with contextlib.ExitStack() as stack:
-        resolved = iter(resolve_endpoints(specs, log_dir=logs, stack=stack)) if specs else iter(())
-        eps = [ep if isinstance(ep, Endpoint) else next(resolved) for ep in (strong, weak)]
-        return generate_pairs(prompts_path, eps[0], eps[1], out_dir, **kwargs)
-
-
-# No Prefect retries: the client already retries each request, and its cache makes a re-run cheap.
-pairs_task = task(name="pairs", task_run_name="delta-learning pairs")(pairs_task_fn)
+        strong, weak = resolve_run_endpoints([spec.strong, spec.weak], ws.logs_dir, stack)
+        provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
+                                    temperature=0.0, keep_truncated=spec.keep_truncated,
+                                    cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress)
+    if provenance["counts"]["pairs"] < 3:
+        raise RunEnded("failed", f"only {provenance['counts']['pairs']} usable pairs were generated "
+                       f"(dropped: {provenance['counts']['by_reason']}); see pairs/provenance.json")
+    result = _split_by_test_prompts(Path(provenance["pairs_file"]), ws) | {"pairs_file": provenance["pairs_file"]}
+    write_json_atomic(ws.pairs_done, result)
+    return result

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preftune.files import write_text_atomic
+from preftune.files import read_json, write_text_atomic
 from preftune.job import TrainConfig, shared_fields
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
@@ -103,3 +103,9 @@ def job_threads(max_concurrent: int, n_jobs: int) -> int:
     """Threads per child: share the cores instead of oversubscribing them."""
     cores = os.cpu_count() or 1
     return max(1, cores // max(1, min(max_concurrent, n_jobs)))
+
+
+def trained_weights(ws: Workspace, job_id: str) -> str:
+    """The job's LoRA adapter folder, or its full model folder after full fine-tuning."""
+    summary = read_json(ws.job_summary(job_id))
+    return summary.get("adapter_dir") or summary["model_dir"]

@@ -68,7 +68,7 @@ def test_merge_equals_base_plus_adapter(zoo, adapter, tmp_path):
 
 def test_default_workspace_is_the_adapters_run(adapter):
     assert default_workspace(str(adapter)) == adapter.parent.parent.parent
-    assert default_workspace(None) == Path("workspaces") / "deploy"
+    assert default_workspace(None) == Path.cwd() / "workspaces" / "deploy"
 
 
 def _servers_for(path: str) -> list[int]:

@@ -205,26 +205,3 @@ def test_run_evaluation_with_endpoints_prompts_only(tmp_path) -> None:
     bad = [j for j in judged.values() if j["outcome"] == "invalid"]
     assert len(bad) == 1 and bad[0]["verdict_candidate_first"] == "invalid"
     assert bad[0]["verdict_baseline_first"] == "B>A"
-
-
-def test_prefect_task_wrapper(prefect_api, tmp_path) -> None:
-    """The thin @task runs the same function inside a real Prefect flow run."""
-    from prefect import flow
-
-    from preftune.client import Endpoint
-    from preftune.tasks.evaluate import evaluate_task
-
-    test = tmp_path / "prompts.jsonl"
-    test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
-
-    @flow
-    def phase5(cfg: EvalConfig) -> dict:
-        return evaluate_task(cfg)
-
-    with StubServer(endpoint_world) as srv:
-        cfg = EvalConfig(test_data=test, base_model=f"base@{srv.base_url}",
-                         candidates={"cand": f"cand@{srv.base_url}"}, out_dir=tmp_path / "eval",
-                         rubric="Prefer the more thorough answer.", judge=Endpoint.parse(f"judge@{srv.base_url}"))
-        scores = phase5(cfg)
-    assert scores == json.loads((tmp_path / "eval" / "scores.json").read_text())
-    assert scores["models"]["cand"]["wins"] == 5 and scores["models"]["cand"]["invalid"] == 1

@@ -275,17 +275,3 @@ def test_cli_json_report_and_default_workspace(tmp_path, public_datasets):
     assert text.returncode == 0
     assert "examples  300   duplicates removed 0" in text.stdout
     assert f"wrote {ws}/inspection.json" in text.stdout
-
-
-
-def test_prefect_task_wrapper(tmp_path, prefect_api, public_datasets):
-    from prefect import flow
-
-    from preftune.tasks.inspect import inspect_task
-
-    @flow
-    def phase1(path: str, ws: str) -> dict:
-        return inspect_task(path, workspace=ws)
-
-    report = phase1(str(public_datasets / "mtbench_prompts.jsonl"), str(tmp_path / "ws"))
-    assert report["examples"] == 80 and (tmp_path / "ws" / "inspection.json").is_file()

@@ -171,23 +171,6 @@ def test_cli_json_and_one_line_errors(tmp_path: Path, capsys):
     assert code == 2 and "MODEL@BASE_URL" in capsys.readouterr().err
 
 
-def test_pairs_task_runs_in_a_prefect_flow(tmp_path: Path, prefect_api):
-    from prefect import flow
-
-    from preftune.tasks.pairs import pairs_task
-
-    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
-
-    @flow
-    def phase3(base_url: str) -> dict:
-        return pairs_task(str(prompts), f"big@{base_url}", f"small@{base_url}", str(tmp_path / "out"),
-                          max_tokens=8, progress=False)
-
-    with StubServer(lambda req: Reply(text=f"{req.body['model']} {req.last_user}")) as srv:
-        prov = phase3(srv.base_url)
-    assert prov["counts"]["pairs"] == 4 and prov["models"] == {"strong": "big", "weak": "small"}
-
-
 def _serve_processes(model_dirs: list[str]) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):

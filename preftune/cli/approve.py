@@ -9,15 +9,17 @@ from pathlib import Path
 from uuid import UUID
 
 from preftune.errors import UserError
+from preftune.files import read_json
+from preftune.workspace import Workspace
 
 # The field that says yes/no on each form, and what --reject sets it to.
 _YES_FIELDS = {"approve": False, "promote": False, "sweep_catalogue": False, "deploy": "none"}
 
 
 def _run_id(ref: str) -> UUID:
-    path = Path(ref)
-    if (path / "run.json").exists():
-        ref = json.loads((path / "run.json").read_text())["flow_run_id"]
+    record = Workspace(Path(ref)).run_record
+    if record.exists():
+        ref = read_json(record)["flow_run_id"]
     try:
         return UUID(ref)
     except ValueError:

@@ -25,7 +25,7 @@ def demo_spec(workspace: str, zoo: dict, *, evaluator: str = "preftune.judges.bu
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="The whole flow offline on tiny local models and the bundled data.")
-    p.add_argument("--workspace", default="workspaces/demo", help="Where the run writes (default: %(default)s).")
+    p.add_argument("--workspace", help="Where the run writes (default: ./workspaces/demo).")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -37,4 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print("building (or reusing) the offline tiny-model zoo ...", flush=True)
     zoo = build_zoo()
     print(f"zoo ready in {zoo['dir']}", flush=True)
-    return run_flow(demo_spec(args.workspace, zoo), as_json=args.json)
+    from preftune.workspace import default_workspace
+
+    workspace = args.workspace or str(default_workspace("demo"))
+    return run_flow(demo_spec(workspace, zoo), as_json=args.json)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.cli.common import print_json
+from preftune.workspace import default_workspace as named_workspace
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,7 +38,7 @@ def default_workspace(adapter: str | None) -> Path:
         parts = Path(adapter).resolve().parts
         if len(parts) >= 3 and parts[-3] == "jobs":
             return Path(*parts[:-3])
-    return Path("workspaces") / "deploy"
+    return named_workspace("deploy")
 
 
 def run(args: argparse.Namespace) -> int:

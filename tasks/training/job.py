@@ -22,7 +22,8 @@ from accelerate.utils import set_seed
 
 from preftune.errors import UserError
 from preftune.files import append_jsonl, read_json, write_json_atomic
-from preftune.job import TrainConfig
+from preftune.hf import load_tokenizer
+from preftune.job import SUMMARY_FILE, TrainConfig
 from preftune.tasks.training.checkpoint import (
     peek_checkpoint,
     remove_checkpoint,
@@ -39,10 +40,9 @@ from preftune.tasks.training.loop import (
     steps_per_epoch,
     train_loop,
 )
-from preftune.tasks.training.modeling import load_policy, load_tokenizer, pad_id, reference_mode, save_trained
+from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode, save_trained
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
-SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 
 
@@ -57,7 +57,7 @@ def _check_inputs(cfg: TrainConfig) -> None:
 
 def finished_summary(out: Path, config_hash: str) -> dict | None:
     """The summary of a finished job with this config, or None; a different config is an error."""
-    path = Path(out) / SUMMARY
+    path = Path(out) / SUMMARY_FILE
     if not path.exists():
         return None
     summary = read_json(path)
@@ -226,10 +226,10 @@ def run_training(cfg: TrainConfig) -> dict:
         folder = save_trained(acc.unwrap_model(wrapped).lm, tokenizer, out, cfg.full)
         summary = _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder,
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
-        write_json_atomic(out / SUMMARY, summary)  # last: its presence means "finished"
+        write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()
-    return read_json(out / SUMMARY)
+    return read_json(out / SUMMARY_FILE)
 
 
 def _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder, truncated, eval_truncated,

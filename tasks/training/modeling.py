@@ -3,9 +3,9 @@
 With LoRA the reference model is the base model itself with its adapters disabled — there is
 never a second copy of the weights in memory.
 
-transformers, peft and accelerate are imported here, once, when the trainer module is imported —
-not inside each job: their import (several seconds) is not training time, and a sweep runs many
-jobs in one process. ``transformers.activations`` is what every model class pulls in on first load.
+transformers, peft and accelerate are imported here, at module import, not inside the functions:
+their import (seconds) happens once per process, before the job's clock starts. (A sweep runs each
+job as its own `preftune train --config` process; see docs/ARCHITECTURE.md.) ``transformers.activations`` is what every model class pulls in on first load.
 """
 
 from __future__ import annotations
@@ -18,19 +18,10 @@ import accelerate  # noqa: F401
 import peft
 import torch
 import transformers.activations  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from preftune.errors import UserError
 from preftune.files import atomic_dir
-
-
-def load_tokenizer(model_dir: Path):
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.chat_template is None:
-        raise UserError("the model's tokenizer has no chat template", path=model_dir)
-    if tokenizer.eos_token_id is None:
-        raise UserError("the model's tokenizer has no EOS token", path=model_dir)
-    return tokenizer
 
 
 def pad_id(tokenizer) -> int:

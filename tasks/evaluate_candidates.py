@@ -1,0 +1,78 @@
+"""Phase 5 of the flow: every finished candidate against its own base model.
+
+Candidates are grouped by base model, so each base's completions are generated once (cached) and
+its judgments are shared; the per-base results of tasks/evaluate.py are merged into one table,
+eval/scores.json, that the selection rules (judges/selection.py) and the report read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from preftune.files import write_json_atomic
+from preftune.judges.stats import clear_winner
+from preftune.server import resolve_run_endpoints
+from preftune.spec import RunSpec
+from preftune.tasks.evaluate import BASE, EvalConfig, run_evaluation
+from preftune.tasks.pairs import run_data
+from preftune.tasks.sweep import trained_weights
+from preftune.workspace import Workspace, short_name
+
+
+def _candidate_entry(entry: dict, mode: str) -> dict:
+    """One row of the merged table: for a Python evaluator, the paired win rate vs base leads and
+    the mean score is kept beside it."""
+    if mode != "evaluator":
+        return dict(entry)
+    vs = entry.get("vs_base", {})
+    return {**vs, "mean_score": entry["mean_score"], "score_ci_low": entry["ci_low"],
+            "score_ci_high": entry["ci_high"], "errors": entry.get("errors", 0),
+            "mean_length": entry.get("mean_length")}
+
+
+def _empty(evaluator_kind: str) -> dict:
+    return {"kind": evaluator_kind, "models": {}, "bases": {}, "warnings": [], "judge_agreement": None,
+            "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+
+
+def _merge(merged: dict, base: str, scores: dict) -> None:
+    name = short_name(base)
+    for model, entry in scores["models"].items():
+        if model == BASE:
+            merged["bases"][name] = entry
+        else:
+            merged["models"][model] = _candidate_entry(entry, scores["mode"]) | {"base_model": name}
+    merged["warnings"] += [f"{name}: {w}" for w in scores.get("warnings", [])]
+    for key in ("judge_agreement", "position_consistency", "judge"):
+        if scores.get(key) is not None:
+            merged[key] = scores[key]
+    for key in ("prompt_tokens", "completion_tokens"):
+        merged["judge_usage"][key] += (scores.get("judge_usage") or {}).get(key, 0)
+    if scores.get("rubric"):
+        merged["rubric"] = scores["rubric"]
+
+
+def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
+    """Each candidate against its own base model, merged into eval/scores.json."""
+    data = run_data(ws)
+    groups: dict[str, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault(job["base_model"], []).append(job)
+    merged = _empty(evaluator_kind)
+    with contextlib.ExitStack() as stack:
+        use_judge = spec.judge is not None and evaluator_kind != "evaluator"
+        judge = resolve_run_endpoints([spec.judge], ws.logs_dir, stack)[0] if use_judge else None
+        for base, group in groups.items():
+            cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
+                             candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
+                             evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
+                             rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
+                             judge=judge, max_prompts=spec.max_eval_prompts,
+                             max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
+            _merge(merged, base, run_evaluation(cfg))
+    merged["clear_winner"] = clear_winner(merged["models"])
+    if merged.get("rubric"):
+        (ws.eval_dir / "rubric.md").write_text(Path(merged["rubric"]["path"]).read_text(), encoding="utf-8")
+    write_json_atomic(ws.scores, merged)
+    return merged
