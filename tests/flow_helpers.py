@@ -44,12 +44,9 @@ def wait_for_question(ws: Path, fut: Future, timeout: float = 300) -> tuple[UUID
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            state = client.read_flow_run(run_id).state
-            if state is not None and state.is_paused() and state.state_details.run_input_keyset:
-                keyset = keyset_from_paused_state(state)
-                schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id)
-                if schema:
-                    return run_id, schema
+            schema = _pending_question(client, run_id)
+            if schema is not None:
+                return run_id, schema
             if fut.done():
                 raise AssertionError(f"flow ended while a question was expected: {fut.result()}")
             time.sleep(0.3)
@@ -69,3 +66,26 @@ def answer(ws: Path, fut: Future, expect_field: str, values: dict) -> dict:
                 break
             time.sleep(0.1)
     return schema
+
+
+def _pending_question(client, run_id: UUID) -> dict | None:
+    state = client.read_flow_run(run_id).state
+    if state is not None and state.is_paused() and state.state_details.run_input_keyset:
+        return read_flow_run_input(keyset_from_paused_state(state)["schema"], flow_run_id=run_id) or None
+    return None
+
+
+def wait_for_end(ws: Path, fut: Future, timeout: float = 900) -> dict:
+    """The flow's result; fails at once, naming the form's fields, if the run pauses for a question
+    instead (an unexpected question would otherwise hang the test until the approval timeout)."""
+    run_id = _run_id(ws, fut, timeout)
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if fut.done():
+                return fut.result()
+            schema = _pending_question(client, run_id)
+            if schema is not None and not fut.done():
+                raise AssertionError(f"unexpected question, fields {sorted(schema['properties'])}")
+            time.sleep(0.3)
+    raise AssertionError(f"flow did not end within {timeout:g} s")

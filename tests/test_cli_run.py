@@ -49,8 +49,9 @@ def test_bad_dataset_is_one_line_and_exit_2(tmp_path):
             '"preferred_output": [{"role": "assistant", "content": "a"}], '
             '"non_preferred_output": [{"role": "assistant", "content": "b"}]}')
     bad.write_text(f"{good}\n{good}\n{{not json\n")
+    # run in tmp_path: the default workspace is relative (./workspaces/...), so the check below can fail
     proc = subprocess.run([sys.executable, "-m", "preftune.cli", "run", "--dataset", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"preftune run: error: {bad}:3: invalid JSON: Expecting property name enclosed in double quotes "

@@ -14,7 +14,7 @@ import pytest
 from preftune.cli import main
 from preftune.paths import EXAMPLES_DIR
 from preftune.spec import ModelEndpoint, RunSpec
-from tests.flow_helpers import answer, start_flow, wait_for_question
+from tests.flow_helpers import answer, start_flow, wait_for_end, wait_for_question
 from tests.stub_server import Reply, StubServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -65,10 +65,31 @@ def _task_run_logs(flow_run_id: str) -> dict[str, list[str]]:
     return out
 
 
-def _stop_deployment(ws: Path) -> None:
+def _stop_deployment(ws: Path) -> dict:
     from preftune.tasks.deploy import stop_deployment
 
-    stop_deployment(ws)
+    return stop_deployment(ws)
+
+
+def _answer_comparison(ws: Path, fut) -> tuple[str, str | None]:
+    """Answer the comparison question, then the promotion gate if it must come; return (the job the
+    run must deploy, the clear winner or None).
+
+    Tiny models on 12 prompts do not give a clear winner deterministically, so the answer depends on
+    the scores the question is about: with a clear winner, "recommended" must lead to the promotion
+    gate, answered yes; without one, a job named explicitly is deployed with no gate. Either way the
+    run deploys, and approvals.jsonl records exactly what was asked and answered."""
+    _, form = wait_for_question(ws, fut)
+    assert "deploy" in form["properties"], f"asked {sorted(form['properties'])}, expected the comparison"
+    scores = json.loads((ws / "eval/scores.json").read_text())  # written before the question is asked
+    winner = scores.get("clear_winner")
+    if winner:
+        answer(ws, fut, "deploy", {"deploy": "recommended"})
+        answer(ws, fut, "promote", {"promote": True})  # fails if the gate is not asked
+        return winner, winner
+    chosen = sorted(scores["models"])[0]
+    answer(ws, fut, "deploy", {"deploy": chosen})
+    return chosen, None
 
 
 def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
@@ -77,9 +98,9 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
     fut = start_flow(_spec(zoo, small_pairs, ws))
     plan_form = answer(ws, fut, "approve", {"approve": True, "note": "looks fine"})
     assert "budget_usd" in plan_form["properties"] and "drop_betas" in plan_form["properties"]
-    answer(ws, fut, "deploy", {"deploy": "recommended"})
-    outcome = fut.result(timeout=900)
     try:
+        expected, winner = _answer_comparison(ws, fut)  # inside: a wrong answer path may still deploy
+        outcome = wait_for_end(ws, fut, timeout=900)  # fails on any further question
         assert outcome["status"] == "completed", outcome
         assert small_pairs.read_bytes() == before  # the user's dataset is never modified
         for rel in ("inspection.json", "plan.json", "data/train.jsonl", "data/test.jsonl", "eval/scores.json",
@@ -94,9 +115,15 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         assert set(scores["models"]) == {r["job"]["id"] for r in sweep}
         for m in scores["models"].values():
             assert 0.0 <= m["ci_low"] <= m["win_rate"] <= m["ci_high"] <= 1.0
+        assert scores.get("clear_winner") == winner == outcome["clear_winner"]
         approvals = [json.loads(x) for x in (ws / "approvals.jsonl").read_text().splitlines()]
-        assert [a["kind"] for a in approvals][:2] == ["plan", "comparison"]
-        assert approvals[0]["by"] == "user" and approvals[0]["values"]["note"] == "looks fine"
+        # every question asked, in order, and nothing else: the promotion gate exactly when there is a clear winner
+        assert [a["kind"] for a in approvals] == ["plan", "comparison"] + (["promotion"] if winner else [])
+        assert all(a["by"] == "user" for a in approvals)
+        assert approvals[0]["values"]["approve"] is True and approvals[0]["values"]["note"] == "looks fine"
+        assert approvals[1]["values"] == {"deploy": "recommended" if winner else expected}
+        if winner:
+            assert approvals[2]["values"] == {"promote": True} and approvals[2]["context"]["winner"] == winner
         report = (ws / "final_report.md").read_text()
         assert _artifact_data("final-report") == [report]
         assert _artifact_data("sweep-progress") == [100.0]
@@ -109,15 +136,24 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
             assert heading in report
         for r in sweep:
             assert r["job"]["id"] in report
-        if outcome["deployed"]:
-            ep = json.loads((ws / "deploy/endpoint.json").read_text())
-            from openai import OpenAI
+        # the run deployed the chosen job, and its endpoint answers a real chat-completions request
+        assert outcome["deployed"] == expected and outcome["endpoint"]
+        ep = json.loads((ws / "deploy/endpoint.json").read_text())
+        assert not ep.get("stopped_at")
+        from openai import OpenAI
 
-            reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
-                model=ep["model"], messages=[{"role": "user", "content": "What is Einstein famous for?"}],
-                max_tokens=8)
-            assert reply.choices[0].message.content is not None
-            assert "## Calling the deployed model" in report
+        from preftune.server import healthy
+
+        reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
+            model=ep["model"], messages=[{"role": "user", "content": "What is Einstein famous for?"}],
+            max_tokens=8)
+        assert len(reply.choices) == 1 and reply.choices[0].message.content is not None
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert "## Calling the deployed model" in report
+        # then stop it: the server is gone and endpoint.json says so
+        assert _stop_deployment(ws)["stopped"] is True
+        assert not healthy(ep["port"])
+        assert json.loads((ws / "deploy/endpoint.json").read_text())["stopped_at"]
     finally:
         _stop_deployment(ws)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from preftune.errors import UserError
 from preftune.records import DatasetError, prompt_hash
 from preftune.tasks.inspect import TEST_PERCENT, inspect_dataset, is_test, split_bucket
 
-REPO = Path(__file__).resolve().parent.parent
-PREFTUNE = REPO / ".venv" / "bin" / "preftune"
+# The CLI of the interpreter running the tests, whatever its environment (no .venv path assumed).
+PREFTUNE = [sys.executable, "-m", "preftune.cli"]
 
 
 def pair(prompt: str, good: str, bad: str, system: str | None = None) -> dict:
@@ -234,7 +235,7 @@ def test_prompts_token_counts_and_missing_model(tmp_path, zoo, public_datasets):
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PREFTUNE), "inspect", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*PREFTUNE, "inspect", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_bad_input_exit_2_without_traceback(tmp_path):

@@ -194,15 +194,22 @@ def test_end_to_end_with_transformers_serve(tmp_path: Path, zoo: dict, monkeypat
     assert code == 0
     prov = json.loads(capsys.readouterr().out)
     assert prov["models"] == {"strong": str(Path(strong).resolve()), "weak": str(Path(weak).resolve())}
-    assert prov["counts"]["prompts"] == 3
-    assert prov["counts"]["pairs"] + prov["counts"]["dropped"] == 3
-    assert prov["counts"]["by_reason"]["failed"] == 0
+    counts = prov["counts"]
+    assert counts["prompts"] == 3
+    # Two different models, greedy, truncation kept: at least one prompt must give a real pair.
+    assert counts["pairs"] > 0, prov["dropped"]
+    assert counts["pairs"] + counts["dropped"] == 3
+    assert sum(counts["by_reason"].values()) == counts["dropped"] == len(prov["dropped"])
+    assert counts["by_reason"]["failed"] == 0 and counts["by_reason"]["truncated"] == 0  # --keep-truncated
     for side in ("strong", "weak"):
         usage = prov["usage"][side]
         assert usage["requests"] == 3 and usage["succeeded"] == 3
         assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 3 * 12
-    for pair in load_pairs(prov["pairs_file"]) if prov["counts"]["pairs"] else []:
+    pairs = load_pairs(prov["pairs_file"])
+    assert len(pairs) == counts["pairs"]
+    for pair in pairs:
         assert pair["preferred_output"][0]["content"] != pair["non_preferred_output"][0]["content"]
+        assert pair["preferred_output"][0]["content"].strip() and pair["non_preferred_output"][0]["content"].strip()
     logs = sorted(p.name for p in (tmp_path / "pairs" / "logs").glob("server-*.log"))
     assert len(logs) == 2
     assert [p for p in _serve_processes([strong, weak]) if p.pid not in others] == []  # both were stopped

@@ -159,10 +159,8 @@ def test_dead_on_start_reports_log_lines_and_leaves_nothing(tmp_path):
 
 def test_never_healthy_times_out_and_is_killed(tmp_path):
     stall = [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(600)"]
-    t0 = time.perf_counter()
     with pytest.raises(ServerError, match=r"not healthy after 2s[\s\S]*loading forever"):
         serve_local(tmp_path / "m", tmp_path / "logs", command=stall, timeout=2)
-    assert time.perf_counter() - t0 < 15
     log = next((tmp_path / "logs").glob("server-m-*.log"))
     assert not [p for p in psutil.process_iter(["cmdline"]) if "loading forever" in " ".join(p.info["cmdline"] or [])]
     assert "loading forever" in log.read_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -133,7 +132,7 @@ def test_bad_data_is_a_one_line_user_error(base_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n')
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "preftune"), "train", "--data", str(bad), "--model", str(base_model),
+        [sys.executable, "-m", "preftune.cli", "train", "--data", str(bad), "--model", str(base_model),
          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -64,10 +64,8 @@ def test_finished_job_is_not_run_again(small_cfg):
     cfg = small_cfg()
     first = run_training(cfg)
     stamp = (cfg.out / "summary.json").stat().st_mtime_ns, (cfg.out / "metrics.jsonl").stat().st_mtime_ns
-    t0 = time.perf_counter()
     second = run_training(cfg)
     assert second == first
-    assert time.perf_counter() - t0 < 1.0
     assert ((cfg.out / "summary.json").stat().st_mtime_ns, (cfg.out / "metrics.jsonl").stat().st_mtime_ns) == stamp
 
 
@@ -98,7 +96,7 @@ def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tm
     out = tmp_path / "job"
     args = dict(data=marker_data["small"], model=base_model, ref_cache=tmp_path / "rc", batch_size=1,
                 max_length=64, epochs=2, save_every=3, num_threads=1)
-    cmd = [str(Path(sys.executable).parent / "preftune"), "train", "--data", str(args["data"]),
+    cmd = [sys.executable, "-m", "preftune.cli", "train", "--data", str(args["data"]),
            "--model", str(base_model), "--out", str(out), "--ref-cache", str(args["ref_cache"]),
            "--batch-size", "1", "--max-length", "64", "--epochs", "2", "--save-every", "3",
            "--num-threads", "1", "--json"]

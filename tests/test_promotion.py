@@ -1,0 +1,86 @@
+"""The deployment choice after the comparison question: the promotion gate is asked exactly when the
+recommended job is the clear winner. Deterministic (scripted scores and answers, no Prefect run),
+unlike the end-to-end flow test, whose tiny models may or may not produce a clear winner."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.flows import pipeline
+from preftune.spec import RunSpec
+from preftune.workspace import Workspace
+
+
+def _model(rate: float, low: float, high: float) -> dict:
+    return {"base_model": "base", "win_rate": rate, "ci_low": low, "ci_high": high, "mean_score": rate,
+            "wins": 0, "ties": 0, "losses": 0, "invalid": 0}
+
+
+def _scores(clear: bool) -> dict:
+    # j-a beats its base and j-b on the point estimate; with `clear` its CI also clears both.
+    return {"kind": "evaluator", "warnings": [], "clear_winner": "j-a" if clear else None,
+            "models": {"j-a": _model(0.9, 0.75, 0.98), "j-b": _model(0.55, 0.3, 0.7)}}
+
+
+def _choose(tmp_path, monkeypatch, scores: dict, answers: dict, **spec_kw) -> tuple[str | None, list[tuple]]:
+    """Run the choice with `ask` scripted: each question kind gets answers[kind]; return (chosen, asked)."""
+    asked: list[tuple] = []
+
+    def ask(ws, kind, markdown, form, *, context=None, defaults=None, auto=None, timeout_s=0, poll_s=0):
+        asked.append((kind, context, auto))
+        return form(**(auto if auto is not None else answers[kind]))
+
+    monkeypatch.setattr(pipeline, "ask", ask)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    spec = RunSpec(dataset=str(data), workspace=str(tmp_path / "ws"), base_models=["base"], **spec_kw)
+    results = {j: {"job": {"id": j}} for j in scores["models"]}
+    chosen = pipeline._choose_deployment(spec, Workspace(tmp_path / "ws"), scores, results)
+    return chosen, asked
+
+
+def test_clear_winner_recommended_asks_the_gate_and_deploys_on_yes(tmp_path, monkeypatch):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(True),
+                            {"comparison": {"deploy": "recommended"}, "promotion": {"promote": True}})
+    assert chosen == "j-a"
+    assert [a[0] for a in asked] == ["comparison", "promotion"]
+    assert asked[1][1]["winner"] == "j-a" and asked[1][2] is None  # asked a person, not answered by itself
+
+
+def test_clear_winner_gate_answered_no_deploys_nothing(tmp_path, monkeypatch):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(True),
+                            {"comparison": {"deploy": "recommended"}, "promotion": {"promote": False}})
+    assert chosen is None
+    assert [a[0] for a in asked] == ["comparison", "promotion"]
+
+
+def test_no_clear_winner_recommended_deploys_the_best_without_the_gate(tmp_path, monkeypatch):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(False), {"comparison": {"deploy": "recommended"}})
+    assert chosen == "j-a"
+    assert [a[0] for a in asked] == ["comparison"]
+
+
+@pytest.mark.parametrize("pick, expected", [("j-b", "j-b"), ("base", "base"), ("none", None)])
+def test_an_explicit_choice_skips_the_gate(tmp_path, monkeypatch, pick, expected):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(True), {"comparison": {"deploy": pick}})
+    assert chosen == expected
+    assert [a[0] for a in asked] == ["comparison"]
+
+
+def test_headless_run_passes_the_gate_automatically(tmp_path, monkeypatch):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(True), {}, auto_approve_max_usd=0.0)
+    assert chosen == "j-a"
+    assert [(kind, auto) for kind, _, auto in asked] == [("comparison", {"deploy": "recommended"}),
+                                                         ("promotion", {"promote": True})]
+
+
+def test_deploy_off_asks_no_gate_and_deploys_nothing(tmp_path, monkeypatch):
+    chosen, asked = _choose(tmp_path, monkeypatch, _scores(True), {"comparison": {"deploy": "recommended"}},
+                            deploy=False)
+    assert chosen is None
+    assert [a[0] for a in asked] == ["comparison"]
+
+
+def test_unknown_job_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(pipeline.phases.RunEnded, match="no-such-job"):
+        _choose(tmp_path, monkeypatch, _scores(True), {"comparison": {"deploy": "no-such-job"}})
