@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from preftune.errors import RunEnded
 from preftune.flows import pipeline
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
@@ -82,5 +83,5 @@ def test_deploy_off_asks_no_gate_and_deploys_nothing(tmp_path, monkeypatch):
 
 
 def test_unknown_job_is_refused(tmp_path, monkeypatch):
-    with pytest.raises(pipeline.phases.RunEnded, match="no-such-job"):
+    with pytest.raises(RunEnded, match="no-such-job"):
         _choose(tmp_path, monkeypatch, _scores(True), {"comparison": {"deploy": "no-such-job"}})
