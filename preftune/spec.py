@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from preftune.endpoint import Endpoint
+
 
 class LossName(StrEnum):
     dpo = "dpo"
@@ -59,32 +61,6 @@ class LossSetting(BaseModel):
         return "-".join(parts)
 
 
-class ModelEndpoint(BaseModel):
-    """An OpenAI-compatible chat endpoint, or a local model folder that preftune serves itself."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Model name at the endpoint, or a local Hugging Face model folder.")
-    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1; empty for a local folder.")
-    api_key_env: str | None = Field(
-        None, description="NAME of the environment variable (or Prefect Secret block) holding the key; "
-        "never the key itself.")
-    price_input_per_m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
-    price_output_per_m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
-
-    @classmethod
-    def parse(cls, text: str) -> ModelEndpoint:
-        """`MODEL@BASE_URL` or a local folder / bare model name."""
-        if "@" in text and "://" in text.split("@", 1)[1]:
-            model, url = text.split("@", 1)
-            return cls(model=model, base_url=url)
-        return cls(model=text)
-
-    @property
-    def is_local(self) -> bool:
-        return self.base_url is None
-
-
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -114,15 +90,15 @@ class RunSpec(BaseModel):
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     max_length: int = Field(256, ge=16, le=131072, description="Max tokens of prompt + completion.")
     seed: int = Field(0, ge=0, description="Random seed for splits, training and sampling.")
-    strong: ModelEndpoint | None = Field(None, description="Strong generator (preferred answers), prompts-only data.")
-    weak: ModelEndpoint | None = Field(None, description="Weak generator (non-preferred answers), prompts-only data.")
+    strong: Endpoint | None = Field(None, description="Strong generator (preferred answers), prompts-only data.")
+    weak: Endpoint | None = Field(None, description="Weak generator (non-preferred answers), prompts-only data.")
     max_pair_prompts: int | None = Field(
         None, ge=3, description="Generate pairs for at most this many prompts (a sample in file order, train "
         "and test in their split's proportion). Empty: every prompt.")
     keep_truncated: bool = Field(
         False, description="Keep generated pairs whose answer hit pair_max_tokens (dropped by default).")
     pair_max_tokens: int = Field(128, ge=1, le=32768, description="Max tokens per generated answer.")
-    judge: ModelEndpoint | None = Field(None, description="Pairwise LLM judge endpoint.")
+    judge: Endpoint | None = Field(None, description="Pairwise LLM judge endpoint.")
     evaluator: str | None = Field(
         None, description="Python evaluator id `package.module:function` or `file.py:function` (wins over rubric).")
     rubric: str | None = Field(None, description="Rubric text for the LLM judge. Neither: an auto rubric.")

@@ -35,7 +35,8 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune.client import ChatClient, Endpoint
+from preftune.client import ChatClient
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.judges import stats
 from preftune.judges.completions import cached_completions, fingerprint_dir, model_key
@@ -107,7 +108,7 @@ def load_test(path: Path, limit: int) -> tuple[list[tuple[str, list[dict]]], lis
 
 
 def _is_endpoint(spec: str) -> bool:
-    return "@http://" in spec or "@https://" in spec
+    return not Endpoint.parse(spec).is_local  # the one endpoint parser: MODEL@BASE_URL, else a folder
 
 
 def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[str], name: str):

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 from prefect import task
 
-from preftune.client import ChatClient, ChatError, ChatResult, Endpoint
+from preftune.client import ChatClient, ChatError, ChatResult
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.records import RecordReader, prompt_hash
 from preftune.workspace import write_json_atomic, write_jsonl_atomic
@@ -232,10 +233,8 @@ def pairs_task_fn(prompts_path: str | Path, strong: str | Endpoint, weak: str | 
     from preftune.server import resolve_endpoints
 
     logs = Path(log_dir) if log_dir is not None else Path(out_dir) / "logs"
-    specs = [ep for ep in (strong, weak) if not isinstance(ep, Endpoint)]
     with contextlib.ExitStack() as stack:
-        resolved = iter(resolve_endpoints(specs, log_dir=logs, stack=stack)) if specs else iter(())
-        eps = [ep if isinstance(ep, Endpoint) else next(resolved) for ep in (strong, weak)]
+        eps = resolve_endpoints([strong, weak], log_dir=logs, stack=stack)
         return generate_pairs(prompts_path, eps[0], eps[1], out_dir, **kwargs)
 
 

@@ -12,9 +12,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from preftune.client import Endpoint
 from preftune.records import iter_records, prompt_hash
-from preftune.spec import ModelEndpoint, RunSpec
+from preftune.server import device_name, resolve_run_endpoints
+from preftune.spec import RunSpec
 from preftune.tasks.plan import prompt_quota
 from preftune.workspace import Workspace, read_json, write_json_atomic
 
@@ -47,27 +47,6 @@ def check_generators(spec: RunSpec, inspection: dict) -> None:
                        "model (RunSpec strong/weak; `--strong`, `--weak`)")
 
 
-# ---- endpoints ----------------------------------------------------------------------------
-def _remote(ep: ModelEndpoint) -> Endpoint:
-    return Endpoint(base_url=ep.base_url, model=ep.model, api_key_env=ep.api_key_env,
-                    prompt_price_per_mtok=ep.price_input_per_m, completion_price_per_mtok=ep.price_output_per_m)
-
-
-def endpoints(eps: list[ModelEndpoint], ws: Workspace, stack: contextlib.ExitStack) -> list[Endpoint]:
-    """Client Endpoints; local model folders are served (transformers serve, loaded side by side)
-    for the stack's life."""
-    from preftune.server import resolve_endpoints
-
-    local = [e.model for e in eps if e.is_local]
-    served = iter(resolve_endpoints(local, log_dir=ws.logs_dir, stack=stack, device=device_name())
-                  if local else [])
-    return [next(served) if e.is_local else _remote(e) for e in eps]
-
-
-def device_name() -> str:
-    return "cuda" if device() == "gpu" else "cpu"
-
-
 # ---- phase 3 ------------------------------------------------------------------------------
 def _split_by_test_prompts(pairs_file: Path, ws: Workspace) -> dict:
     """Generated pairs follow phase 1's split: a pair is test iff its prompt was a test prompt."""
@@ -97,7 +76,8 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
                 for _, line in zip(range(limit), src, strict=False):
                     out.write(line)
     with contextlib.ExitStack() as stack:
-        strong, weak = endpoints([spec.strong, spec.weak], ws, stack)  # type: ignore[list-item]
+        strong, weak = resolve_run_endpoints([spec.strong, spec.weak], log_dir=ws.logs_dir,  # type: ignore[list-item]
+                                             stack=stack)
         provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
                                     temperature=0.0, keep_truncated=spec.keep_truncated,
                                     cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress)
@@ -150,7 +130,8 @@ def evaluate_phase(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list
     merged: dict = {"kind": evaluator_kind, "models": {}, "bases": {}, "warnings": [], "judge_agreement": None,
                     "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0}}
     with contextlib.ExitStack() as stack:
-        judge = endpoints([spec.judge], ws, stack)[0] if spec.judge and evaluator_kind != "evaluator" else None
+        judge = (resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0]
+                 if spec.judge and evaluator_kind != "evaluator" else None)
         for base, group in groups.items():
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=_eval_dir(ws, base),
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},

@@ -173,7 +173,7 @@ def endpoint_world(req: StubRequest) -> Reply:
 def test_run_evaluation_with_endpoints_prompts_only(tmp_path) -> None:
     """Endpoint models, a prompts-only test set (no validity possible), the user's rubric, and
     invalid judge replies that are counted and reported, never turned into ties."""
-    from preftune.client import Endpoint
+    from preftune.endpoint import Endpoint
     from preftune.tasks.evaluate import run_evaluation
 
     test = tmp_path / "prompts.jsonl"
@@ -211,7 +211,7 @@ def test_prefect_task_wrapper(prefect_api, tmp_path) -> None:
     """The thin @task runs the same function inside a real Prefect flow run."""
     from prefect import flow
 
-    from preftune.client import Endpoint
+    from preftune.endpoint import Endpoint
     from preftune.tasks.evaluate import evaluate_task
 
     test = tmp_path / "prompts.jsonl"
