@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402,F401 - imported up front: a one-off ~1-2 s that is not judging time
 import openai  # noqa: E402,F401
 
-from preftune.client import ChatClient, Endpoint  # noqa: E402
+from preftune.client import ChatClient  # noqa: E402
+from preftune.endpoint import Endpoint  # noqa: E402
 from preftune.judges import stats  # noqa: E402
 from preftune.judges.pairwise import PairItem, judge_items  # noqa: E402
 from preftune.testing.stub_server import Reply, StubRequest, StubServer  # noqa: E402

@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from preftune.client import ChatClient, Endpoint, _Conn  # noqa: E402
+from preftune.client import ChatClient, _Conn  # noqa: E402
+from preftune.endpoint import Endpoint  # noqa: E402
 from preftune.tasks.pairs import generate_pairs  # noqa: E402
 from preftune.testing.stub_server import Reply, StubRequest, StubServer  # noqa: E402
 

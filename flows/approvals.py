@@ -42,6 +42,7 @@ class EvaluatorChoice(RunInput):
     judge_model: str | None = Field(None, description="Judge model name (with a base URL) or local folder.")
     judge_base_url: str | None = Field(None, description="Judge endpoint base URL.")
     judge_api_key_env: str | None = Field(None, description="NAME of the env var holding the judge's key.")
+    judge_api_key_block: str | None = Field(None, description="Or the name of a Prefect Secret block holding it.")
     rubric: str | None = Field(None, description="Rubric text (otherwise the judge writes one).")
 
 

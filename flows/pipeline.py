@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from preftune.endpoint import Endpoint
 from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
 from preftune.flows.approvals import (
@@ -30,7 +31,7 @@ from preftune.flows.approvals import (
 from preftune.judges import selection
 from preftune.reports.build import comparison_markdown, write_report
 from preftune.server import device_name
-from preftune.spec import ModelEndpoint, RunSpec
+from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
@@ -82,14 +83,14 @@ def _resolve_evaluator(spec: RunSpec, ws: Workspace) -> tuple[RunSpec, str]:
         return spec, "rubric" if spec.rubric else "auto"
     answer = ask(ws, "evaluator", "No evaluator id and no judge endpoint were given. Name a Python evaluator "
                  "(`package.module:function`), or a judge endpoint (model + base URL + the NAME of the env var "
-                 "holding its key).", EvaluatorChoice, context={"spec": spec.digest()},
+                 "or Prefect Secret block holding its key).", EvaluatorChoice, context={"spec": spec.digest()},
                  timeout_s=spec.approval_timeout_s, poll_s=spec.approval_poll_s)
     if answer.evaluator:
         return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
     if not answer.judge_model:
         raise RunEnded("rejected", "no evaluator and no judge given")
-    judge = ModelEndpoint(model=answer.judge_model, base_url=answer.judge_base_url,
-                          api_key_env=answer.judge_api_key_env)
+    judge = Endpoint(model=answer.judge_model, base_url=answer.judge_base_url or None,
+                     api_key_env=answer.judge_api_key_env, api_key_block=answer.judge_api_key_block)
     spec = spec.model_copy(update={"judge": judge, "rubric": answer.rubric or spec.rubric})
     return spec, "rubric" if spec.rubric else "auto"
 

@@ -1,10 +1,9 @@
 """The one client every model call goes through: an OpenAI-compatible chat-completions endpoint.
 
-An :class:`Endpoint` is base_url + model + the *name* of where its key lives (an env var or a
-Prefect Secret block) — never the key itself, so it can be logged, written to provenance and shown
-in the UI. :class:`ChatClient` sends through the ``openai`` SDK's HTTP client (its aiohttp transport
-when installed), with the URL and headers ``openai.AsyncOpenAI`` would use, and adds what a long
-pipeline needs:
+An :class:`~preftune.endpoint.Endpoint` is base_url + model + the *name* of where its key lives
+(an env var or a Prefect Secret block) — never the key itself. :class:`ChatClient` sends through
+the ``openai`` SDK's HTTP client (its aiohttp transport when installed), with the URL and headers
+``openai.AsyncOpenAI`` would use, and adds what a long pipeline needs:
 
 * a concurrency limit per endpoint (an ``asyncio.Semaphore``, not held while backing off);
 * our own retries (every retry counted and capped the same way): exponential backoff with full jitter on 429, 408, 5xx, timeouts, dropped connections and
@@ -29,57 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.response_cache import ResponseCache, request_key
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, the SDK insists on one
-
-
-class Endpoint(BaseModel):
-    """An OpenAI-compatible chat endpoint. Holds where the key is, never the key."""
-
-    model_config = ConfigDict(frozen=True)
-
-    base_url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(min_length=1, description="Model name sent in each request (for transformers serve: "
-                                                 "the model folder path)")
-    api_key_env: str | None = Field(default=None, description="Name of the environment variable holding the key")
-    api_key_block: str | None = Field(default=None, description="Name of a Prefect Secret block holding the key")
-    prompt_price_per_mtok: float | None = Field(default=None, ge=0, description="USD per 1M prompt tokens")
-    completion_price_per_mtok: float | None = Field(default=None, ge=0,
-                                                    description="USD per 1M completion tokens")
-    cache_id: str | None = Field(default=None, description="What identifies the model in the response cache "
-                                 "instead of base_url (a local server's port changes between runs)")
-
-    @classmethod
-    def parse(cls, spec: str, *, default_base_url: str | None = None, api_key_env: str | None = None,
-              api_key_block: str | None = None) -> Endpoint:
-        """``MODEL@BASE_URL`` (the last ``@`` followed by http(s):// splits; model names may hold ``@``)."""
-        model, base_url = spec, default_base_url
-        at = spec.rfind("@")
-        if at > 0 and spec[at + 1:].startswith(("http://", "https://")):
-            model, base_url = spec[:at], spec[at + 1:]
-        if not model or not base_url:
-            raise UserError(f"endpoint {spec!r}: expected MODEL@BASE_URL (e.g. gpt-4o-mini@https://api.openai.com/v1)"
-                            " or a local model folder")
-        return cls(base_url=base_url.rstrip("/"), model=model, api_key_env=api_key_env,
-                   api_key_block=api_key_block)
-
-    def __str__(self) -> str:
-        return f"{self.model}@{self.base_url}"
-
-    def public(self) -> dict[str, Any]:
-        """What provenance files may record (no key can be in here: the model holds none)."""
-        return self.model_dump(exclude_none=True)
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
-        if self.prompt_price_per_mtok is None and self.completion_price_per_mtok is None:
-            return None
-        return (prompt_tokens * (self.prompt_price_per_mtok or 0.0)
-                + completion_tokens * (self.completion_price_per_mtok or 0.0)) / 1e6
 
 
 @dataclass(frozen=True)
@@ -207,6 +161,9 @@ class ChatClient:
                  backoff_max: float = 30.0, retry_after_cap: float = 60.0):
         if concurrency < 1:
             raise UserError(f"concurrency must be >= 1, got {concurrency}")
+        if endpoint.is_local:  # a folder has no URL until preftune.server serves it
+            raise UserError(f"endpoint {endpoint}: a local model folder must be served first "
+                            "(preftune.server.resolve_endpoints)")
         self.endpoint = endpoint
         self.concurrency = concurrency
         self.max_retries = max_retries

@@ -3,7 +3,8 @@
 Every figure is a (low, high) range in USD. Training is priced per 1M trained tokens from the
 price table (by model size and method) when jobs run on remote GPUs (a work pool); local jobs
 are priced per device-hour (CPU: 0 by default) and the per-token "hosted equivalent" is shown
-beside it. Inference is priced per 1M input/output tokens per endpoint; local endpoints per hour.
+beside it. Inference is priced per 1M input/output tokens per endpoint (``Endpoint.cost``); local
+folders are free and unpriced remote endpoints are reported as unknown.
 
 Trained tokens of one DPO example = prompt+preferred and prompt+non-preferred, each capped at
 max_length, times epochs: what the trainer reports as `train_tokens`.
@@ -15,9 +16,13 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from preftune.errors import UserError
 from preftune.paths import DATA_DIR
+
+if TYPE_CHECKING:
+    from preftune.endpoint import Endpoint
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,11 @@ def train_flops(params: int, tokens: float, full: bool) -> float:
     return (6.0 if full else 4.0) * params * tokens + 2.0 * params * tokens
 
 
-def usd(tokens_in: Range, tokens_out: Range, price_in: float, price_out: float) -> Range:
-    return Range(tokens_in.low * price_in / 1e6 + tokens_out.low * price_out / 1e6,
-                 tokens_in.high * price_in / 1e6 + tokens_out.high * price_out / 1e6)
+def usd(tokens_in: Range, tokens_out: Range, endpoint: Endpoint) -> Range | None:
+    """USD for these token ranges by ``Endpoint.cost`` (the one per-token price rule); None when
+    the endpoint is unpriced."""
+    low, high = endpoint.cost(tokens_in.low, tokens_out.low), endpoint.cost(tokens_in.high, tokens_out.high)
+    return None if low is None or high is None else Range(low, high)
 
 
 @dataclass
@@ -123,11 +130,16 @@ def estimate_training(jobs: list[dict], example_tokens: dict[str, Range], n_exam
 
 
 def estimate_inference(calls: int, in_tokens_per_call: Range, out_tokens_per_call: Range,
-                       price_in: float, price_out: float) -> PhaseEstimate:
+                       endpoint: Endpoint | None) -> PhaseEstimate:
+    """An unpriced endpoint adds nothing to the range and is listed under ``unpriced``: its cost is
+    unknown, and the plan says so instead of showing it as $0. None: no endpoint named, nothing to price."""
     tin, tout = in_tokens_per_call.scale(calls), out_tokens_per_call.scale(calls)
-    return PhaseEstimate(usd(tin, tout, price_in, price_out), {
-        "calls": calls, "input_tokens_low": round(tin.low), "input_tokens_high": round(tin.high),
-        "output_tokens_low": round(tout.low), "output_tokens_high": round(tout.high)})
+    priced = usd(tin, tout, endpoint) if endpoint is not None else ZERO
+    detail: dict = {"calls": calls, "input_tokens_low": round(tin.low), "input_tokens_high": round(tin.high),
+                    "output_tokens_low": round(tout.low), "output_tokens_high": round(tout.high)}
+    if priced is None:
+        detail["unpriced"] = [str(endpoint)]
+    return PhaseEstimate(ZERO if priced is None else priced, detail)
 
 
 def total(phases: dict[str, PhaseEstimate]) -> Range:

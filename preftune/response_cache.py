@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from preftune.client import Endpoint
+    from preftune.endpoint import Endpoint
 
 KEY_LEN = 64  # hex sha256
 

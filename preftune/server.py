@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from preftune.client import Endpoint
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import file_lock, tree_fingerprint, write_json_atomic
 from preftune.paths import cache_dir
@@ -74,7 +74,9 @@ class ServerHandle:
         return self.served_model or self.model_dir
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(base_url=self.base_url, model=self.model, cache_id=model_fingerprint(self.model_dir))
+        # Priced at 0: a folder preftune serves costs no per-token bill (unpriced would read "unknown").
+        return Endpoint(base_url=self.base_url, model=self.model, cache_id=model_fingerprint(self.model_dir),
+                        price_input_per_m=0.0, price_output_per_m=0.0)
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -400,47 +402,49 @@ def is_local_model(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "config.json").is_file()
 
 
-def resolve_endpoints(specs: list[str], *, log_dir: str | Path, api_key_envs: list[str | None] | None = None,
-                      stack: contextlib.ExitStack | None = None, device: str = "cpu",
-                      timeout: float = 180.0) -> list[Endpoint]:
-    """``resolve_endpoint`` for several specs; their local folders are loaded side by side."""
-    keys = api_key_envs or [None] * len(specs)
-    for spec in specs:
-        if Path(spec).is_dir() and not is_local_model(spec):
-            raise UserError("a folder was given as a model but it has no config.json", path=spec)
-    local = [s for s in specs if is_local_model(s)]
-    served = serve_many(local, log_dir, device=device, timeout=timeout) if local else []
-    if stack is not None:
-        for handle in served:  # one release per use taken (a folder given twice took two)
-            stack.callback(handle.release)
-    handles = dict(zip(local, served, strict=True))
-    return [handles[s].endpoint() if s in handles else Endpoint.parse(s, api_key_env=k)
-            for s, k in zip(specs, keys, strict=True)]
+def resolve_endpoints(eps: list[Endpoint | str], *, log_dir: str | Path, stack: contextlib.ExitStack | None = None,
+                      device: str = "cpu", timeout: float = 180.0) -> list[Endpoint]:
+    """Endpoints ready for the client: each local model folder served on a loopback port (several
+    loaded side by side), each remote one as given. A string is read with ``Endpoint.parse``.
 
-
-def resolve_endpoint(spec: str, *, log_dir: str | Path, api_key_env: str | None = None,
-                     stack: contextlib.ExitStack | None = None, device: str = "cpu",
-                     timeout: float = 180.0) -> Endpoint:
-    """``MODEL@BASE_URL`` as given, or a local model folder served on a loopback port.
-
-    With ``stack`` the server is released when the stack closes; without, at interpreter exit.
+    With ``stack`` each server is released when the stack closes; without, at interpreter exit.
     """
-    return resolve_endpoints([spec], log_dir=log_dir, api_key_envs=[api_key_env], stack=stack, device=device,
-                             timeout=timeout)[0]
+    eps = [Endpoint.parse(e) if isinstance(e, str) else e for e in eps]
+    for ep in eps:
+        if ep.is_local and not is_local_model(ep.model):
+            what = "it has no config.json" if Path(ep.model).is_dir() else "no such folder (or give MODEL@BASE_URL)"
+            raise UserError(f"a local model folder was expected: {what}", path=ep.model)
+    local = [ep.model for ep in eps if ep.is_local]
+    served = iter(serve_many(local, log_dir, device=device, timeout=timeout) if local else [])
+    out = []
+    for ep in eps:
+        if not ep.is_local:
+            out.append(ep)
+            continue
+        handle = next(served)
+        if stack is not None:  # one release per use taken (a folder given twice took two)
+            stack.callback(handle.release)
+        # The served URL replaces the folder; what the user set on it (a key name, prices) stays.
+        kept = ep.model_dump(include={"api_key_env", "api_key_block", "price_input_per_m", "price_output_per_m"},
+                             exclude_none=True)
+        out.append(handle.endpoint().model_copy(update=kept))
+    return out
+
+
+def resolve_endpoint(ep: Endpoint | str, *, log_dir: str | Path, stack: contextlib.ExitStack | None = None,
+                     device: str = "cpu", timeout: float = 180.0) -> Endpoint:
+    """``resolve_endpoints`` for one endpoint."""
+    return resolve_endpoints([ep], log_dir=log_dir, stack=stack, device=device, timeout=timeout)[0]
 
 
 def device_name() -> str:
-    """Where local models run: "cuda" when a GPU is visible, else "cpu"."""
+    """The torch device a run serves and deploys on: this machine's GPU when it has one."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_run_endpoints(eps: list, log_dir: Path, stack: contextlib.ExitStack) -> list[Endpoint]:
-    """Client Endpoints for a run's endpoint settings: local model folders are served
-    (transformers serve, loaded side by side) for the stack's life; remote ones pass through."""
-    local = [e.model for e in eps if e.is_local]
-    served = iter(resolve_endpoints(local, log_dir=log_dir, stack=stack, device=device_name()) if local else [])
-    return [next(served) if e.is_local else Endpoint(
-        base_url=e.base_url, model=e.model, api_key_env=e.api_key_env, prompt_price_per_mtok=e.price_input_per_m,
-        completion_price_per_mtok=e.price_output_per_m) for e in eps]
+def resolve_run_endpoints(eps: list[Endpoint], *, log_dir: str | Path, stack: contextlib.ExitStack) -> list[Endpoint]:
+    """A run's endpoints (RunSpec strong/weak/judge): local folders served on this machine's device
+    for the stack's life, remote ones passed through."""
+    return resolve_endpoints(eps, log_dir=log_dir, stack=stack, device=device_name())

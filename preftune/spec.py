@@ -12,36 +12,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from preftune.endpoint import Endpoint
 from preftune.job import Beta, LoraOptions, LossOptions, TrainingOptions
 from preftune.workspace import default_workspace
-
-
-class ModelEndpoint(BaseModel):
-    """An OpenAI-compatible chat endpoint, or a local model folder that preftune serves itself."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Model name at the endpoint, or a local Hugging Face model folder.")
-    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1; empty for a local folder.")
-    api_key_env: str | None = Field(
-        None, description="NAME of the environment variable (or Prefect Secret block) holding the key; "
-        "never the key itself.")
-    price_input_per_m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
-    price_output_per_m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
-
-    @classmethod
-    def parse(cls, text: str) -> ModelEndpoint:
-        """`MODEL@BASE_URL` or a local folder / bare model name."""
-        if "@" in text and "://" in text.split("@", 1)[1]:
-            model, url = text.split("@", 1)
-            return cls(model=model, base_url=url)
-        return cls(model=text)
-
-    @property
-    def is_local(self) -> bool:
-        return self.base_url is None
 
 
 class RunSpec(TrainingOptions, LoraOptions):
@@ -58,15 +33,15 @@ class RunSpec(TrainingOptions, LoraOptions):
     betas: list[Beta] = Field(default_factory=lambda: [0.1], min_length=1, description="DPO beta values to sweep.")
     losses: list[LossOptions] = Field(default_factory=lambda: [LossOptions()], min_length=1,
                                       description="Loss settings to sweep.")
-    strong: ModelEndpoint | None = Field(None, description="Strong generator (preferred answers), prompts-only data.")
-    weak: ModelEndpoint | None = Field(None, description="Weak generator (non-preferred answers), prompts-only data.")
+    strong: Endpoint | None = Field(None, description="Strong generator (preferred answers), prompts-only data.")
+    weak: Endpoint | None = Field(None, description="Weak generator (non-preferred answers), prompts-only data.")
     max_pair_prompts: int | None = Field(
         None, ge=3, description="Generate pairs for at most this many prompts (a sample in file order, train "
         "and test in their split's proportion). Empty: every prompt.")
     keep_truncated: bool = Field(
         False, description="Keep generated pairs whose answer hit pair_max_tokens (dropped by default).")
     pair_max_tokens: int = Field(128, ge=1, le=32768, description="Max tokens per generated answer.")
-    judge: ModelEndpoint | None = Field(None, description="Pairwise LLM judge endpoint.")
+    judge: Endpoint | None = Field(None, description="Pairwise LLM judge endpoint.")
     evaluator: str | None = Field(
         None, description="Python evaluator id `package.module:function` or `file.py:function` (wins over rubric).")
     rubric: str | None = Field(None, description="Rubric text for the LLM judge. Neither: an auto rubric.")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from preftune import cost
+from preftune.endpoint import Endpoint
 from preftune.files import read_json
 from preftune.reports.figures import plot_curves, read_metrics
 from preftune.templating import render
@@ -40,10 +41,16 @@ def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
     return rows, curves
 
 
-def _usage_usd(usage: dict | None, price_in: float, price_out: float) -> float:
-    if not usage:
+def _usage_usd(usage: dict | None, endpoint: dict | None) -> float | None:
+    """USD of the recorded usage by ``Endpoint.cost`` (the one price rule); None when unpriced."""
+    if not usage or not endpoint:
         return 0.0
-    return (usage.get("prompt_tokens", 0) * price_in + usage.get("completion_tokens", 0) * price_out) / 1e6
+    return Endpoint.model_validate(endpoint).cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+
+def _sum(values: list[float | None]) -> float | None:
+    """A total is unknown as soon as one part is: an unpriced endpoint is not $0."""
+    return None if any(v is None for v in values) else round(sum(values), 6)  # type: ignore[arg-type]
 
 
 def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: dict | None,
@@ -64,17 +71,11 @@ def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: d
                 params, spec["full"], prices) / 1e6
         else:
             training += summary.get("wall_seconds", 0.0) * prices["local_usd_per_hour"][device] / 3600
-    pairs_usd = 0.0
-    if provenance:
-        for role in ("strong", "weak"):
-            ep = spec.get(role) or {}
-            usage = (provenance.get("usage") or {}).get(role)
-            pairs_usd += _usage_usd(usage, ep.get("price_input_per_m", 0.0), ep.get("price_output_per_m", 0.0))
-    judge = spec.get("judge") or {}
-    eval_usd = _usage_usd((scores or {}).get("judge_usage"), judge.get("price_input_per_m", 0.0),
-                          judge.get("price_output_per_m", 0.0))
-    return {"training": round(training, 6), "train_tokens": tokens, "pair_generation": round(pairs_usd, 6),
-            "evaluation": round(eval_usd, 6), "total": round(training + pairs_usd + eval_usd, 6)}
+    usage = (provenance or {}).get("usage") or {}
+    pairs_usd = _sum([_usage_usd(usage.get(role), spec.get(role)) for role in ("strong", "weak")])
+    eval_usd = _sum([_usage_usd((scores or {}).get("judge_usage"), spec.get("judge"))])
+    return {"training": round(training, 6), "train_tokens": tokens, "pair_generation": pairs_usd,
+            "evaluation": eval_usd, "total": _sum([training, pairs_usd, eval_usd])}
 
 
 def collect(ws: Workspace) -> dict:

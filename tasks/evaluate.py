@@ -34,7 +34,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune.client import ChatClient, Endpoint
+from preftune.client import ChatClient
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
 from preftune.judges import stats
@@ -106,7 +107,7 @@ def load_test(path: Path, limit: int) -> tuple[list[tuple[str, list[dict]]], lis
 
 
 def _is_endpoint(spec: str) -> bool:
-    return "@http://" in spec or "@https://" in spec
+    return not Endpoint.parse(spec).is_local  # the one endpoint parser: MODEL@BASE_URL, else a folder
 
 
 def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[str], name: str):

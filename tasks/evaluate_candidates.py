@@ -62,7 +62,7 @@ def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs:
     merged = _empty(evaluator_kind)
     with contextlib.ExitStack() as stack:
         use_judge = spec.judge is not None and evaluator_kind != "evaluator"
-        judge = resolve_run_endpoints([spec.judge], ws.logs_dir, stack)[0] if use_judge else None
+        judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for base, group in groups.items():
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},

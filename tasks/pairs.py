@@ -265,7 +265,7 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
                 for _, line in zip(range(limit), src, strict=False):
                     out.write(line)
     with contextlib.ExitStack() as stack:
-        strong, weak = resolve_run_endpoints([spec.strong, spec.weak], ws.logs_dir, stack)
+        strong, weak = resolve_run_endpoints([spec.strong, spec.weak], log_dir=ws.logs_dir, stack=stack)
         provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
                                     temperature=0.0, keep_truncated=spec.keep_truncated,
                                     cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress)

@@ -64,10 +64,6 @@ def prompt_quota(spec: RunSpec, inspection: dict) -> tuple[int, int]:
     return cap - n_test, n_test
 
 
-def _endpoint_prices(ep) -> tuple[float, float]:
-    return (ep.price_input_per_m, ep.price_output_per_m) if ep is not None else (0.0, 0.0)
-
-
 def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
              prices: dict | None = None) -> dict:
     prices = prices or cost.load_prices()
@@ -90,9 +86,10 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
     pair_phase = cost.PhaseEstimate(cost.ZERO, {"calls": 0})
     for ep in (spec.strong, spec.weak):
         if pair_calls:
-            one = cost.estimate_inference(pair_calls, gen_in, gen_out, *_endpoint_prices(ep))
-            pair_phase = cost.PhaseEstimate(pair_phase.usd + one.usd,
-                                            {"calls": pair_phase.detail["calls"] + pair_calls})
+            one = cost.estimate_inference(pair_calls, gen_in, gen_out, ep)
+            unpriced = pair_phase.detail.get("unpriced", []) + one.detail.get("unpriced", [])
+            pair_phase = cost.PhaseEstimate(pair_phase.usd + one.usd, {
+                "calls": pair_phase.detail["calls"] + pair_calls} | ({"unpriced": unpriced} if unpriced else {}))
     phases["pair_generation"] = pair_phase
 
     n_eval = min(spec.max_eval_prompts, n_test)
@@ -107,7 +104,7 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
         validity = n_eval if inspection["format"] == "pairs" else 0
         calls_high = 2 * n_eval * len(jobs) + 2 * validity + (1 if evaluator_kind == "auto" else 0)
         phases["evaluation"] = cost.estimate_inference(
-            calls_high, per_call_in, cost.Range(*judge["output_tokens"]), *_endpoint_prices(spec.judge))
+            calls_high, per_call_in, cost.Range(*judge["output_tokens"]), spec.judge)
         low_calls = 2 * n_eval * min_jobs + 2 * validity
         phases["evaluation"].usd = cost.Range(phases["evaluation"].usd.low * low_calls / max(calls_high, 1),
                                               phases["evaluation"].usd.high)
@@ -118,8 +115,10 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
     parallel = 1 if device == "cpu" else spec.max_concurrent_jobs
     wall = cost.Range(train["job_seconds_low"] * min_jobs,
                       train["job_seconds_high"] * (len(jobs) if parallel == 1 else waves))
+    # The totals count priced endpoints only; `unpriced` names the ones whose cost is unknown.
+    unpriced = [name for phase in phases.values() for name in phase.detail.get("unpriced", [])]
     return {"phases": {k: v.to_json() for k, v in phases.items()}, "total": cost.range_json(total),
-            "wall_seconds": cost.range_json(wall), "device": device}
+            "wall_seconds": cost.range_json(wall), "device": device, "unpriced": sorted(set(unpriced))}
 
 
 def plan_markdown(plan: dict) -> str:

@@ -14,11 +14,13 @@ timeout, a malformed JSON body, or a dropped connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import inspect
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,3 +191,36 @@ class StubServer:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + blob)
         await writer.drain()
         return True
+
+
+class _HeaderRecorder(http.server.BaseHTTPRequestHandler):
+    """Answers every chat request with "<model> says hi" and records its Authorization header."""
+
+    seen: list[str] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).seen.append(self.headers.get("authorization", ""))
+        reply = json.dumps({"choices": [{"message": {"content": f"{body['model']} says hi"}, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def recording_server() -> Iterator[tuple[str, list[str]]]:
+    """A plain stdlib HTTP server (not the scripted stub: what a key test checks is the header the
+    client really sent); yields its base URL and the list of Authorization headers it received."""
+    _HeaderRecorder.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", _HeaderRecorder.seen
+    finally:
+        server.shutdown()

@@ -32,6 +32,21 @@ def test_flags_fill_the_run_spec():
     assert spec.auto_approve_max_usd == 12.5
 
 
+def test_endpoints_use_the_one_parser_and_carry_the_secret_block():
+    from preftune.endpoint import Endpoint
+
+    spec = _spec("--dataset", "d.jsonl", "--strong", "org/model@v2@http://host/v1", "--strong-api-key-block",
+                 "strong-key", "--weak", "/models/weak", "--judge", "j@https://api.example/v1",
+                 "--judge-api-key-block", "judge-key", "--judge-price-out", "2")
+    assert (spec.strong.model, spec.strong.base_url, spec.strong.api_key_block) == ("org/model@v2", "http://host/v1",
+                                                                                  "strong-key")
+    assert spec.strong == Endpoint.parse("org/model@v2@http://host/v1", api_key_block="strong-key")
+    assert spec.weak.is_local and spec.weak.cost(10**6, 10**6) == 0.0  # a local folder is free
+    assert spec.judge.api_key_block == "judge-key" and spec.judge.price_input_per_m is None
+    assert spec.judge.cost(10**6, 10**6) == 2.0
+    assert _spec("--dataset", "d.jsonl", "--strong", "s@http://h/v1").strong.cost(1, 1) is None  # unpriced
+
+
 def test_without_yes_every_plan_is_asked():
     assert _spec("--dataset", "d.jsonl").auto_approve_max_usd is None
 

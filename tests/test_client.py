@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
-import http.server
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from preftune.client import ChatClient, ChatError, Endpoint, parse_retry_after, request_key
+from preftune.client import ChatClient, ChatError, parse_retry_after, request_key
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
-from tests.stub_server import Reply, StubRequest, StubServer
+from tests.stub_server import Reply, StubRequest, StubServer, recording_server
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -178,9 +176,11 @@ def test_usage_sums_tokens_from_responses():
         assert [r.completion_tokens for r in results] == [0, 1, 2, 3, 4]
         assert client.usage.as_dict() == {"requests": 5, "succeeded": 5, "failed": 0, "retries": 0,
                                           "cache_hits": 0, "prompt_tokens": 60, "completion_tokens": 10}
-        priced = Endpoint(base_url="http://x/v1", model="m", prompt_price_per_mtok=2.0,
-                          completion_price_per_mtok=10.0)
-        assert priced.cost(60, 10) == pytest.approx((60 * 2.0 + 10 * 10.0) / 1e6, rel=1e-12)
+        assert "cost_usd" not in client.usage_report()  # unpriced remote: unknown, never $0
+        priced = ChatClient(Endpoint(base_url=srv.base_url, model="m", price_input_per_m=2.0,
+                                     price_output_per_m=10.0))
+        priced.usage = client.usage
+        assert priced.usage_report()["cost_usd"] == pytest.approx((60 * 2.0 + 10 * 10.0) / 1e6, rel=1e-12)
 
 
 def test_rerun_is_served_from_cache_with_zero_requests(tmp_path: Path):
@@ -243,42 +243,23 @@ def test_chat_sync_works_across_event_loops():
 def test_endpoint_parse():
     ep = Endpoint.parse("gpt-4o-mini@https://api.openai.com/v1/", api_key_env="OPENAI_API_KEY")
     assert (ep.model, ep.base_url, ep.api_key_env) == ("gpt-4o-mini", "https://api.openai.com/v1", "OPENAI_API_KEY")
-    ep = Endpoint.parse("org/model@v2@http://127.0.0.1:8000/v1")
+    ep = Endpoint.parse("org/model@v2@http://127.0.0.1:8000/v1")  # the last @ before http(s):// splits
     assert (ep.model, ep.base_url) == ("org/model@v2", "http://127.0.0.1:8000/v1")
-    assert Endpoint.parse("m", default_base_url="http://x/v1").base_url == "http://x/v1"
+    assert Endpoint.parse("user@example.org/model").is_local  # no URL after the @: a folder or bare name
+    local = Endpoint.parse("/models/tiny")
+    assert (local.model, local.base_url, local.cost(10**6, 10**6)) == ("/models/tiny", None, 0.0)
     with pytest.raises(UserError, match="MODEL@BASE_URL"):
-        Endpoint.parse("just-a-name")
+        Endpoint.parse("@https://api.openai.com/v1")
+    with pytest.raises(UserError, match="must be served first"):
+        ChatClient(local)
 
 
-class _HeaderRecorder(http.server.BaseHTTPRequestHandler):
-    seen: list[str] = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers["content-length"]))
-        type(self).seen.append(self.headers.get("authorization", ""))
-        body = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextlib.contextmanager
-def _recording_server():
-    """A real HTTP server that answers "hi" and records each request's Authorization header;
-    yields its base URL."""
-    _HeaderRecorder.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderRecorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
+def test_one_price_rule():
+    remote = Endpoint.parse("m@http://h/v1")
+    assert remote.cost(1000, 1000) is None  # unpriced: unknown, not free
+    assert remote.model_copy(update={"price_input_per_m": 2.0}).cost(10**6, 10**6) == 2.0
+    both = remote.model_copy(update={"price_input_per_m": 2.0, "price_output_per_m": 8.0})
+    assert both.cost(500_000, 250_000) == pytest.approx(3.0)
 
 
 def test_key_is_sent_but_never_logged_written_or_raised(tmp_path, monkeypatch, caplog, capsys):
@@ -287,11 +268,11 @@ def test_key_is_sent_but_never_logged_written_or_raised(tmp_path, monkeypatch, c
     monkeypatch.setenv("OPENAI_LOG", "debug")
     caplog.set_level(logging.DEBUG)
 
-    with _recording_server() as url:
+    with recording_server() as (url, seen):
         ep = Endpoint(base_url=url, model="m", api_key_env="PREFTUNE_TEST_KEY")
         client = ChatClient(ep, cache_dir=tmp_path / "cache")
-        assert client.chat_sync(msgs("hi")).text == "hi"
-    assert _HeaderRecorder.seen == [f"Bearer {secret}"]  # the key does reach the server
+        assert client.chat_sync(msgs("hi")).text == "m says hi"
+    assert seen == [f"Bearer {secret}"]  # the key does reach the server
 
     # A server echoing the key in an error must not put it in our exception.
     with StubServer(lambda req: Reply(status=401, text=f"invalid key {secret}")) as srv:
@@ -322,10 +303,10 @@ def test_key_from_a_prefect_secret_block(prefect_api, tmp_path, caplog):
     secret = "sk-block-SECRET-0a1b2c3d4e"
     Secret(value=secret).save("preftune-test-key", overwrite=True)
     caplog.set_level(logging.DEBUG)
-    with _recording_server() as url:
+    with recording_server() as (url, seen):
         ep = Endpoint(base_url=url, model="m", api_key_block="preftune-test-key")
-        assert ChatClient(ep, cache_dir=tmp_path).chat_sync(msgs("hi")).text == "hi"
-    assert _HeaderRecorder.seen == [f"Bearer {secret}"]
+        assert ChatClient(ep, cache_dir=tmp_path).chat_sync(msgs("hi")).text == "m says hi"
+    assert seen == [f"Bearer {secret}"]
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert secret not in caplog.text + written + repr(ep)
     missing = ChatClient(Endpoint(base_url="http://127.0.0.1:9/v1", model="m", api_key_block="no-such-block"))

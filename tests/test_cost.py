@@ -6,9 +6,10 @@ import pytest
 from transformers import LlamaConfig
 
 from preftune import cost
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
-from preftune.spec import ModelEndpoint, RunSpec
-from preftune.tasks.plan import build_plan, estimate, job_grid
+from preftune.spec import RunSpec
+from preftune.tasks.plan import build_plan, estimate, job_grid, plan_markdown
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_estimate_by_hand(config_only_model):
     (120*392*2e-6 + 120*8*8e-6) * 80/120 = (0.09408 + 0.00768) * 2/3 = 0.06784."""
     spec = RunSpec(dataset="d.jsonl", base_models=[config_only_model], betas=[0.1, 0.5], epochs=2,
                    max_length=256, work_pool="gpu-pool", target_win_rate=0.7, eval_max_new_tokens=64,
-                   judge=ModelEndpoint(model="j", base_url="http://x/v1", price_input_per_m=2.0,
+                   judge=Endpoint(model="j", base_url="http://x/v1", price_input_per_m=2.0,
                                        price_output_per_m=8.0), rubric="be helpful")
     jobs = job_grid(spec, [config_only_model])
     est = estimate(spec, _inspection(config_only_model), jobs, "rubric", "cpu")
@@ -92,21 +93,44 @@ def test_local_cpu_training_is_free_but_shows_hosted_equivalent(config_only_mode
 
 
 def test_prompts_only_pair_generation_by_hand(config_only_model):
-    """300 prompts, mean 10 tokens, strong $1/$4 per 1M, weak free, max_tokens 100.
+    """300 prompts, mean 10 tokens, strong $1/$4 per 1M, weak unpriced (listed, not $0), max_tokens 100.
     Input per call 9–12.5 tokens; output 25–100 tokens.
     Strong: low 300*9*1e-6 + 300*25*4e-6 = 0.0027 + 0.03 = 0.0327;
     high 300*12.5*1e-6 + 300*100*4e-6 = 0.00375 + 0.12 = 0.12375."""
     insp = _inspection(config_only_model) | {"format": "prompts", "examples": 300, "train_examples": 240,
                                              "test_examples": 60}
     spec = RunSpec(dataset="p.jsonl", base_models=[config_only_model], pair_max_tokens=100,
-                   strong=ModelEndpoint(model="s", base_url="http://s/v1", price_input_per_m=1.0,
+                   strong=Endpoint(model="s", base_url="http://s/v1", price_input_per_m=1.0,
                                         price_output_per_m=4.0),
-                   weak=ModelEndpoint(model="w", base_url="http://w/v1"), evaluator="x:y")
+                   weak=Endpoint(model="w", base_url="http://w/v1"), evaluator="x:y")
     est = estimate(spec, insp, job_grid(spec, [config_only_model]), "evaluator", "cpu")
     pg = est["phases"]["pair_generation"]
     assert pg["calls"] == 600
     assert pg["low"] == pytest.approx(0.0327, abs=1e-9)
     assert pg["high"] == pytest.approx(0.12375, abs=1e-9)
+    assert pg["unpriced"] == est["unpriced"] == ["w@http://w/v1"]
+    plan = build_plan(spec, insp, job_grid(spec, [config_only_model]), "evaluator", "cpu")
+    assert "no price was given for w@http://w/v1" in plan_markdown(plan)
+    local = spec.model_copy(update={"weak": Endpoint(model="/models/weak")})  # a folder preftune serves: free
+    assert estimate(spec=local, inspection=insp, jobs=job_grid(local, [config_only_model]),
+                    evaluator_kind="evaluator", device="cpu")["unpriced"] == []
+
+
+def test_report_prices_usage_with_the_same_rule():
+    """The report's actual cost: priced endpoints in USD, a local folder free, an unpriced remote
+    endpoint unknown (None), and so is any total that includes it."""
+    from preftune.reports.build import actual_cost
+
+    spec = {"work_pool": None, "lora": {"full": False},
+            "strong": {"model": "s", "base_url": "http://s/v1", "price_input_per_m": 1.0, "price_output_per_m": 4.0},
+            "weak": {"model": "/models/weak"}, "judge": {"model": "j", "base_url": "http://j/v1"}}
+    usage = {"prompt_tokens": 1_000_000, "completion_tokens": 500_000}
+    out = actual_cost(spec, [], {"usage": {"strong": usage, "weak": usage}}, {"judge_usage": usage}, "cpu")
+    assert out["pair_generation"] == pytest.approx(3.0)
+    assert out["evaluation"] is None and out["total"] is None
+    priced = spec | {"judge": spec["judge"] | {"price_input_per_m": 0.5}}
+    out = actual_cost(priced, [], {"usage": {"strong": usage, "weak": usage}}, {"judge_usage": usage}, "cpu")
+    assert (out["evaluation"], out["total"]) == (pytest.approx(0.5), pytest.approx(3.5))
 
 
 def test_max_pair_prompts_keeps_the_split_proportion(config_only_model):
@@ -117,8 +141,8 @@ def test_max_pair_prompts_keeps_the_split_proportion(config_only_model):
     insp = _inspection(config_only_model) | {"format": "prompts", "examples": 300, "train_examples": 240,
                                              "test_examples": 60}
     spec = RunSpec(dataset="p.jsonl", base_models=[config_only_model], max_pair_prompts=100, evaluator="x:y",
-                   strong=ModelEndpoint(model="s", base_url="http://s/v1"),
-                   weak=ModelEndpoint(model="w", base_url="http://w/v1"))
+                   strong=Endpoint(model="s", base_url="http://s/v1"),
+                   weak=Endpoint(model="w", base_url="http://w/v1"))
     assert prompt_quota(spec, insp) == (80, 20)
     assert prompt_quota(spec, _inspection(config_only_model)) == (100, 20)  # pairs data: no cap
     est = estimate(spec, insp, job_grid(spec, [config_only_model]), "evaluator", "cpu")

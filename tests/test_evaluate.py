@@ -173,7 +173,7 @@ def endpoint_world(req: StubRequest) -> Reply:
 def test_run_evaluation_with_endpoints_prompts_only(tmp_path) -> None:
     """Endpoint models, a prompts-only test set (no validity possible), the user's rubric, and
     invalid judge replies that are counted and reported, never turned into ties."""
-    from preftune.client import Endpoint
+    from preftune.endpoint import Endpoint
     from preftune.tasks.evaluate import run_evaluation
 
     test = tmp_path / "prompts.jsonl"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
+from preftune.endpoint import Endpoint
 from preftune.paths import EXAMPLES_DIR
-from preftune.spec import ModelEndpoint, RunSpec
+from preftune.spec import RunSpec
 from tests.flow_helpers import answer, start_flow, wait_for_end, wait_for_question
 from tests.stub_server import Reply, StubServer
 
@@ -165,8 +166,8 @@ def test_rejection_spends_nothing(zoo, tmp_path):
     prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with StubServer(lambda req: Reply(text="an answer")) as srv:
         ws = tmp_path / "ws"
-        spec = _spec(zoo, prompts, ws, strong=ModelEndpoint(model="s", base_url=srv.base_url),
-                     weak=ModelEndpoint(model="w", base_url=srv.base_url))
+        spec = _spec(zoo, prompts, ws, strong=Endpoint(model="s", base_url=srv.base_url),
+                     weak=Endpoint(model="w", base_url=srv.base_url))
         fut = start_flow(spec)
         wait_for_question(ws, fut)
         # answered from a terminal, as a person would: `preftune approve WORKSPACE --reject`
@@ -232,8 +233,8 @@ def test_prompts_only_generates_pairs_then_trains(zoo, tmp_path):
     with StubServer(reply) as srv:
         ws = tmp_path / "ws"
         spec = _spec(zoo, prompts, ws, betas=[0.1], deploy=False, auto_approve_max_usd=0.0,
-                     strong=ModelEndpoint(model="strong", base_url=srv.base_url),
-                     weak=ModelEndpoint(model="weak", base_url=srv.base_url))
+                     strong=Endpoint(model="strong", base_url=srv.base_url),
+                     weak=Endpoint(model="weak", base_url=srv.base_url))
         outcome = start_flow(spec).result(timeout=900)
         assert outcome["status"] == "completed", outcome
         assert len(srv.requests) == 80  # 40 prompts x (strong, weak), none twice

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from preftune.cli import main
-from preftune.client import Endpoint
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.records import load_pairs, prompt_hash
 from preftune.tasks.pairs import generate_pairs

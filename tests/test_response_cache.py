@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from preftune.client import Endpoint
+from preftune.endpoint import Endpoint
 from preftune.response_cache import ResponseCache, request_key
 
 EP = Endpoint(base_url="http://127.0.0.1:9/v1", model="m")

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from preftune.client import ChatClient
+from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.server import (
     ServerError,
@@ -122,12 +123,15 @@ def test_real_resolve_endpoint_serves_a_folder_and_passes_urls_through(real_serv
     handle, _ = real_server
     ep = resolve_endpoint(zoo["models"]["tiny-llama"], log_dir=tmp_path)
     assert (ep.base_url, ep.model) == (handle.base_url, handle.model) and ep.cache_id.startswith("local:")
+    assert ep.cost(1000, 1000) == 0.0  # served by preftune: free, not "unpriced"
     handle.release()  # resolve_endpoint without a stack took one more use
-    ep = resolve_endpoint("gpt-x@https://api.example.com/v1", log_dir=tmp_path, api_key_env="EX_KEY")
-    assert (ep.model, ep.base_url, ep.api_key_env) == ("gpt-x", "https://api.example.com/v1", "EX_KEY")
+    remote = Endpoint.parse("gpt-x@https://api.example.com/v1", api_key_block="ex-key")
+    assert resolve_endpoint(remote, log_dir=tmp_path) == remote
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         resolve_endpoint(str(tmp_path / "empty"), log_dir=tmp_path)
+    with pytest.raises(UserError, match="MODEL@BASE_URL"):
+        resolve_endpoint("just-a-name", log_dir=tmp_path)
 
 
 # -- lifecycle, with the stand-in -----------------------------------------------------------------

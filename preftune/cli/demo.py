@@ -7,14 +7,15 @@ import argparse
 
 def demo_spec(workspace: str, zoo: dict, *, evaluator: str = "preftune.judges.builtin:answer_quality",
               max_prompts: int | None = None):
+    from preftune.endpoint import Endpoint
     from preftune.paths import EXAMPLES_DIR
-    from preftune.spec import ModelEndpoint, RunSpec
+    from preftune.spec import RunSpec
 
     models = zoo["models"]
     return RunSpec(
         dataset=str(EXAMPLES_DIR / "prompts.jsonl"), workspace=workspace,
         base_models=[models["tiny-llama"], models["tiny-qwen"]], betas=[0.1, 0.5],
-        strong=ModelEndpoint(model=models["tiny-strong"]), weak=ModelEndpoint(model=models["tiny-weak"]),
+        strong=Endpoint(model=models["tiny-strong"]), weak=Endpoint(model=models["tiny-weak"]),
         evaluator=evaluator, max_pair_prompts=160, pair_max_tokens=48,
         # The tiny weak generator often loops until max_tokens under greedy decoding: that rambling
         # answer is the non-preferred side delta learning wants, so truncated pairs are kept.

@@ -26,6 +26,7 @@ def add_parser(sub: Any) -> None:
                           "--evaluator/--rubric")
     p.add_argument("--judge", metavar="MODEL@BASE_URL", help="OpenAI-compatible judge endpoint")
     p.add_argument("--judge-key-env", metavar="NAME", help="environment variable holding the judge's API key")
+    p.add_argument("--judge-key-block", metavar="NAME", help="Prefect Secret block holding the judge's API key")
     p.add_argument("--train", metavar="DATA", help="training pairs the auto rubric is written from")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (scores.json, completions/, ...)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
@@ -77,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from preftune.cli.common import print_json
-    from preftune.client import Endpoint
+    from preftune.endpoint import Endpoint
     from preftune.tasks.evaluate import EvalConfig, run_evaluation
 
     if args.max_new_tokens < 1 or args.max_prompts < 1:
         raise UserError("--max-new-tokens and --max-prompts must be at least 1")
-    judge = Endpoint.parse(args.judge, api_key_env=args.judge_key_env) if args.judge else None
+    judge = Endpoint.parse(args.judge, api_key_env=args.judge_key_env,
+                           api_key_block=args.judge_key_block) if args.judge else None
+    if judge is not None and judge.is_local:
+        raise UserError(f"--judge {args.judge!r}: expected MODEL@BASE_URL of an OpenAI-compatible API")
     cfg = EvalConfig(test_data=Path(args.test), base_model=args.base, candidates=_candidates(args.candidate),
                      out_dir=Path(args.out), evaluator=args.evaluator, rubric=args.rubric,
                      auto_rubric=args.auto_rubric, train_data=Path(args.train) if args.train else None,

@@ -25,6 +25,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (e.g. WORKSPACE/pairs)")
     p.add_argument("--strong-key-env", metavar="VAR", help="environment variable holding the strong API's key")
     p.add_argument("--weak-key-env", metavar="VAR", help="environment variable holding the weak API's key")
+    p.add_argument("--strong-key-block", metavar="NAME", help="Prefect Secret block holding the strong API's key")
+    p.add_argument("--weak-key-block", metavar="NAME", help="Prefect Secret block holding the weak API's key")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="completion length cap (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="F", help="sampling temperature (default 0: greedy)")
     p.add_argument("--concurrency", type=int, default=16, metavar="N",
@@ -40,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
+    from preftune.endpoint import Endpoint
     from preftune.errors import UserError
     from preftune.server import ServerError, resolve_endpoints
     from preftune.tasks.pairs import generate_pairs
@@ -49,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
         try:
-            strong, weak = resolve_endpoints([args.strong, args.weak], log_dir=out / "logs", stack=stack,
-                                             api_key_envs=[args.strong_key_env, args.weak_key_env])
+            eps = [Endpoint.parse(getattr(args, side), api_key_env=getattr(args, f"{side}_key_env"),
+                                  api_key_block=getattr(args, f"{side}_key_block")) for side in ("strong", "weak")]
+            strong, weak = resolve_endpoints(eps, log_dir=out / "logs", stack=stack)
         except ServerError as err:
             raise UserError(str(err).splitlines()[0] + f" (see {out / 'logs'})") from None
         prov = generate_pairs(args.prompts, strong, weak, out, max_tokens=args.max_tokens,

@@ -28,6 +28,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     for role in ("strong", "weak", "judge"):
         parser.add_argument(f"--{role}", default=None, help=f"{role} model: MODEL@BASE_URL or a local folder.")
         parser.add_argument(f"--{role}-api-key-env", default=None, help=f"NAME of the env var with the {role} key.")
+        parser.add_argument(f"--{role}-api-key-block", default=None,
+                            help=f"Name of the Prefect Secret block with the {role} key (read when a request is sent).")
         parser.add_argument(f"--{role}-price-in", type=float, default=None, help="USD per 1M input tokens.")
         parser.add_argument(f"--{role}-price-out", type=float, default=None, help="USD per 1M output tokens.")
     add_model_flags(parser, RunSpec, skip=_NESTED)
@@ -57,8 +59,11 @@ def _loss(text: str) -> dict:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from preftune.cli.flags import build, given
-    from preftune.spec import ModelEndpoint, RunSpec
+    from pydantic import ValidationError
+
+    from preftune.cli.flags import build, given, validation_message
+    from preftune.endpoint import Endpoint
+    from preftune.spec import RunSpec
 
     data: dict = {"dataset": args.dataset} | given(args, RunSpec, _NESTED)
     if args.base_models:
@@ -68,13 +73,16 @@ def spec_from_args(args: argparse.Namespace):
     if args.losses:
         data["losses"] = [_loss(x) for x in args.losses]
     for role in ("strong", "weak", "judge"):
-        if getattr(args, role):
-            ep = ModelEndpoint.parse(getattr(args, role)).model_dump()
-            ep["api_key_env"] = getattr(args, f"{role}_api_key_env")
-            for key, flag in (("price_input_per_m", "price_in"), ("price_output_per_m", "price_out")):
-                if getattr(args, f"{role}_{flag}") is not None:
-                    ep[key] = getattr(args, f"{role}_{flag}")
-            data[role] = ep
+        if getattr(args, role):  # the one endpoint parser, as everywhere else
+            try:
+                data[role] = Endpoint.parse(
+                    getattr(args, role), api_key_env=getattr(args, f"{role}_api_key_env"),
+                    api_key_block=getattr(args, f"{role}_api_key_block"),
+                    price_input_per_m=getattr(args, f"{role}_price_in"),
+                    price_output_per_m=getattr(args, f"{role}_price_out"))
+            except ValidationError as err:
+                names = {"price_input_per_m": f"--{role}-price-in", "price_output_per_m": f"--{role}-price-out"}
+                raise UserError(validation_message(err, names=names)) from None
     if args.yes:
         data["auto_approve_max_usd"] = args.max_cost_usd
     return build(RunSpec, data, names=_LIST_FLAGS)

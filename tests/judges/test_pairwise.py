@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from preftune.client import ChatClient, Endpoint
+from preftune.client import ChatClient
+from preftune.endpoint import Endpoint
 from preftune.judges import stats
 from preftune.judges.pairwise import PairItem, combine, judge_items, position_summary
 from preftune.judges.verdict import Verdict
