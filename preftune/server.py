@@ -209,16 +209,16 @@ def healthy(port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def transformers_executable() -> str:
-    exe = Path(sys.executable).with_name("transformers")
-    if not exe.exists():
-        raise UserError(f"{exe} not found: install transformers[serving] in this environment")
-    return str(exe)
-
-
 def transformers_command(model_dir: str, port: int, device: str = "cpu") -> list[str]:
-    return [transformers_executable(), "serve", model_dir, "--port", str(port), "--host", "127.0.0.1",
-            "--device", device]
+    """`transformers serve` through this interpreter (`python -m`), not a `transformers` script
+    looked up beside it: an installed wheel or a venv that borrows its packages has none there."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers.cli.transformers") is None:
+        raise UserError("transformers' command line is not installed in this environment: "
+                        "install transformers[serving]")
+    return [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--port", str(port),
+            "--host", "127.0.0.1", "--device", device]
 
 
 def _install_exit_handlers() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from preftune.cli import build_parser
 from preftune.cli.run import spec_from_args
-from preftune.tasks.phases import pairs_phase
+from preftune.tasks.pairs import pairs_phase
 from preftune.workspace import Workspace
 from tests.stub_server import recording_server
 
