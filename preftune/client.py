@@ -175,8 +175,8 @@ class _Conn:
     ``openai[aiohttp]`` extra is installed, else httpx2), the normalised base URL, and the headers
     it would send (auth, user agent, platform) — but requests are posted on that client directly.
     At 32+ requests in flight the client is CPU-bound, and the SDK's per-request pipeline (request
-    options, header merging, URL re-parsing) cost about as much CPU as the HTTP exchange itself:
-    1.5 ms a request against 0.95 ms without it (bench/bench_pairs.py and its notes).
+    options, header merging, URL re-parsing) cost about as much CPU as the HTTP exchange itself
+    (bench/bench_pairs.py measures the client's cost per request; past figures: docs/benchmarks.md).
     """
 
     http: Any
