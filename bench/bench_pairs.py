@@ -1,7 +1,8 @@
 """Pair generation speed against a local server with a fixed 100 ms latency per request.
 
-Targets (issue 4): 512 prompts at concurrency 32 are >= 25x faster than at concurrency 1, and the
-client adds <= 5 ms per request. The server (StubServer, a real HTTP server) runs in its own process
+Targets: ``TARGETS`` below (issue 4: 512 prompts at concurrency 32 against concurrency 1, and what
+the client adds per request), printed with the figures; the exit code is 1 when one is missed. The
+server (StubServer, a real HTTP server) runs in its own process
 so that its CPU does not share the client's GIL, as a real endpoint would not.
 
 Client overhead is measured two ways:
@@ -12,7 +13,7 @@ Client overhead is measured two ways:
   holds the server's own per-request work).
 
     .venv/bin/python bench/bench_pairs.py            # 512 prompts (about a minute)
-    .venv/bin/python bench/bench_pairs.py --quick    # 128 prompts
+    .venv/bin/python bench/bench_pairs.py --quick    # 128 prompts (the speed-up target is skipped)
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from targets import Target, print_targets, verdict  # noqa: E402  (bench/targets.py)
+
 from preftune.client import ChatClient, _Conn  # noqa: E402
 from preftune.endpoint import Endpoint  # noqa: E402
 from preftune.tasks.pairs import generate_pairs  # noqa: E402
-from preftune.testing.stub_server import Reply, StubRequest, StubServer  # noqa: E402
+from tests.stub_server import Reply, StubRequest, StubServer  # noqa: E402  (the repository root is on sys.path)
 
 LATENCY = 0.1
+SPEEDUP, OVERHEAD = "speed-up, concurrency 32 vs 1", "client overhead per request"
+TARGETS = [  # issue 4
+    Target(SPEEDUP, ">=", 25, "x", full_size_only=True, note="512 prompts, 100 ms server"),
+    Target(OVERHEAD, "<=", 5, "ms", note="wall per request at c=1 minus the 100 ms: an upper bound"),
+]
 
 
 def answer(req: StubRequest) -> Reply:
@@ -95,12 +103,14 @@ async def _sequential(base_url: str, n: int, cache: Path) -> tuple[float, float]
     return ours, plain
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="128 prompts instead of 512")
     ap.add_argument("--prompts", type=int, default=None)
     args = ap.parse_args()
     n = args.prompts or (128 if args.quick else 512)
+    quick = n < 512  # the speed-up target is stated at 512 prompts
+    print_targets(TARGETS, quick)
     slow, slow_url = start_server(LATENCY)
     fast, fast_url = start_server(0.0)
     try:
@@ -124,21 +134,24 @@ def main() -> None:
         ("requests per run", f"{2 * n}", "strong + weak"),
         ("wall, concurrency 1", f"{t1:.2f} s", f"ideal {n * LATENCY:.1f} s"),
         ("wall, concurrency 32", f"{t32:.2f} s", f"ideal {n * LATENCY / 32:.2f} s"),
-        ("speed-up 32 vs 1", f"{t1 / t32:.1f}x", "target >= 25x"),
+        ("speed-up 32 vs 1", f"{t1 / t32:.1f}x", ""),
         ("client overhead (0 ms server)", f"{(ours - plain) * 1e3:.2f} ms", "ChatClient - bare POSTs, per request"),
         ("  ChatClient / raw per request", f"{ours * 1e3:.2f} / {plain * 1e3:.2f} ms", "sequential"),
         ("overhead at c=1 (100 ms server)", f"{(per_request_c1 - LATENCY) * 1e3:.2f} ms",
-         "upper bound, target <= 5 ms"),
+         "upper bound"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>18}  note")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
-    print(json.dumps({"bench": "pairs", "prompts": n, "latency_s": LATENCY, "wall_c1_s": t1, "wall_c32_s": t32,
+    code, targets = verdict(TARGETS, {SPEEDUP: t1 / t32, OVERHEAD: (per_request_c1 - LATENCY) * 1e3}, quick)
+    print(json.dumps({"bench": "pairs", "prompts": n, "quick": quick, "latency_s": LATENCY, "wall_c1_s": t1, "wall_c32_s": t32,
                       "speedup": round(t1 / t32, 2), "overhead_ms": round((ours - plain) * 1e3, 3),
                       "overhead_c1_upper_ms": round((per_request_c1 - LATENCY) * 1e3, 3),
-                      "client_ms": round(ours * 1e3, 3), "raw_ms": round(plain * 1e3, 3)}))
+                      "client_ms": round(ours * 1e3, 3), "raw_ms": round(plain * 1e3, 3),
+                      "targets": targets, "passed": code == 0}))
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

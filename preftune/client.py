@@ -130,7 +130,7 @@ class _Conn:
     it would send (auth, user agent, platform) — but requests are posted on that client directly.
     At 32+ requests in flight the client is CPU-bound, and the SDK's per-request pipeline (request
     options, header merging, URL re-parsing) cost about as much CPU as the HTTP exchange itself
-    (bench/bench_pairs.py measures the client's overhead against bare POSTs).
+    (bench/bench_pairs.py measures the client's cost per request; past figures: docs/benchmarks.md).
     """
 
     http: Any
