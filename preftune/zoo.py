@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from preftune.files import file_lock
+from preftune.files import file_lock, replace_dir
 from preftune.paths import default_zoo_dir
 
 BUILD_VERSION = "zoo-4"  # bump whenever a change alters the built files
@@ -311,18 +310,7 @@ def build_zoo(dir: Path | str | None = None, *, specs: dict[str, ModelSpec] | No
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             manifest = build_into(tmp, specs)
-            _swap_into_place(tmp, root)
+            replace_dir(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _result(root, manifest)
-
-
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    """Rename the finished build to `root`, moving any stale zoo aside first."""
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
-        root.rename(old)
-        tmp.rename(root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(root)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from preftune.cli.flags import add_endpoint_flags, endpoint_from_args
 from preftune.errors import UserError
 
 
@@ -24,9 +25,7 @@ def add_parser(sub: Any) -> None:
     how.add_argument("--auto-rubric", action="store_true",
                      help="the judge writes a rubric from training pairs (--train); the default without "
                           "--evaluator/--rubric")
-    p.add_argument("--judge", metavar="MODEL@BASE_URL", help="OpenAI-compatible judge endpoint")
-    p.add_argument("--judge-key-env", metavar="NAME", help="environment variable holding the judge's API key")
-    p.add_argument("--judge-key-block", metavar="NAME", help="Prefect Secret block holding the judge's API key")
+    add_endpoint_flags(p, "judge", help="OpenAI-compatible judge endpoint, MODEL@BASE_URL")
     p.add_argument("--train", metavar="DATA", help="training pairs the auto rubric is written from")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (scores.json, completions/, ...)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
@@ -78,13 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from preftune.cli.common import print_json
-    from preftune.endpoint import Endpoint
     from preftune.tasks.evaluate import EvalConfig, run_evaluation
 
     if args.max_new_tokens < 1 or args.max_prompts < 1:
         raise UserError("--max-new-tokens and --max-prompts must be at least 1")
-    judge = Endpoint.parse(args.judge, api_key_env=args.judge_key_env,
-                           api_key_block=args.judge_key_block) if args.judge else None
+    judge = endpoint_from_args(args, "judge")
     if judge is not None and judge.is_local:
         raise UserError(f"--judge {args.judge!r}: expected MODEL@BASE_URL of an OpenAI-compatible API")
     cfg = EvalConfig(test_data=Path(args.test), base_model=args.base, candidates=_candidates(args.candidate),

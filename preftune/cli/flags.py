@@ -91,3 +91,38 @@ def validation_message(err: ValidationError, where: str = "", names: dict[str, s
         return f"{where}{message}"
     head = (names or {}).get(loc[0]) or flag(loc[0])
     return f"{where}{head}: {message}" if len(loc) == 1 or loc[1].isdigit() else f"{where}{head}.{'.'.join(loc[1:])}: {message}"
+
+
+def add_endpoint_flags(parser: argparse.ArgumentParser, role: str, *, help: str, required: bool = False,
+                       prices: bool = True) -> None:
+    """The flags of one endpoint, the same in every command: `--ROLE MODEL[@BASE_URL]`, where its
+    key lives (`--ROLE-api-key-env NAME`, `--ROLE-api-key-block NAME`) and its prices."""
+    parser.add_argument(f"--{role}", required=required, metavar="MODEL[@BASE_URL]", default=None, help=help)
+    parser.add_argument(f"--{role}-api-key-env", f"--{role}-key-env", dest=f"{role}_api_key_env", metavar="NAME",
+                        help=f"NAME of the environment variable holding the {role} API's key (never the key)")
+    parser.add_argument(f"--{role}-api-key-block", f"--{role}-key-block", dest=f"{role}_api_key_block",
+                        metavar="NAME", help=f"NAME of the Prefect Secret block holding the {role} API's key")
+    if prices:
+        parser.add_argument(f"--{role}-price-in", type=float, default=None, metavar="USD",
+                            help="USD per 1M input tokens (no price: the cost is shown as unknown)")
+        parser.add_argument(f"--{role}-price-out", type=float, default=None, metavar="USD",
+                            help="USD per 1M output tokens")
+
+
+def endpoint_from_args(args: argparse.Namespace, role: str):
+    """The Endpoint the `add_endpoint_flags` flags describe (None when `--ROLE` was not given),
+    through the one endpoint parser; a bad value is one line naming the flag."""
+    from preftune.endpoint import Endpoint
+
+    text = getattr(args, role)
+    if not text:
+        return None
+    try:
+        return Endpoint.parse(text, api_key_env=getattr(args, f"{role}_api_key_env"),
+                              api_key_block=getattr(args, f"{role}_api_key_block"),
+                              price_input_per_m=getattr(args, f"{role}_price_in", None),
+                              price_output_per_m=getattr(args, f"{role}_price_out", None))
+    except ValidationError as err:
+        names = {"price_input_per_m": f"--{role}-price-in", "price_output_per_m": f"--{role}-price-out",
+                 "model": f"--{role}", "base_url": f"--{role}"}
+        raise UserError(validation_message(err, names=names)) from None

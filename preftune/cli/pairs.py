@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.cli.common import print_json
+from preftune.cli.flags import add_endpoint_flags, endpoint_from_args
 
 
 def add_parser(subparsers: Any) -> None:
@@ -18,15 +19,11 @@ def add_parser(subparsers: Any) -> None:
                     "and DIR/provenance.json; the prompts file is only read. A re-run reuses every finished "
                     "request from the cache.")
     p.add_argument("--prompts", required=True, metavar="DATA", help="prompts-only JSONL ({\"messages\": [...]})")
-    p.add_argument("--strong", required=True, metavar="MODEL[@BASE_URL]",
-                   help="the preferred-side model: MODEL@BASE_URL of an OpenAI-compatible API, or a local model "
-                        "folder (served automatically with transformers serve)")
-    p.add_argument("--weak", required=True, metavar="MODEL[@BASE_URL]", help="the non-preferred-side model")
+    add_endpoint_flags(p, "strong", required=True,
+                       help="the preferred-side model: MODEL@BASE_URL of an OpenAI-compatible API, or a local "
+                            "model folder (served automatically with transformers serve)")
+    add_endpoint_flags(p, "weak", required=True, help="the non-preferred-side model")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (e.g. WORKSPACE/pairs)")
-    p.add_argument("--strong-key-env", metavar="VAR", help="environment variable holding the strong API's key")
-    p.add_argument("--weak-key-env", metavar="VAR", help="environment variable holding the weak API's key")
-    p.add_argument("--strong-key-block", metavar="NAME", help="Prefect Secret block holding the strong API's key")
-    p.add_argument("--weak-key-block", metavar="NAME", help="Prefect Secret block holding the weak API's key")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="completion length cap (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="F", help="sampling temperature (default 0: greedy)")
     p.add_argument("--concurrency", type=int, default=16, metavar="N",
@@ -42,7 +39,6 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from preftune.endpoint import Endpoint
     from preftune.errors import UserError
     from preftune.server import ServerError, resolve_endpoints
     from preftune.tasks.pairs import generate_pairs
@@ -52,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
         try:
-            eps = [Endpoint.parse(getattr(args, side), api_key_env=getattr(args, f"{side}_key_env"),
-                                  api_key_block=getattr(args, f"{side}_key_block")) for side in ("strong", "weak")]
+            eps = [endpoint_from_args(args, side) for side in ("strong", "weak")]
             strong, weak = resolve_endpoints(eps, log_dir=out / "logs", stack=stack)
         except ServerError as err:
             raise UserError(str(err).splitlines()[0] + f" (see {out / 'logs'})") from None

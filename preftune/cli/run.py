@@ -15,7 +15,7 @@ _LIST_FLAGS = {"betas": "--beta", "losses": "--loss", "base_models": "--base-mod
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    from preftune.cli.flags import add_model_flags
+    from preftune.cli.flags import add_endpoint_flags, add_model_flags
     from preftune.spec import RunSpec
 
     parser.add_argument("--dataset", required=True, help="JSONL dataset: preference pairs or prompts only.")
@@ -26,12 +26,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dpo|ipo|hinge|simpo|orpo, optionally with options: "
                         "'dpo:normalize_by_length=true,rpo_alpha=0.5' (repeat to sweep).")
     for role in ("strong", "weak", "judge"):
-        parser.add_argument(f"--{role}", default=None, help=f"{role} model: MODEL@BASE_URL or a local folder.")
-        parser.add_argument(f"--{role}-api-key-env", default=None, help=f"NAME of the env var with the {role} key.")
-        parser.add_argument(f"--{role}-api-key-block", default=None,
-                            help=f"Name of the Prefect Secret block with the {role} key (read when a request is sent).")
-        parser.add_argument(f"--{role}-price-in", type=float, default=None, help="USD per 1M input tokens.")
-        parser.add_argument(f"--{role}-price-out", type=float, default=None, help="USD per 1M output tokens.")
+        add_endpoint_flags(parser, role, help=f"{role} model: MODEL@BASE_URL, or a local model folder preftune serves.")
     add_model_flags(parser, RunSpec, skip=_NESTED)
     parser.add_argument("--yes", action="store_true",
                         help="Approve by itself when the high estimate is within --max-cost-usd.")
@@ -59,10 +54,7 @@ def _loss(text: str) -> dict:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from pydantic import ValidationError
-
-    from preftune.cli.flags import build, given, validation_message
-    from preftune.endpoint import Endpoint
+    from preftune.cli.flags import build, endpoint_from_args, given
     from preftune.spec import RunSpec
 
     data: dict = {"dataset": args.dataset} | given(args, RunSpec, _NESTED)
@@ -73,16 +65,8 @@ def spec_from_args(args: argparse.Namespace):
     if args.losses:
         data["losses"] = [_loss(x) for x in args.losses]
     for role in ("strong", "weak", "judge"):
-        if getattr(args, role):  # the one endpoint parser, as everywhere else
-            try:
-                data[role] = Endpoint.parse(
-                    getattr(args, role), api_key_env=getattr(args, f"{role}_api_key_env"),
-                    api_key_block=getattr(args, f"{role}_api_key_block"),
-                    price_input_per_m=getattr(args, f"{role}_price_in"),
-                    price_output_per_m=getattr(args, f"{role}_price_out"))
-            except ValidationError as err:
-                names = {"price_input_per_m": f"--{role}-price-in", "price_output_per_m": f"--{role}-price-out"}
-                raise UserError(validation_message(err, names=names)) from None
+        if getattr(args, role):
+            data[role] = endpoint_from_args(args, role)
     if args.yes:
         data["auto_approve_max_usd"] = args.max_cost_usd
     return build(RunSpec, data, names=_LIST_FLAGS)
