@@ -1,22 +1,27 @@
-"""The four human decisions of a run, asked with `pause_flow_run(wait_for_input=...)`.
+"""The human decisions of a run, asked with `pause_flow_run(wait_for_input=...)`.
 
 The question is shown as Markdown above a typed form in the Prefect UI (or answered with
-`preftune approve RUN`). A headless run with an auto-approval limit answers by itself only
-when the plan's high estimate is within it. Every decision, asked or automatic, is appended
-to `approvals.jsonl` with its time and values.
+`preftune approve RUN`). Every decision is a required choice with no default, so a bare Submit
+decides nothing. An answer is checked before it is recorded: one that does not fit the question
+(an unknown job, an evaluator that does not import) is not written to `approvals.jsonl`; the
+question is asked again with the problem above it. A headless run with an auto-approval limit
+answers by itself only within its limits. Every accepted decision, asked or automatic, is
+appended to `approvals.jsonl` with its time and values, so a resumed run does not ask again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, TypeVar
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
 
 from prefect import get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import Field, ValidationError, create_model
 
 from preftune.files import append_jsonl
 from preftune.workspace import Workspace
@@ -24,17 +29,34 @@ from preftune.workspace import Workspace
 T = TypeVar("T", bound=RunInput)
 
 
+class PlanChoice(StrEnum):
+    approve = "approve"
+    reject = "reject"
+
+
 class PlanDecision(RunInput):
-    approve: bool = Field(False, description="Approve the plan and its cost. Leave unticked to reject.")
+    decision: PlanChoice = Field(description="Approve the plan and its cost, or reject it (nothing is spent).")
     budget_usd: float | None = Field(None, ge=0, description="Optional budget cap in USD for this run.")
     drop_models: list[str] = Field(default_factory=list, description="Base models (name or path) to drop.")
     drop_betas: list[float] = Field(default_factory=list, description="Beta values to drop from the grid.")
     note: str = Field("", description="Optional note kept in the approvals log.")
 
+    @property
+    def approve(self) -> bool:
+        return self.decision is PlanChoice.approve
+
+
+class CatalogueDecision(StrEnum):
+    sweep_catalogue = "sweep the catalogue"
+    use_base_models = "use the base models I list"
+    stop = "stop"
+
 
 class CatalogueChoice(RunInput):
-    sweep_catalogue: bool = Field(True, description="No base model was given: sweep the catalogue below.")
-    base_models: list[str] = Field(default_factory=list, description="Or name the base models to use instead.")
+    decision: CatalogueDecision = Field(description="No base model was given: sweep the catalogue shown above, "
+                                        "use the base models listed below, or stop the run.")
+    base_models: list[str] = Field(default_factory=list, description="Base model folders, with "
+                                   "'use the base models I list'.")
 
 
 class EvaluatorChoice(RunInput):
@@ -46,12 +68,35 @@ class EvaluatorChoice(RunInput):
     rubric: str | None = Field(None, description="Rubric text (otherwise the judge writes one).")
 
 
-class ComparisonChoice(RunInput):
-    deploy: str = Field("recommended", description="Job id to deploy, 'recommended', 'base', or 'none'.")
+def comparison_form(jobs: list[str], recommended: str | None) -> type[RunInput]:
+    """The deploy choice as a closed list: exactly the finished jobs, 'recommended', 'base', 'none'."""
+    what = f"'recommended' is {recommended}" if recommended else "'recommended' deploys nothing: no candidate beat its base"
+    choices = tuple(dict.fromkeys([*jobs, "recommended", "base", "none"]))
+    return create_model("ComparisonChoice", __base__=RunInput, deploy=(
+        Literal[choices], Field(description=f"What to deploy: a finished job, 'recommended', the base model, "
+                                           f"or 'none' ({what}).")))
+
+
+class PromotionChoice(StrEnum):
+    deploy = "deploy it"
+    hold = "do not deploy"
 
 
 class PromotionDecision(RunInput):
-    promote: bool = Field(True, description="Deploy the clear winner now.")
+    decision: PromotionChoice = Field(description="Deploy the clear winner now, or hold it back.")
+
+    @property
+    def promote(self) -> bool:
+        return self.decision is PromotionChoice.deploy
+
+
+class YieldChoice(StrEnum):
+    proceed = "continue"
+    stop = "stop"
+
+
+class YieldDecision(RunInput):
+    decision: YieldChoice = Field(description="Continue with what there is, or stop the run here.")
 
 
 def _log(ws: Workspace, kind: str, by: str, values: dict[str, Any], context: dict[str, Any]) -> None:
@@ -73,25 +118,48 @@ def previous_answer(ws: Workspace, kind: str, context: dict[str, Any]) -> dict[s
     return found
 
 
+def _problem(form: type[T], values: dict[str, Any], check: Callable[[T], str | None] | None) -> tuple[T | None, str | None]:
+    try:
+        answer = form(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        return None, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    problem = check(answer) if check is not None else None
+    return (None, problem) if problem else (answer, None)
+
+
 def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict[str, Any] | None = None,
         defaults: dict[str, Any] | None = None, auto: dict[str, Any] | None = None,
-        timeout_s: int = 86400, poll_s: int = 10) -> T:
-    """Ask one question. `auto` answers it without pausing (headless, within the limits)."""
+        check: Callable[[T], str | None] | None = None, timeout_s: int = 86400, poll_s: int = 10) -> T:
+    """Ask one question until an answer passes `check` (None: fine; else the problem, shown to the
+    person above the question). `auto` answers it without pausing (headless, within the limits)."""
     logger = get_run_logger()
     context = context or {}
     earlier = previous_answer(ws, kind, context) if context else None
     if earlier is not None:
-        logger.info("%s: already answered at %s (%s); not asking again", kind, earlier["time"], earlier["by"])
-        return form(**earlier["values"])
-    create_markdown_artifact(markdown=markdown, key=f"approval-{kind}", description=f"Question: {kind}")
+        answer, problem = _problem(form, earlier["values"], check)
+        if answer is not None:
+            logger.info("%s: already answered at %s (%s); not asking again", kind, earlier["time"], earlier["by"])
+            return answer
+        logger.warning("%s: the recorded answer no longer fits (%s); asking again", kind, problem)
     if auto is not None:
-        answer = form(**auto)
+        answer, problem = _problem(form, auto, check)
+        if answer is None:
+            raise RuntimeError(f"{kind}: the automatic answer {auto} does not fit: {problem}")
+        create_markdown_artifact(markdown=markdown, key=f"approval-{kind}", description=f"Question: {kind}")
         _log(ws, kind, "auto", answer.model_dump(mode="json"), context)
         logger.info("%s: answered automatically %s", kind, answer.model_dump(mode="json"))
         return answer
-    logger.info("Waiting for '%s': answer in the Prefect UI, or run `preftune approve %s` "
-                "[--reject] [--set FIELD=VALUE]", kind, ws.root)
-    answer = pause_flow_run(wait_for_input=form.with_initial_data(description=markdown, **(defaults or {})),
-                            timeout=timeout_s, poll_interval=poll_s)
-    _log(ws, kind, "user", answer.model_dump(mode="json"), context)
-    return answer
+    shown = markdown
+    while True:
+        create_markdown_artifact(markdown=shown, key=f"approval-{kind}", description=f"Question: {kind}")
+        logger.info("Waiting for '%s': answer in the Prefect UI, or run `preftune approve %s` "
+                    "[--reject] [--set FIELD=VALUE]", kind, ws.root)
+        raw = pause_flow_run(wait_for_input=form.with_initial_data(description=shown, **(defaults or {})),
+                             timeout=timeout_s, poll_interval=poll_s)
+        answer, problem = _problem(form, raw.model_dump(mode="json"), check)
+        if answer is not None:
+            _log(ws, kind, "user", answer.model_dump(mode="json"), context)
+            return answer
+        logger.warning("%s: answer not used: %s; asking again", kind, problem)
+        shown = f"> **Your last answer was not used:** {problem}\n\n{markdown}"

@@ -9,6 +9,11 @@ from __future__ import annotations
 TARGET_NAME = "win rate vs base"
 
 
+def rated(entry: dict) -> int:
+    """Held-out prompts that gave a valid comparison for one candidate (invalid verdicts excluded)."""
+    return int(entry.get("n") or 0) - int(entry.get("invalid") or 0)
+
+
 def target_value(scores: dict, job_id: str) -> float | None:
     value = scores["models"].get(job_id, {}).get("win_rate")
     return None if value is None or value != value else float(value)  # NaN: nothing valid to rate

@@ -134,3 +134,41 @@ def tree_fingerprint(path: str | Path, *, content: bool = True) -> str:
             st = f.stat()
             digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+class LockHeld(Exception):
+    """Another live process holds the lock; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextmanager
+def exclusive(path: str | Path, holder: dict) -> Iterator[None]:
+    """Hold `path` exclusively for the block, without waiting: LockHeld at once when a live process
+    holds it. `holder` (pid, run id, ...) is written into the file so a refused caller can name the
+    holder. The kernel drops the lock when its process dies, however it dies (kill -9 included),
+    so a lock left by a killed run is simply taken over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:  # "a+": opening must not wipe the holder's record
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            try:
+                found = json.loads(fh.read() or "{}")
+            except ValueError:
+                found = {}
+            raise LockHeld(path, found) from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps(holder))
+            fh.flush()
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -18,6 +18,10 @@ from preftune.endpoint import Endpoint
 from preftune.job import Beta, LoraOptions, LossOptions, TrainingOptions
 from preftune.workspace import default_workspace
 
+# How a run is approved and where it writes, not what it computes: left out of the digest.
+_NOT_DIGESTED = {"workspace", "approval_timeout_s", "approval_poll_s", "auto_approve_max_usd", "allow_unpriced",
+                 "min_pair_yield"}
+
 
 class RunSpec(TrainingOptions, LoraOptions):
     """Everything one preference-learning run needs. Empty lists mean 'use the defaults'.
@@ -57,6 +61,12 @@ class RunSpec(TrainingOptions, LoraOptions):
     deploy_port: int | None = Field(None, ge=1024, le=65535, description="Port for the deployed endpoint.")
     approval_timeout_s: int = Field(86400, ge=10, description="How long an approval waits for an answer.")
     approval_poll_s: int = Field(10, ge=1, le=600, description="How often a paused run checks for an answer.")
+    min_pair_yield: float = Field(
+        0.5, ge=0.0, le=1.0, description="Prompts-only data: the share of prompts that must give a usable pair. "
+        "Below it the run asks whether to continue (a headless run stops).")
+    allow_unpriced: bool = Field(
+        False, description="Let auto-approval accept a plan that calls remote endpoints without prices (their "
+        "cost is unknown). Off: such a plan is never approved automatically.")
     auto_approve_max_usd: float | None = Field(
         None, ge=0, description="Headless: approve by itself when the high estimate is within this many USD "
         "(and take the recommended answer at later prompts). Empty: always ask.")
@@ -68,5 +78,5 @@ class RunSpec(TrainingOptions, LoraOptions):
 
     def digest(self) -> str:
         """Hash of the spec minus where it runs: the same spec resumes the same workspace."""
-        data = self.model_dump(mode="json", exclude={"workspace", "approval_timeout_s", "approval_poll_s", "auto_approve_max_usd"})
+        data = self.model_dump(mode="json", exclude=_NOT_DIGESTED)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

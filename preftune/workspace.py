@@ -46,6 +46,11 @@ class Workspace:
         return self
 
     @property
+    def lock(self) -> Path:
+        """Held by the one live run of this workspace (preftune.files.exclusive)."""
+        return self.root / ".preftune.lock"
+
+    @property
     def inspection(self) -> Path:
         return self.root / "inspection.json"
 
@@ -150,3 +155,11 @@ class Workspace:
     @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+
+def in_use_message(root: Path, holder: dict) -> str:
+    """One line naming the live run that holds a workspace."""
+    who = ", ".join(f"{k} {v}" for k, v in (("pid", holder.get("pid")), ("flow run", holder.get("flow_run_id")),
+                                            ("since", holder.get("since"))) if v)
+    return (f"workspace {root} is in use by another run ({who or 'holder unknown'}): wait for it to end, "
+            "or give another --workspace")

@@ -12,6 +12,7 @@ from pathlib import Path
 from preftune import cost
 from preftune.endpoint import Endpoint
 from preftune.files import read_json
+from preftune.judges import selection
 from preftune.reports.figures import plot_curves, read_metrics
 from preftune.templating import render
 from preftune.workspace import Workspace, short_name
@@ -78,6 +79,29 @@ def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: d
             "evaluation": eval_usd, "total": _sum([training, pairs_usd, eval_usd])}
 
 
+def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None) -> dict:
+    """What each phase kept of what it was given, with a warning wherever it is too little to trust:
+    the report shows this first."""
+    out: dict = {"warnings": []}
+    pair_yield = (data or {}).get("yield")
+    if pair_yield:
+        out["pairs"] = pair_yield
+        minimum = spec.get("min_pair_yield", 0.5)
+        if pair_yield["share"] < minimum:
+            out["warnings"].append(f"only {pair_yield['pairs']} of {pair_yield['prompts']} prompts gave a usable pair "
+                                   f"({pair_yield['share']:.0%}, below the minimum {minimum:.0%})")
+    if inspection:
+        out["split"] = {"train": inspection.get("train_examples"), "test": inspection.get("test_examples")}
+    counts = {m: selection.rated(e) for m, e in ((scores or {}).get("models") or {}).items()}
+    if counts:
+        out["evaluated"] = counts
+        small = sorted(m for m, n in counts.items() if n < 20)
+        if small:
+            out["warnings"].append(f"evaluated on fewer than 20 held-out prompts: {', '.join(small)} "
+                                   "(the win rates are rough)")
+    return out
+
+
 def collect(ws: Workspace) -> dict:
     run = _maybe(ws.run_record) or {}
     spec = run.get("spec", {})
@@ -93,6 +117,7 @@ def collect(ws: Workspace) -> dict:
         "outcome": _maybe(ws.outcome) or {},
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device) if spec else None,
+        "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
     }
 
 

@@ -239,11 +239,13 @@ def check_generators(spec: RunSpec, inspection: dict) -> None:
 def _split_by_test_prompts(pairs_file: Path, ws: Workspace) -> dict:
     """Generated pairs follow phase 1's split: a pair is test iff its prompt was a test prompt."""
     test_hashes = {prompt_hash(r["messages"], r.get("tools")) for _, r in iter_records(ws.test_data)}
+    counts = {"train_pairs": 0, "test_pairs": 0}
     with open(ws.train_pairs, "w", encoding="utf-8") as tr, open(ws.test_pairs, "w", encoding="utf-8") as te:
         for _, rec in iter_records(pairs_file, expect="pairs"):
-            side = te if prompt_hash(rec["input"]["messages"], rec["input"].get("tools")) in test_hashes else tr
-            side.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return {"train": str(ws.train_pairs), "test": str(ws.test_pairs)}
+            test = prompt_hash(rec["input"]["messages"], rec["input"].get("tools")) in test_hashes
+            (te if test else tr).write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts["test_pairs" if test else "train_pairs"] += 1
+    return {"train": str(ws.train_pairs), "test": str(ws.test_pairs), "counts": counts}
 
 
 def run_data(ws: Workspace) -> dict:
@@ -272,6 +274,11 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
     if provenance["counts"]["pairs"] < 3:
         raise RunEnded("failed", f"only {provenance['counts']['pairs']} usable pairs were generated "
                        f"(dropped: {provenance['counts']['by_reason']}); see pairs/provenance.json")
-    result = _split_by_test_prompts(Path(provenance["pairs_file"]), ws) | {"pairs_file": provenance["pairs_file"]}
+    split = _split_by_test_prompts(Path(provenance["pairs_file"]), ws)
+    c = provenance["counts"]
+    # What the yield guard (flows/questions.check_pair_yield) and the report's Yields section read.
+    pair_yield = {"prompts": c["prompts"], "pairs": c["pairs"], "share": c["pairs"] / max(c["prompts"], 1),
+                  "by_reason": c["by_reason"], **split.pop("counts")}
+    result = split | {"pairs_file": provenance["pairs_file"], "yield": pair_yield}
     write_json_atomic(ws.pairs_done, result)
     return result

@@ -23,8 +23,16 @@ def start_flow(spec: RunSpec) -> Future:
     """The flow in another thread, in a copy of this context so it talks to the same API."""
     from preftune.flows.pipeline import preference_learning
 
+    def run() -> dict:
+        # The run's outcome, whatever its state: a failed or rejected run returns a Failed or
+        # Cancelled state carrying the outcome (a crash raises, as it should).
+        outcome = preference_learning(spec, return_state=True).result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
     ctx = contextvars.copy_context()
-    return _POOL.submit(ctx.run, preference_learning, spec)
+    return _POOL.submit(ctx.run, run)
 
 
 def _run_id(ws: Path, fut: Future, timeout: float) -> UUID:
@@ -89,3 +97,17 @@ def wait_for_end(ws: Path, fut: Future, timeout: float = 900) -> dict:
                 raise AssertionError(f"unexpected question, fields {sorted(schema['properties'])}")
             time.sleep(0.3)
     raise AssertionError(f"flow did not end within {timeout:g} s")
+
+
+def question_text(run_id: UUID) -> str:
+    """The Markdown shown above the pending question's form."""
+    with get_client(sync_client=True) as client:
+        keyset = keyset_from_paused_state(client.read_flow_run(run_id).state)
+    return read_flow_run_input(keyset["description"], flow_run_id=run_id) or ""
+
+
+def flow_state(ws: Path):
+    """The final Prefect state of the flow run recorded in the workspace's run.json."""
+    run_id = UUID(json.loads((ws / "run.json").read_text())["flow_run_id"])
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state

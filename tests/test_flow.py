@@ -15,7 +15,7 @@ from preftune.cli import main
 from preftune.endpoint import Endpoint
 from preftune.paths import EXAMPLES_DIR
 from preftune.spec import RunSpec
-from tests.flow_helpers import answer, start_flow, wait_for_end, wait_for_question
+from tests.flow_helpers import answer, flow_state, start_flow, wait_for_end, wait_for_question
 from tests.stub_server import Reply, StubServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -86,7 +86,7 @@ def _answer_comparison(ws: Path, fut) -> tuple[str, str | None]:
     winner = scores.get("clear_winner")
     if winner:
         answer(ws, fut, "deploy", {"deploy": "recommended"})
-        answer(ws, fut, "promote", {"promote": True})  # fails if the gate is not asked
+        answer(ws, fut, "decision", {"decision": "deploy it"})  # fails if the gate is not asked
         return winner, winner
     chosen = sorted(scores["models"])[0]
     answer(ws, fut, "deploy", {"deploy": chosen})
@@ -97,12 +97,13 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
     ws = tmp_path / "ws"
     before = small_pairs.read_bytes()
     fut = start_flow(_spec(zoo, small_pairs, ws))
-    plan_form = answer(ws, fut, "approve", {"approve": True, "note": "looks fine"})
+    plan_form = answer(ws, fut, "decision", {"decision": "approve", "note": "looks fine"})
     assert "budget_usd" in plan_form["properties"] and "drop_betas" in plan_form["properties"]
     try:
         expected, winner = _answer_comparison(ws, fut)  # inside: a wrong answer path may still deploy
         outcome = wait_for_end(ws, fut, timeout=900)  # fails on any further question
         assert outcome["status"] == "completed", outcome
+        assert flow_state(ws).type.value == "COMPLETED"
         assert small_pairs.read_bytes() == before  # the user's dataset is never modified
         for rel in ("inspection.json", "plan.json", "data/train.jsonl", "data/test.jsonl", "eval/scores.json",
                     "final_report.md", "figures/loss.png", "figures/margins.png", "jobs/sweep.json"):
@@ -121,10 +122,10 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         # every question asked, in order, and nothing else: the promotion gate exactly when there is a clear winner
         assert [a["kind"] for a in approvals] == ["plan", "comparison"] + (["promotion"] if winner else [])
         assert all(a["by"] == "user" for a in approvals)
-        assert approvals[0]["values"]["approve"] is True and approvals[0]["values"]["note"] == "looks fine"
+        assert approvals[0]["values"]["decision"] == "approve" and approvals[0]["values"]["note"] == "looks fine"
         assert approvals[1]["values"] == {"deploy": "recommended" if winner else expected}
         if winner:
-            assert approvals[2]["values"] == {"promote": True} and approvals[2]["context"]["winner"] == winner
+            assert approvals[2]["values"] == {"decision": "deploy it"} and approvals[2]["context"]["winner"] == winner
         report = (ws / "final_report.md").read_text()
         assert _artifact_data("final-report") == [report]
         assert _artifact_data("sweep-progress") == [100.0]
@@ -175,9 +176,11 @@ def test_rejection_spends_nothing(zoo, tmp_path):
         outcome = fut.result(timeout=300)
         assert outcome["status"] == "rejected"
         assert srv.requests == []
+    state = flow_state(ws)  # the Prefect UI shows what outcome.json says, not a green Completed
+    assert state.type.value == "CANCELLED" and state.message == "rejected: too expensive"
     assert not (ws / "jobs").exists() and not (ws / "pairs").exists() and not (ws / "eval").exists()
     approvals = [json.loads(x) for x in (ws / "approvals.jsonl").read_text().splitlines()]
-    assert approvals[-1]["kind"] == "plan" and approvals[-1]["values"]["approve"] is False
+    assert approvals[-1]["kind"] == "plan" and approvals[-1]["values"]["decision"] == "reject"
     assert approvals[-1]["values"]["note"] == "too expensive"
 
 
@@ -232,7 +235,7 @@ def test_prompts_only_generates_pairs_then_trains(zoo, tmp_path):
 
     with StubServer(reply) as srv:
         ws = tmp_path / "ws"
-        spec = _spec(zoo, prompts, ws, betas=[0.1], deploy=False, auto_approve_max_usd=0.0,
+        spec = _spec(zoo, prompts, ws, betas=[0.1], deploy=False, auto_approve_max_usd=0.0, allow_unpriced=True,
                      strong=Endpoint(model="strong", base_url=srv.base_url),
                      weak=Endpoint(model="weak", base_url=srv.base_url))
         outcome = start_flow(spec).result(timeout=900)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.errors import RunEnded
-from preftune.flows import pipeline
+from preftune.flows import questions
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
 
@@ -27,22 +26,22 @@ def _choose(tmp_path, monkeypatch, scores: dict, answers: dict, **spec_kw) -> tu
     """Run the choice with `ask` scripted: each question kind gets answers[kind]; return (chosen, asked)."""
     asked: list[tuple] = []
 
-    def ask(ws, kind, markdown, form, *, context=None, defaults=None, auto=None, timeout_s=0, poll_s=0):
+    def ask(ws, kind, markdown, form, *, context=None, defaults=None, auto=None, check=None, timeout_s=0, poll_s=0):
         asked.append((kind, context, auto))
         return form(**(auto if auto is not None else answers[kind]))
 
-    monkeypatch.setattr(pipeline, "ask", ask)
+    monkeypatch.setattr(questions, "ask", ask)
     data = tmp_path / "pairs.jsonl"
     data.write_text("")
     spec = RunSpec(dataset=str(data), workspace=str(tmp_path / "ws"), base_models=["base"], **spec_kw)
     results = {j: {"job": {"id": j}} for j in scores["models"]}
-    chosen = pipeline._choose_deployment(spec, Workspace(tmp_path / "ws"), scores, results)
+    chosen = questions.choose_deployment(spec, Workspace(tmp_path / "ws"), scores, results)
     return chosen, asked
 
 
 def test_clear_winner_recommended_asks_the_gate_and_deploys_on_yes(tmp_path, monkeypatch):
     chosen, asked = _choose(tmp_path, monkeypatch, _scores(True),
-                            {"comparison": {"deploy": "recommended"}, "promotion": {"promote": True}})
+                            {"comparison": {"deploy": "recommended"}, "promotion": {"decision": "deploy it"}})
     assert chosen == "j-a"
     assert [a[0] for a in asked] == ["comparison", "promotion"]
     assert asked[1][1]["winner"] == "j-a" and asked[1][2] is None  # asked a person, not answered by itself
@@ -50,7 +49,7 @@ def test_clear_winner_recommended_asks_the_gate_and_deploys_on_yes(tmp_path, mon
 
 def test_clear_winner_gate_answered_no_deploys_nothing(tmp_path, monkeypatch):
     chosen, asked = _choose(tmp_path, monkeypatch, _scores(True),
-                            {"comparison": {"deploy": "recommended"}, "promotion": {"promote": False}})
+                            {"comparison": {"deploy": "recommended"}, "promotion": {"decision": "do not deploy"}})
     assert chosen is None
     assert [a[0] for a in asked] == ["comparison", "promotion"]
 
@@ -72,7 +71,7 @@ def test_headless_run_passes_the_gate_automatically(tmp_path, monkeypatch):
     chosen, asked = _choose(tmp_path, monkeypatch, _scores(True), {}, auto_approve_max_usd=0.0)
     assert chosen == "j-a"
     assert [(kind, auto) for kind, _, auto in asked] == [("comparison", {"deploy": "recommended"}),
-                                                         ("promotion", {"promote": True})]
+                                                         ("promotion", {"decision": "deploy it"})]
 
 
 def test_deploy_off_asks_no_gate_and_deploys_nothing(tmp_path, monkeypatch):
@@ -82,6 +81,15 @@ def test_deploy_off_asks_no_gate_and_deploys_nothing(tmp_path, monkeypatch):
     assert [a[0] for a in asked] == ["comparison"]
 
 
-def test_unknown_job_is_refused(tmp_path, monkeypatch):
-    with pytest.raises(RunEnded, match="no-such-job"):
-        _choose(tmp_path, monkeypatch, _scores(True), {"comparison": {"deploy": "no-such-job"}})
+def test_comparison_form_offers_exactly_the_finished_jobs():
+    """The deploy answer is a closed list: an unknown job id cannot be submitted at all."""
+    from pydantic import ValidationError
+
+    from preftune.flows.approvals import comparison_form
+
+    form = comparison_form(["j-a", "j-b"], "j-a")
+    assert form.model_json_schema()["properties"]["deploy"]["enum"] == ["j-a", "j-b", "recommended", "base", "none"]
+    assert "'recommended' is j-a" in form.model_json_schema()["properties"]["deploy"]["description"]
+    assert "deploy" in form.model_json_schema()["required"]  # no default: a bare Submit decides nothing
+    with pytest.raises(ValidationError, match="no-such-job"):
+        form(deploy="no-such-job")

@@ -12,8 +12,9 @@ from preftune.errors import UserError
 from preftune.files import read_json
 from preftune.workspace import Workspace
 
-# The field that says yes/no on each form, and what --reject sets it to.
-_YES_FIELDS = {"approve": False, "promote": False, "sweep_catalogue": False, "deploy": "none"}
+# Each form's decision is a required choice: `decision` (its first option says yes, its last no —
+# approve/reject, continue/stop, deploy it/do not deploy) or, at the comparison, `deploy`.
+_DEPLOY_ANSWER = {False: "recommended", True: "none"}
 
 
 def _run_id(ref: str) -> UUID:
@@ -40,6 +41,15 @@ def _parse_sets(pairs: list[str], schema: dict) -> dict:
     return out
 
 
+def _choices(schema: dict, field: str) -> list:
+    """The options of an enum field of a form's JSON schema (inline or behind a $ref)."""
+    prop = schema["properties"][field]
+    ref = prop.get("$ref") or next((p["$ref"] for p in prop.get("allOf", []) if "$ref" in p), None)
+    if ref:
+        prop = schema.get("$defs", schema.get("definitions", {}))[ref.rsplit("/", 1)[-1]]
+    return list(prop.get("enum", []))
+
+
 def answer(run_id: UUID, *, reject: bool, sets: list[str]) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
@@ -53,10 +63,13 @@ def answer(run_id: UUID, *, reject: bool, sets: list[str]) -> dict:
         raise UserError(f"flow run {run_id} is not waiting for an answer (state: {state})")
     keyset = keyset_from_paused_state(flow_run.state)
     schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id) or {}
-    values = {k: v["default"] for k, v in schema.get("properties", {}).items() if "default" in v}
-    for field, no in _YES_FIELDS.items():
-        if field in schema.get("properties", {}):
-            values[field] = no if reject else (True if no is False else values.get(field, "recommended"))
+    props = schema.get("properties", {})
+    values = {k: v["default"] for k, v in props.items() if "default" in v}
+    if "decision" in props:
+        options = _choices(schema, "decision")
+        values["decision"] = options[-1] if reject else options[0]
+    if "deploy" in props:
+        values["deploy"] = _DEPLOY_ANSWER[reject]
     values.update(_parse_sets(sets, schema))
     resume_flow_run(run_id, run_input=values)
     return values

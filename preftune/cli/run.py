@@ -76,12 +76,38 @@ def run_flow(spec, *, as_json: bool) -> int:
     from preftune.cli.common import print_json
     from preftune.flows.pipeline import preference_learning
 
-    outcome = preference_learning(spec)
+    check_workspace_free(spec)
+    state = preference_learning(spec, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):  # a crash, not an outcome the run decided
+        raise outcome
+    if outcome["status"] == "refused":  # another live run holds the workspace (it got there first)
+        raise UserError(outcome["reason"])
     if as_json:
         print_json(outcome)
     else:
         print_outcome(outcome)
-    return 0 if outcome["status"] == "completed" else (1 if outcome["status"] == "failed" else 3)
+    return EXIT_CODES.get(outcome["status"], 1)
+
+
+# The CLI's exit code for each outcome (the flow run's Prefect state says the same: completed →
+# Completed, failed → Failed, rejected → Cancelled). A refused run (workspace in use) is exit 2.
+EXIT_CODES = {"completed": 0, "failed": 1, "rejected": 3}
+
+
+def check_workspace_free(spec) -> None:
+    """Refuse at once, before a flow run exists, when a live run holds the workspace."""
+    from preftune.files import LockHeld, exclusive
+    from preftune.workspace import Workspace, in_use_message
+
+    ws = Workspace(spec.workspace_path())
+    if not ws.lock.exists():
+        return
+    try:
+        with exclusive(ws.lock, {}):
+            pass
+    except LockHeld as held:
+        raise UserError(in_use_message(ws.root, held.holder)) from None
 
 
 def print_outcome(outcome: dict) -> None:

@@ -1,0 +1,190 @@
+"""Every question the pipeline asks a person, with the checks on each answer and the headless
+(auto-approval) answers. Each returns the decision or ends the run (`RunEnded`) with one line."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from preftune.endpoint import Endpoint
+from preftune.errors import RunEnded
+from preftune.flows.approvals import (
+    CatalogueChoice,
+    CatalogueDecision,
+    EvaluatorChoice,
+    PlanDecision,
+    PromotionDecision,
+    YieldChoice,
+    YieldDecision,
+    ask,
+    comparison_form,
+)
+from preftune.judges import selection
+from preftune.reports.build import comparison_markdown
+from preftune.spec import RunSpec
+from preftune.tasks.plan import plan_digest, plan_markdown
+from preftune.workspace import Workspace, short_name
+
+
+def _auto(spec: RunSpec, values: dict) -> dict | None:
+    return values if spec.auto_approve_max_usd is not None else None
+
+
+def _timing(spec: RunSpec) -> dict:
+    return {"timeout_s": spec.approval_timeout_s, "poll_s": spec.approval_poll_s}
+
+
+def resolve_base_models(spec: RunSpec, ws: Workspace) -> list[str]:
+    if spec.base_models:
+        return list(spec.base_models)
+    from preftune.catalogue import catalogue
+
+    models = catalogue()
+    listing = "\n".join(f"- `{m}`" for m in models)
+
+    def check(answer: CatalogueChoice) -> str | None:
+        if answer.decision is CatalogueDecision.use_base_models and not answer.base_models:
+            return "'use the base models I list' needs at least one base model"
+        return None
+
+    answer = ask(ws, "base-models", f"No base model was given. Sweep the configured catalogue?\n\n{listing}",
+                 CatalogueChoice, context={"catalogue": models}, check=check,
+                 auto=_auto(spec, {"decision": CatalogueDecision.sweep_catalogue}), **_timing(spec))
+    if answer.decision is CatalogueDecision.stop:
+        raise RunEnded("rejected", "no base model chosen")
+    return list(answer.base_models) if answer.decision is CatalogueDecision.use_base_models else models
+
+
+def _evaluator_problem(answer: EvaluatorChoice) -> str | None:
+    from preftune.judges.evaluators import load_function, parse_evaluator_id
+
+    if answer.evaluator:
+        try:
+            load_function(parse_evaluator_id(answer.evaluator))
+        except (LookupError, ValueError) as err:
+            return f"evaluator {answer.evaluator!r}: {err}"
+        return None
+    if not answer.judge_model:
+        return None  # neither: the run stops (rejected)
+    if not answer.judge_base_url and not Endpoint(model=answer.judge_model).is_local:
+        return "a judge model needs its base URL"
+    return None
+
+
+def resolve_evaluator(spec: RunSpec, ws: Workspace) -> tuple[RunSpec, str]:
+    """Evaluator id > rubric text > auto rubric; a judge is needed unless an evaluator id is given."""
+    if spec.evaluator:
+        return spec, "evaluator"
+    if spec.judge is not None:
+        return spec, "rubric" if spec.rubric else "auto"
+    answer = ask(ws, "evaluator", "No evaluator id and no judge endpoint were given. Name a Python evaluator "
+                 "(`package.module:function`), or a judge endpoint (model + base URL + the NAME of the env var "
+                 "or Prefect Secret block holding its key).", EvaluatorChoice, context={"spec": spec.digest()},
+                 check=_evaluator_problem, **_timing(spec))
+    if answer.evaluator:
+        return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
+    if not answer.judge_model:
+        raise RunEnded("rejected", "no evaluator and no judge given")
+    judge = Endpoint(model=answer.judge_model, base_url=answer.judge_base_url or None,
+                     api_key_env=answer.judge_api_key_env, api_key_block=answer.judge_api_key_block)
+    spec = spec.model_copy(update={"judge": judge, "rubric": answer.rubric or spec.rubric})
+    return spec, "rubric" if spec.rubric else "auto"
+
+
+def approve_plan(spec: RunSpec, ws: Workspace, plan: dict) -> PlanDecision:
+    """One approval before anything is spent. Auto-approval only within its limit, and never for a
+    plan with unpriced remote calls unless the spec allows them."""
+    logger = get_run_logger()
+    high, unpriced = plan["estimate"]["total"]["high"], plan["estimate"].get("unpriced", [])
+    auto = None
+    if spec.auto_approve_max_usd is not None:
+        if unpriced and not spec.allow_unpriced:
+            raise RunEnded("rejected", "auto-approval refused: the plan calls endpoints without prices "
+                           f"({', '.join(unpriced)}), so its cost is unknown; give their prices "
+                           "(--ROLE-price-in/-out) or allow unpriced calls (--allow-unpriced)")
+        if high <= spec.auto_approve_max_usd:
+            auto = {"decision": "approve"}
+        else:
+            logger.warning("high estimate $%.2f exceeds the auto-approval limit $%.2f: asking a person",
+                           high, spec.auto_approve_max_usd)
+    return ask(ws, "plan", plan_markdown(plan), PlanDecision, context={"plan": plan_digest(plan)},
+               defaults={"budget_usd": spec.budget_usd}, auto=auto, check=_plan_problem(spec, plan),
+               **_timing(spec))
+
+
+def _plan_problem(spec: RunSpec, plan: dict):
+    models = {j["base_model"] for j in plan["jobs"]} | {short_name(j["base_model"]) for j in plan["jobs"]}
+    betas = {j["beta"] for j in plan["jobs"]}
+
+    def check(answer: PlanDecision) -> str | None:
+        unknown = [m for m in answer.drop_models if m not in models]
+        if unknown:
+            return f"drop_models: {', '.join(unknown)} not in the plan (its base models: {', '.join(sorted(models))})"
+        unknown_betas = [b for b in answer.drop_betas if b not in betas]
+        if unknown_betas:
+            return f"drop_betas: {unknown_betas} not in the plan (its betas: {sorted(betas)})"
+        return None
+
+    return check
+
+
+def apply_decision(spec: RunSpec, plan: dict, jobs: list[dict], decision: PlanDecision) -> list[dict]:
+    if not decision.approve:
+        raise RunEnded("rejected", decision.note or "plan rejected")
+    cap = decision.budget_usd if decision.budget_usd is not None else spec.budget_usd
+    if cap is not None and plan["estimate"]["total"]["high"] > cap:
+        raise RunEnded("rejected", f"high estimate ${plan['estimate']['total']['high']:.2f} "
+                       f"exceeds the budget cap ${cap:.2f}")
+    dropped = set(decision.drop_models)
+    kept = [j for j in jobs if j["beta"] not in decision.drop_betas
+            and j["base_model"] not in dropped and short_name(j["base_model"]) not in dropped]
+    if not kept:
+        raise RunEnded("rejected", "every job was dropped from the grid")
+    return kept
+
+
+def check_pair_yield(spec: RunSpec, ws: Workspace, data: dict) -> None:
+    """Stop before training when pair generation gave too little to mean anything: fewer usable
+    pairs than `min_pair_yield` of the prompts asks a person (headless: stop); no held-out pair, or
+    under 3 training pairs, stops at once (evaluation or training would have nothing to work on)."""
+    y = data.get("yield")
+    if not y:
+        return
+    dropped = ", ".join(f"{k} {v}" for k, v in y["by_reason"].items() if v) or "none"
+    line = f"{y['pairs']} of {y['prompts']} prompts gave a usable pair ({y['share']:.0%}); dropped: {dropped}"
+    if y["train_pairs"] < 3 or y["test_pairs"] == 0:
+        side = "training" if y["train_pairs"] < 3 else "held-out"
+        raise RunEnded("failed", f"too few {side} pairs to go on: {line} (train {y['train_pairs']}, "
+                       f"held-out {y['test_pairs']}); see pairs/provenance.json")
+    if y["share"] >= spec.min_pair_yield:
+        return
+    md = (f"**Pair generation yielded little: {line}.**\n\nThe run's minimum is {spec.min_pair_yield:.0%} "
+          f"(`min_pair_yield`). Training would use {y['train_pairs']} pairs and evaluation {y['test_pairs']}. "
+          "See `pairs/provenance.json` for every dropped prompt. Continue with these pairs, or stop?")
+    answer = ask(ws, "pairs-yield", md, YieldDecision, context={"yield": y},
+                 auto=_auto(spec, {"decision": YieldChoice.stop}), **_timing(spec))
+    if answer.decision is YieldChoice.stop:
+        raise RunEnded("failed", f"stopped after pair generation: {line}, below the minimum "
+                       f"{spec.min_pair_yield:.0%}")
+
+
+def choose_deployment(spec: RunSpec, ws: Workspace, scores: dict, results: dict) -> str | None:
+    recommended = selection.recommended(scores)
+    md = comparison_markdown(scores, recommended)
+    form = comparison_form(sorted(scores["models"]), recommended)
+    choice = ask(ws, "comparison", md, form, context={"scores": plan_digest(scores)},
+                 auto=_auto(spec, {"deploy": "recommended"}), **_timing(spec)).deploy
+    if choice == "none" or not spec.deploy:
+        return None
+    if choice == "recommended":
+        if recommended is None:
+            return None
+        if scores.get("clear_winner") == recommended:
+            gate = ask(ws, "promotion", f"`{recommended}` is the clear winner. Deploy it now?", PromotionDecision,
+                       context={"winner": recommended, "scores": plan_digest(scores)},
+                       auto=_auto(spec, {"decision": "deploy it"}), **_timing(spec))
+            if not gate.promote:
+                return None
+        return recommended
+    if choice != "base" and choice not in results:
+        raise RunEnded("failed", f"unknown job {choice!r} chosen for deployment")
+    return choice
