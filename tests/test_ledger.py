@@ -59,8 +59,30 @@ class Counting:
 
 def report_actual(ws: Workspace, **spec) -> dict:
     """The report's actual-cost figures, read back from the workspace as phase 7 does."""
-    ws.run_record.write_text(json.dumps({"spec": {"work_pool": None, "full": False, **spec}}))
+    ws.run_record.write_text(json.dumps({"spec": {"dataset": "prompts.jsonl", "work_pool": None, "full": False,
+                                                  "target_win_rate": None, **spec}}))
     return collect(ws)["actual"]
+
+
+def report_rows(ws: Workspace) -> dict[str, str]:
+    """The report's "Cost: estimated vs actual" table, rendered by phase 7 (write_report): phase → actual."""
+    from preftune.reports.build import write_report
+
+    ws.inspection.write_text(json.dumps({"format": "prompts", "examples": 20, "train_examples": 16,
+                                         "test_examples": 4, "token_stats": {}, "warnings": [], "truncated": {}}))
+    ws.outcome.write_text(json.dumps({"status": "completed", "deployed": None, "endpoint": None,
+                                      "clear_winner": None, "target_met": None}))
+    rng = {"low": 0.0, "high": 9.0}
+    ws.plan.write_text(json.dumps({"estimate": {"device": "cpu", "total": rng, "phases": {
+        "training": rng | {"tokens_low": 0, "tokens_high": 0, "hosted_equivalent_low": 0.0,
+                           "hosted_equivalent_high": 0.0},
+        "pair_generation": rng, "evaluation": rng}}}))
+    rows = {}
+    for line in write_report(ws).split("## Cost: estimated vs actual")[1].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("pair generation", "evaluation", "**total**"):
+            rows[cells[0].strip("*")] = cells[2].strip("*")
+    return rows
 
 
 def ledger_usd(ws: Workspace, phase: str) -> float:
@@ -109,6 +131,7 @@ def test_pairs_interrupted_then_resumed_every_paid_request_counted_once(tmp_path
     actual = report_actual(ws, strong=strong.public(), weak=weak.public())
     assert actual["pair_generation"] == pytest.approx(expected) and actual["evaluation"] == 0.0
     assert actual["ledger"]["pairs"]["requests"] == 40
+    assert report_rows(ws) == {"pair generation": "$3.46", "evaluation": "$0.00", "total": "$3.46"}
     assert "sk-" not in ws.ledger.read_text()
 
 
@@ -169,6 +192,10 @@ def test_early_stop_then_final_evaluation_counts_each_judge_request_once(tmp_pat
     actual = report_actual(ws, judge=judge.public())
     assert actual["evaluation"] == pytest.approx(expected) and actual["total"] == pytest.approx(expected)
     assert actual["ledger"]["completions"]["usd"] is None
+    assert report_rows(ws) == {"pair generation": "$0.00", "evaluation": "$2.00", "total": "$2.00"}
+    report = ws.report.read_text()
+    assert "rubric 1 requests" in report and "evaluation 24 requests" in report
+    assert "completions 18 requests" in report and "unknown (unpriced: base@" in report
     assert actual["ledger"]["completions"]["unpriced"] == [f"base@{srv.base_url}", f"c1@{srv.base_url}",
                                                             f"c2@{srv.base_url}"]
 
@@ -179,11 +206,12 @@ def test_an_unpriced_judge_makes_the_evaluation_cost_unknown(tmp_path: Path):
     server = Counting(judge_world)
     with StubServer(server) as srv:
         judge = Endpoint(model="judge", base_url=srv.base_url)
-        run_evaluation(EvalConfig(test_data=test, base_model=f"base@{srv.base_url}", out_dir=ws.eval_dir,
+        run_evaluation(EvalConfig(test_data=test, base_model=f"base@{srv.base_url}", out_dir=ws.eval_base_dir("base"),
                                   candidates={"c1": f"c1@{srv.base_url}"}, rubric="Be thorough.", judge=judge,
                                   ledger=ws.ledger, bootstrap_resamples=1000))
     actual = report_actual(ws, judge=judge.public())
     assert actual["evaluation"] is None and actual["total"] is None
+    assert report_rows(ws)["evaluation"] == "unknown (unpriced endpoint)"
     assert actual["ledger"]["evaluation"]["requests"] == server.paid["judge"] == 12
 
 
@@ -278,3 +306,32 @@ def test_evaluate_cli_stops_at_a_refused_judge_key(tmp_path: Path, capsys, monke
                    "check $PREFTUNE_JUDGE_KEY\n")
     assert 1 <= len(refused) <= 4 + 2  # of 2 candidates × 6 prompts × 2 orders = 24
     assert not (tmp_path / "eval" / "scores.json").exists()
+
+
+def test_in_the_flow_a_refused_key_ends_the_pairs_phase_with_that_line(tmp_path: Path, monkeypatch):
+    """The flow's phase 3 (pairs_phase): the run ends failed with the one line; what the other,
+    working generator was paid before the stop is in the workspace's ledger."""
+    from preftune.errors import RunEnded
+    from preftune.spec import RunSpec
+    from preftune.tasks.pairs import pairs_phase
+
+    monkeypatch.setenv("PREFTUNE_STRONG_KEY", "sk-wrong-0123456789")
+    ws = Workspace(tmp_path / "ws")
+    ws.data_dir.mkdir(parents=True)
+    write_prompts(ws.train_data, 30)
+    write_prompts(ws.test_data, 10)
+    inspection = {"format": "prompts", "train_examples": 30, "test_examples": 10}
+    server = Counting(refuse("big", lambda req: Reply(text=f"small answer {req.last_user}")))
+    with StubServer(server) as srv:
+        spec = RunSpec(dataset=str(tmp_path / "p.jsonl"), workspace=str(ws.root),
+                       strong=Endpoint(model="big", base_url=srv.base_url, api_key_env="PREFTUNE_STRONG_KEY"),
+                       weak=priced("small", srv.base_url))
+        with pytest.raises(RunEnded) as end:
+            pairs_phase(spec, ws, inspection)
+        refused = [r for r in srv.requests if r["model"] == "big"]
+    assert end.value.status == "failed"
+    assert end.value.reason == f"authentication failed for big at {srv.base_url}: check $PREFTUNE_STRONG_KEY"
+    assert 1 <= len(refused) <= 16 + 2  # the default concurrency, not 40
+    assert len(read_ledger(ws.ledger)) == server.paid.get("small", 0)
+    assert ledger_usd(ws, "pairs") == pytest.approx(usd("small", server.paid.get("small", 0)))
+    assert not ws.pairs_done.exists()
