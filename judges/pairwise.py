@@ -26,7 +26,8 @@ JUDGE_MAX_TOKENS = 512
 
 
 class ChatLike(Protocol):
-    async def chat(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0) -> Any: ...
+    async def chat(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0,
+                   accept: Any = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,10 @@ async def judge_once(client: ChatLike, rubric: str, messages: list[dict], respon
 
     prompt, token = judge_prompt(rubric, messages, response_a, response_b)
     try:
-        result = await client.chat(prompt, max_tokens=max_tokens, temperature=0.0)
+        # a reply without a valid verdict is not a final answer: the client's cache lets a later
+        # run ask again (bounded), so fixing the judge fixes the run
+        result = await client.chat(prompt, max_tokens=max_tokens, temperature=0.0,
+                                   accept=lambda r: parse_verdict(r.text, boundary=token).is_valid)
     except ChatError as err:
         return {"verdict": Verdict.INVALID, "reply": None, "error": f"judge request failed: {err}"}
     verdict = parse_verdict(result.text, boundary=token)

@@ -52,7 +52,8 @@ async def auto_rubric(client: Any, pairs: Sequence[dict], *, sample: int, seed: 
         return default_rubric(), "auto rubric: no training pairs to learn from; used the default rubric"
     try:
         reply = await client.chat(rubric_prompt(sample_pairs(pairs, sample, seed)),
-                                  max_tokens=RUBRIC_MAX_TOKENS, temperature=0.0)
+                                  max_tokens=RUBRIC_MAX_TOKENS, temperature=0.0,
+                                  accept=lambda r: bool(clean_rubric(r.text)))  # no bullets: ask again next run
     except ChatError as err:
         return default_rubric(), f"auto rubric: the judge failed ({err}); used the default rubric"
     rubric = clean_rubric(reply.text)

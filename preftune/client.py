@@ -10,7 +10,15 @@ the ``openai`` SDK's HTTP client (its aiohttp transport when installed), with th
   malformed bodies, honouring ``Retry-After`` (seconds or an HTTP date, capped);
 * a per-request deadline covering the whole request, not just each socket read;
 * usage accounting (tokens, requests, retries, cache hits) from the responses;
-* an on-disk cache keyed by a sha256 of the canonical request, so a re-run never pays twice.
+* an on-disk cache keyed by a sha256 of the canonical request, so a re-run never pays twice;
+  a reply the caller does not ``accept`` (e.g. a judge reply with no verdict) is cached as *not
+  final*: a later run asks again, at most ``max_reasks`` times per request across runs (counted in
+  the cache entry), so a model that never answers properly does not loop forever;
+* a cost ledger (``preftune.ledger``): each paid response (not a cache hit) is appended as one
+  line when it is paid;
+* an authentication failure (HTTP 401/403) stops the endpoint at once: no further request is
+  sent, and every call raises :class:`AuthError` (a ``UserError``: one line, naming where the key
+  lives, never the key).
 
 Keys are read only when a request is about to be sent, kept in memory only, and scrubbed from any
 error message before it can reach a log.
@@ -24,14 +32,18 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
+from preftune.ledger import Ledger
 from preftune.response_cache import ResponseCache, request_key
 
+AUTH_STATUS = frozenset({401, 403})
+MAX_REASKS = 2  # re-asks of a request whose cached reply was not accepted, across runs
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, the SDK insists on one
 
@@ -54,6 +66,21 @@ class ChatError(Exception):
         self.reason = reason  # short category: "http 429", "timeout", "connection", "malformed", ...
         self.attempts = attempts
         self.status = status
+
+
+class AuthError(UserError):
+    """The endpoint refused our credentials (HTTP 401/403): the phase stops, the CLI exits 2."""
+
+
+def auth_message(endpoint: Endpoint) -> str:
+    """`authentication failed for MODEL at URL: check $KEY_ENV` — where the key lives, never the key."""
+    if endpoint.api_key_env:
+        where = f"check ${endpoint.api_key_env}"
+    elif endpoint.api_key_block:
+        where = f"check the Prefect Secret block {endpoint.api_key_block!r}"
+    else:
+        where = "no API key was given (set an api_key_env or api_key_block)"
+    return f"authentication failed for {endpoint.model} at {endpoint.base_url}: {where}"
 
 
 @dataclass
@@ -158,7 +185,8 @@ class ChatClient:
 
     def __init__(self, endpoint: Endpoint, *, concurrency: int = 16, max_retries: int = 6,
                  timeout: float = 60.0, cache_dir: str | Path | None = None, backoff_base: float = 0.5,
-                 backoff_max: float = 30.0, retry_after_cap: float = 60.0):
+                 backoff_max: float = 30.0, retry_after_cap: float = 60.0, ledger: Ledger | None = None,
+                 max_reasks: int = MAX_REASKS):
         if concurrency < 1:
             raise UserError(f"concurrency must be >= 1, got {concurrency}")
         if endpoint.is_local:  # a folder has no URL until preftune.server serves it
@@ -172,7 +200,10 @@ class ChatClient:
         self.backoff_max = backoff_max
         self.retry_after_cap = retry_after_cap
         self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
+        self.ledger = ledger  # paid responses are appended here (callers may switch its phase)
+        self.max_reasks = max_reasks
         self.usage = Usage()
+        self._auth_failed = False  # set on the first 401/403: nothing more is sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: _Conn | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -234,25 +265,35 @@ class ChatClient:
 
     # -- the call ----------------------------------------------------------------------------
     async def chat(self, messages: list[dict[str, Any]], *, max_tokens: int = 256, temperature: float = 0.0,
-                   **extra: Any) -> ChatResult:
-        """One chat completion, from the cache when this exact request finished before."""
+                   accept: Callable[[ChatResult], bool] | None = None, **extra: Any) -> ChatResult:
+        """One chat completion, from the cache when this exact request finished before.
+
+        ``accept`` judges a reply: one it rejects is returned (the caller counts it) but cached as not
+        final, so a later call asks again, up to ``max_reasks`` times for this request across runs."""
         params = {"max_tokens": max_tokens, "temperature": temperature, **extra}
         key = request_key(self.endpoint, messages, params) if self.cache is not None else ""
+        rejected = 0  # replies to this request rejected before (recorded in the cache entry)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                self.usage.cache_hits += 1
-                return ChatResult(text=hit["text"], finish_reason=hit.get("finish_reason"),
-                                  prompt_tokens=hit.get("prompt_tokens", 0),
-                                  completion_tokens=hit.get("completion_tokens", 0), cached=True, attempts=0)
+                rejected = int(hit.get("rejected") or 0)
+                if accept is None or not rejected or rejected > self.max_reasks:
+                    self.usage.cache_hits += 1
+                    return ChatResult(text=hit["text"], finish_reason=hit.get("finish_reason"),
+                                      prompt_tokens=hit.get("prompt_tokens", 0),
+                                      completion_tokens=hit.get("completion_tokens", 0), cached=True, attempts=0)
         result = await self._with_retries(messages, params)
         if self.cache is not None:
-            self.cache.put(key, {"text": result.text, "finish_reason": result.finish_reason,
-                                 "prompt_tokens": result.prompt_tokens,
-                                 "completion_tokens": result.completion_tokens})
+            entry = {"text": result.text, "finish_reason": result.finish_reason,
+                     "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+            if accept is not None and not accept(result):
+                entry["rejected"] = rejected + 1  # not final: asked again next time, within max_reasks
+            self.cache.put(key, entry)
         return result
 
     async def _with_retries(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> ChatResult:
+        if self._auth_failed:
+            raise AuthError(auth_message(self.endpoint))
         conn, sem = await self._state()
         payload = json.dumps({"model": self.endpoint.model, "messages": messages, **params},
                              ensure_ascii=False).encode()
@@ -261,6 +302,8 @@ class ChatClient:
             attempt += 1
             try:
                 async with sem:
+                    if self._auth_failed:  # another request was refused while this one waited
+                        raise AuthError(auth_message(self.endpoint))
                     self.usage.requests += 1
                     result = await self._send_once(conn, payload)
             except _Retryable as err:
@@ -274,10 +317,15 @@ class ChatClient:
             except ChatError as err:
                 self.usage.failed += 1
                 err.attempts = attempt
+                if err.status in AUTH_STATUS:
+                    self._auth_failed = True
+                    raise AuthError(auth_message(self.endpoint)) from None
                 raise
             self.usage.succeeded += 1
             self.usage.prompt_tokens += result.prompt_tokens
             self.usage.completion_tokens += result.completion_tokens
+            if self.ledger is not None:  # paid: on record before anything else can go wrong
+                self.ledger.record(self.endpoint, result.prompt_tokens, result.completion_tokens)
             return ChatResult(result.text, result.finish_reason, result.prompt_tokens,
                               result.completion_tokens, cached=False, attempts=attempt)
 

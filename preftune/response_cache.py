@@ -12,6 +12,11 @@ Opening a cache indexes every segment (key → file, offset, length) without par
 ``get`` reads one line back. A line torn by a crash fails its checks and reads as a miss, so a
 crash can cost one request, never a wrong reply. Caches written by earlier versions (one
 ``??/<key>.json`` file per reply) are still read.
+
+A reply the caller rejected (a judge reply without a verdict) is stored with ``"rejected": n`` (how
+many replies to that request were rejected so far): it is not final, and the client asks again
+(``preftune.client``). When one key has several lines (a re-ask, a race), the index keeps the most
+final one: an accepted reply over any rejected one, then the most re-asked, then the last read.
 """
 
 from __future__ import annotations
@@ -58,8 +63,21 @@ class ResponseCache:
         with open(seg, "rb") as fh:
             for line in fh:
                 if len(line) > KEY_LEN + 1 and line.endswith(b"\n") and line[KEY_LEN:KEY_LEN + 1] == b"\t":
-                    self._index[line[:KEY_LEN].decode("ascii", errors="replace")] = (seg, offset, len(line))
+                    key = line[:KEY_LEN].decode("ascii", errors="replace")
+                    old = self._index.get(key)
+                    # a key seen twice (rare: a re-ask): parse both, keep the more final reply
+                    if old is None or _rank(_parse(line)) >= _rank(self._read(old)):
+                        self._index[key] = (seg, offset, len(line))
                 offset += len(line)
+
+    def _read(self, where: tuple[Path, int, int]) -> dict[str, Any] | None:
+        seg, offset, length = where
+        try:
+            if seg not in self._fds:
+                self._fds[seg] = os.open(seg, os.O_RDONLY)
+            return _parse(os.pread(self._fds[seg], length, offset))
+        except OSError:
+            return None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -68,14 +86,7 @@ class ResponseCache:
         where = self._index.get(key)
         if where is None:
             return self._legacy_get(key) if self._legacy else None
-        seg, offset, length = where
-        try:
-            if seg not in self._fds:
-                self._fds[seg] = os.open(seg, os.O_RDONLY)
-            entry = json.loads(os.pread(self._fds[seg], length, offset)[KEY_LEN + 1:])
-        except (OSError, ValueError):
-            return None
-        return _checked(entry, key)
+        return _checked(self._read(where), key)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         if len(key) != KEY_LEN:
@@ -106,6 +117,22 @@ class ResponseCache:
         except (OSError, ValueError):
             return None
         return _checked(entry, key)
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line[KEY_LEN + 1:])
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _rank(entry: dict[str, Any] | None) -> tuple[int, int]:
+    """How final a stored reply is: unreadable < rejected (more re-asks higher) < accepted."""
+    if entry is None:
+        return (0, 0)
+    rejected = int(entry.get("rejected") or 0)
+    return (1, rejected) if rejected else (2, 0)
 
 
 def _checked(entry: Any, key: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ Layout (docs/ARCHITECTURE.md says which phase writes each):
     eval/                                                     phase 5
     deploy/endpoint.json                                      phase 6
     final_report.md, figures/                                 phase 7
+    ledger.jsonl                                              phases 3 and 5 (every paid request)
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ class Workspace:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def ledger(self) -> Path:
+        """The cost ledger: one line per paid request, appended when paid (preftune/ledger.py)."""
+        return self.root / "ledger.jsonl"
 
     @property
     def run_record(self) -> Path:

@@ -13,6 +13,7 @@ from preftune import cost
 from preftune.endpoint import Endpoint
 from preftune.files import read_json
 from preftune.judges import selection
+from preftune.ledger import REPORT_PHASES, phase_totals, read_ledger, usd_of
 from preftune.reports.figures import plot_curves, read_metrics
 from preftune.templating import render
 from preftune.workspace import Workspace, short_name
@@ -55,8 +56,14 @@ def _sum(values: list[float | None]) -> float | None:
 
 
 def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: dict | None,
-                device: str, prices: dict | None = None) -> dict:
-    """What was spent, per phase, priced the same way as the estimate."""
+                device: str, prices: dict | None = None, ledger: list[dict] | None = None) -> dict:
+    """What was spent, per phase, priced the same way as the estimate.
+
+    Endpoint spending is the cost ledger's sum per phase (``ledger``: its entries, the workspace's
+    ``ledger.jsonl``): every paid request once, whether it was paid before a crash, during an
+    early-stop evaluation or in a run that a later one resumed from the cache. A phase with an
+    unpriced paid request is unknown (None), never $0. Without a ledger (a workspace written before
+    it existed) the usage recorded in provenance.json and scores.json is priced instead."""
     prices = prices or cost.load_prices()
     remote = spec.get("work_pool") is not None
     training = 0.0
@@ -72,11 +79,16 @@ def actual_cost(spec: dict, rows: list[dict], provenance: dict | None, scores: d
                 params, spec["full"], prices) / 1e6
         else:
             training += summary.get("wall_seconds", 0.0) * prices["local_usd_per_hour"][device] / 3600
-    usage = (provenance or {}).get("usage") or {}
-    pairs_usd = _sum([_usage_usd(usage.get(role), spec.get(role)) for role in ("strong", "weak")])
-    eval_usd = _sum([_usage_usd((scores or {}).get("judge_usage"), spec.get("judge"))])
+    if ledger is not None:
+        pairs_usd = usd_of(ledger, REPORT_PHASES["pair_generation"])
+        eval_usd = usd_of(ledger, REPORT_PHASES["evaluation"])
+    else:
+        usage = (provenance or {}).get("usage") or {}
+        pairs_usd = _sum([_usage_usd(usage.get(role), spec.get(role)) for role in ("strong", "weak")])
+        eval_usd = _sum([_usage_usd((scores or {}).get("judge_usage"), spec.get("judge"))])
     return {"training": round(training, 6), "train_tokens": tokens, "pair_generation": pairs_usd,
-            "evaluation": eval_usd, "total": _sum([training, pairs_usd, eval_usd])}
+            "evaluation": eval_usd, "total": _sum([training, pairs_usd, eval_usd]),
+            "ledger": phase_totals(ledger) if ledger is not None else None}
 
 
 def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None) -> dict:
@@ -116,7 +128,8 @@ def collect(ws: Workspace) -> dict:
         "endpoint": _maybe(ws.endpoint), "approvals": _approvals(ws),
         "outcome": _maybe(ws.outcome) or {},
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
-        "actual": actual_cost(spec, rows, provenance, scores, device) if spec else None,
+        "actual": actual_cost(spec, rows, provenance, scores, device,
+                              ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
     }
 

@@ -11,6 +11,7 @@ Writes under ``out_dir`` (the workspace's ``eval/``):
     validity.jsonl                  the judge on the labelled test pairs
     evaluator_scores.jsonl          per item score / reason / error (evaluator mode)
     rubric.md                       the rubric the judge used
+    ledger.jsonl                    every paid request (unless ``ledger`` points elsewhere, e.g. the workspace's)
     scores.json                     what ``run_evaluation`` returns
 
 ``scores.json``: ``mode`` ("evaluator" | "rubric" | "auto"), ``models`` (judge mode: each
@@ -43,6 +44,7 @@ from preftune.judges.completions import cached_completions, model_key
 from preftune.judges.evaluators import EvalItem, run_evaluator
 from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
 from preftune.judges.rubric import auto_rubric
+from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
 
 BASE = "base"
@@ -70,6 +72,8 @@ class EvalConfig(BaseModel):
     judge_max_tokens: int = Field(512, ge=16, le=8192, description="Max tokens of one judge reply.")
     judge_timeout_s: float = Field(120.0, gt=0, le=3600, description="Deadline of one judge request.")
     judge_cache_dir: Path | None = Field(None, description="Judge reply cache (default out_dir/judge_cache).")
+    ledger: Path | None = Field(None, description="Cost ledger every paid request is appended to "
+                                "(default out_dir/ledger.jsonl).")
     validity_pairs: int = Field(200, ge=0, le=100_000, description="Labelled test pairs the judge is checked on.")
     rubric_sample: int = Field(8, ge=1, le=64, description="Training pairs shown to the rubric writer.")
     evaluator_timeout_s: float = Field(30.0, gt=0, le=3600, description="Per-item evaluator time limit.")
@@ -114,7 +118,7 @@ def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[
     """A callable prompts → completions for one model (local in-process, or an endpoint)."""
     if _is_endpoint(model):
         client = ChatClient(Endpoint.parse(model), concurrency=cfg.judge_concurrency,
-                            cache_dir=_cache_dir(cfg))
+                            cache_dir=_cache_dir(cfg), ledger=_ledger(cfg, "completions"))
 
         def via_endpoint(batch: list[list[dict]]) -> list[str | None]:
             async def go() -> list:
@@ -196,6 +200,10 @@ def _cache_dir(cfg: EvalConfig) -> Path:
     return cfg.judge_cache_dir or cfg.out_dir / "judge_cache"
 
 
+def _ledger(cfg: EvalConfig, phase: str) -> Ledger:
+    return Ledger(cfg.ledger or cfg.out_dir / LEDGER_FILE, phase)
+
+
 def _mean_length(texts: list[str]) -> float:
     return sum(len(t) for t in texts) / len(texts) if texts else float("nan")
 
@@ -241,7 +249,12 @@ async def _rubric(cfg: EvalConfig, client: ChatClient, mode: str, warnings: list
         text, source = (cfg.rubric or "").strip(), "user"
     else:
         pairs = load_pairs(cfg.train_data) if cfg.train_data else []
-        text, why = await auto_rubric(client, pairs, sample=cfg.rubric_sample, seed=cfg.seed)
+        ledger = client.ledger
+        client.ledger = ledger.with_phase("rubric") if ledger is not None else None
+        try:  # the rubric is one request, finished before any verdict is asked for
+            text, why = await auto_rubric(client, pairs, sample=cfg.rubric_sample, seed=cfg.seed)
+        finally:
+            client.ledger = ledger
         source = "auto" if why is None else "default"
         if why:
             warnings.append(why)
@@ -301,7 +314,7 @@ def score_with_judge(cfg: EvalConfig, mode: str, prompts: list[tuple[str, list[d
                      labelled: list[dict], completions: dict[str, list[str]], warnings: list[str]) -> dict:
     assert cfg.judge is not None
     client = ChatClient(cfg.judge, concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout_s,
-                        cache_dir=_cache_dir(cfg))
+                        cache_dir=_cache_dir(cfg), ledger=_ledger(cfg, "evaluation"))
     result = asyncio.run(judge_all(cfg, client, mode, prompts, labelled[:cfg.validity_pairs],
                                    completions, warnings))
     result["judge"] = str(cfg.judge)

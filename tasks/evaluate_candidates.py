@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from preftune.client import AuthError
+from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
 from preftune.judges.stats import clear_winner
 from preftune.server import resolve_run_endpoints
@@ -54,7 +56,16 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
 
 
 def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
-    """Each candidate against its own base model, merged into eval/scores.json."""
+    """Each candidate against its own base model, merged into eval/scores.json. Every paid judge
+    request goes to the workspace's cost ledger when it is paid, so an early-stop evaluation during
+    the sweep and the final one (answered from the cache) are each counted once."""
+    try:
+        return _evaluate_candidates(spec, ws, evaluator_kind, jobs)
+    except AuthError as err:  # the judge refused the key: the run ends with that one line
+        raise RunEnded("failed", str(err)) from None
+
+
+def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
     data = run_data(ws)
     groups: dict[str, list[dict]] = {}
     for job in jobs:
@@ -68,7 +79,7 @@ def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs:
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
-                             judge=judge, max_prompts=spec.max_eval_prompts,
+                             judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
                              max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
             _merge(merged, base, run_evaluation(cfg))
     merged["clear_winner"] = clear_winner(merged["models"])

@@ -12,7 +12,10 @@ with exactly one reason counted and listed, when:
 
 Writes a NEW ``pairs-<UTC timestamp>.jsonl`` (canonical pair records, prompt order) and
 ``provenance.json``; the prompts file is only read. Requests go through ``ChatClient`` with its
-on-disk cache, so a re-run (after a crash or a failure) pays only for what did not finish.
+on-disk cache, so a re-run (after a crash or a failure) pays only for what did not finish, and
+each paid request is appended to a cost ledger when it is paid (``preftune.ledger``; default
+``out_dir/ledger.jsonl``, the workspace's ``ledger.jsonl`` in the flow): money spent before a
+crash stays on record. An endpoint that refuses the key (HTTP 401/403) stops the phase at once.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from preftune.client import ChatClient, ChatError, ChatResult, Endpoint
+from preftune.client import AuthError, ChatClient, ChatError, ChatResult, Endpoint
 from preftune.errors import RunEnded, UserError
 from preftune.files import read_json, write_json_atomic, write_jsonl_atomic
+from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import RecordReader, iter_records, prompt_hash
 from preftune.server import resolve_run_endpoints
 from preftune.spec import RunSpec
@@ -102,8 +106,14 @@ async def complete_all(records: list[tuple[int, dict]], strong: ChatClient, weak
                 on_done()
 
     n_workers = max(1, min(len(records), 2 * max(strong.concurrency, weak.concurrency)))
+    workers = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
     try:
-        await asyncio.gather(*(worker() for _ in range(n_workers)))
+        await asyncio.gather(*workers)
+    except BaseException:  # e.g. AuthError: stop every worker before the clients close
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
     finally:
         await strong.aclose()
         await weak.aclose()
@@ -167,11 +177,12 @@ def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, o
                    max_tokens: int = 256, temperature: float = 0.0, concurrency: int = 16,
                    keep_truncated: bool = False, max_retries: int = 6, timeout: float = 60.0,
                    cache_dir: str | Path | None = None, progress: bool | None = None,
-                   on_progress: Callable[[int, int], None] | None = None) -> dict:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   ledger: str | Path | None = None) -> dict:
     """Generate, filter and write the pairs; return the provenance (also in ``out_dir/provenance.json``).
 
     ``cache_dir`` defaults to ``out_dir/.cache/responses``: keep it and a re-run sends only what
-    did not finish before.
+    did not finish before. ``ledger`` (default ``out_dir/ledger.jsonl``) gets one line per paid request.
     """
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
@@ -179,8 +190,9 @@ def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, o
     records, sha = load_prompt_records(prompts_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out_dir / ".cache" / "responses"
+    book = Ledger(Path(ledger) if ledger is not None else out_dir / LEDGER_FILE, "pairs")
     clients = {side: ChatClient(ep, concurrency=concurrency, max_retries=max_retries, timeout=timeout,
-                                cache_dir=cache) for side, ep in (("strong", strong), ("weak", weak))}
+                                cache_dir=cache, ledger=book) for side, ep in (("strong", strong), ("weak", weak))}
     t0 = time.perf_counter()
     with contextlib.closing(_progress(len(records), progress)) as bar:
         outcomes = _run(complete_all(records, clients["strong"], clients["weak"], max_tokens=max_tokens,
@@ -211,7 +223,7 @@ def _provenance(prompts_path: Path, sha: str | None, pairs_path: Path, clients: 
                 records: list, pairs: list, counts: dict[str, int], dropped: list[dict], wall: float,
                 sampling: dict[str, Any]) -> dict:
     usage = {side: c.usage_report() for side, c in clients.items()}
-    costs = [u["cost_usd"] for u in usage.values() if "cost_usd" in u]
+    costs = [u.get("cost_usd") for u in usage.values()]  # an unpriced side makes the total unknown
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "method": "delta learning: strong = preferred, weak = non-preferred",
@@ -222,7 +234,7 @@ def _provenance(prompts_path: Path, sha: str | None, pairs_path: Path, clients: 
         "sampling": sampling,
         "counts": {"prompts": len(records), "pairs": len(pairs), "dropped": len(dropped), "by_reason": counts},
         "usage": usage,
-        "cost_usd": round(sum(costs), 6) if costs else None,
+        "cost_usd": None if None in costs else round(sum(costs), 6),  # this call's; all calls': the ledger
         "wall_time_s": round(wall, 3),
         "dropped": dropped,
     }
@@ -268,9 +280,13 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
                     out.write(line)
     with contextlib.ExitStack() as stack:
         strong, weak = resolve_run_endpoints([spec.strong, spec.weak], log_dir=ws.logs_dir, stack=stack)
-        provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
-                                    temperature=0.0, keep_truncated=spec.keep_truncated,
-                                    cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress)
+        try:
+            provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
+                                        temperature=0.0, keep_truncated=spec.keep_truncated,
+                                        cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress,
+                                        ledger=ws.ledger)
+        except AuthError as err:  # a refused key: the run ends with that one line
+            raise RunEnded("failed", str(err)) from None
     if provenance["counts"]["pairs"] < 3:
         raise RunEnded("failed", f"only {provenance['counts']['pairs']} usable pairs were generated "
                        f"(dropped: {provenance['counts']['by_reason']}); see pairs/provenance.json")

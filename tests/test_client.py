@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from preftune.client import ChatClient, ChatError, parse_retry_after, request_key
+from preftune.client import AuthError, ChatClient, ChatError, parse_retry_after, request_key
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
+from preftune.ledger import Ledger, read_ledger
 from tests.stub_server import Reply, StubRequest, StubServer, recording_server
 
 USER = [{"role": "user", "content": "hello"}]
@@ -270,20 +271,29 @@ def test_key_is_sent_but_never_logged_written_or_raised(tmp_path, monkeypatch, c
 
     with recording_server() as (url, seen):
         ep = Endpoint(base_url=url, model="m", api_key_env="PREFTUNE_TEST_KEY")
-        client = ChatClient(ep, cache_dir=tmp_path / "cache")
+        client = ChatClient(ep, cache_dir=tmp_path / "cache", ledger=Ledger(tmp_path / "ledger.jsonl", "t"))
         assert client.chat_sync(msgs("hi")).text == "m says hi"
     assert seen == [f"Bearer {secret}"]  # the key does reach the server
 
     # A server echoing the key in an error must not put it in our exception.
-    with StubServer(lambda req: Reply(status=401, text=f"invalid key {secret}")) as srv:
+    with StubServer(lambda req: Reply(status=400, text=f"invalid key {secret}")) as srv:
         bad = ChatClient(Endpoint(base_url=srv.base_url, model="m", api_key_env="PREFTUNE_TEST_KEY"),
                          cache_dir=tmp_path / "cache")
         with pytest.raises(ChatError) as info:
             bad.chat_sync(msgs("x"))
         logging.getLogger("preftune.test").error("failed: %s", info.value)
+    # A refused key (401): one line naming where the key lives, never the key.
+    with StubServer(lambda req: Reply(status=401, text=f"invalid key {secret}")) as srv:
+        refused = ChatClient(Endpoint(base_url=srv.base_url, model="m", api_key_env="PREFTUNE_TEST_KEY"),
+                             cache_dir=tmp_path / "cache")
+        with pytest.raises(AuthError) as auth:
+            refused.chat_sync(msgs("x"))
+        assert str(auth.value) == f"authentication failed for m at {srv.base_url}: check $PREFTUNE_TEST_KEY"
+        logging.getLogger("preftune.test").error("failed: %s", auth.value)
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    assert [e["endpoint"] for e in read_ledger(tmp_path / "ledger.jsonl")] == [f"m@{url}"]  # the paid "hi" only
     captured = capsys.readouterr()
-    everything = "\n".join([caplog.text, captured.out, captured.err, written, str(info.value),
+    everything = "\n".join([caplog.text, captured.out, captured.err, written, str(info.value), str(auth.value),
                             repr(ep), str(ep), json.dumps(ep.public()), repr(client)])
     assert "invalid key <redacted>" in str(info.value)
     assert caplog.text  # debug logging really was on
