@@ -42,6 +42,7 @@ from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import file_lock, tree_fingerprint, write_json_atomic
 from preftune.paths import cache_dir
+from preftune.procs import popen
 
 _LOCK = threading.RLock()
 _LIVE: dict[str, ServerHandle] = {}  # registry key -> handle used by this process
@@ -337,8 +338,10 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=str(log_dir))
+        # A run's server dies with the run even on kill -9; a deployment's (detached) outlives it.
+        proc = popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True, env=env, cwd=str(log_dir),
+                     death_signal=None if detach else signal.SIGKILL)
     return ServerHandle(model_dir=key, port=port, pid=proc.pid, log_path=log_path, proc=proc,
                         started_at=datetime.now(UTC).isoformat(timespec="seconds"), owned=True,
                         detached=detach, served_model=served_model)
