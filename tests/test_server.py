@@ -214,14 +214,19 @@ def test_detached_server_outlives_its_starter_until_stopped(tmp_path):
     assert stop_server(tmp_path / "m") is False
 
 
-def test_orphan_of_a_killed_owner_is_adopted_then_stopped(tmp_path):
+def test_server_of_a_killed_owner_dies_with_it_and_is_not_reused(tmp_path):
     child, pid, port = start_in_child(tmp_path, "time.sleep(60)")
-    child.kill()  # SIGKILL: no handler runs, the server is orphaned
+    child.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal takes the server down
     child.wait(timeout=10)
-    assert healthy(port)
-    with serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE) as handle:
-        assert (handle.pid, handle.owned) == (pid, True)
-    assert group_members(pid) == [] and not healthy(port)
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the server outlived its killed owner"
+        time.sleep(0.1)
+    assert not healthy(port)
+    for member in group_members(pid):  # the stand-in's own grandchild (not a child of preftune)
+        os.kill(member, signal.SIGKILL)
+    with serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE) as handle:  # the stale entry is dropped
+        assert handle.pid != pid and handle.owned
 
 
 def test_serve_many_loads_side_by_side_and_counts_each_use(tmp_path):
