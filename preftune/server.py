@@ -201,6 +201,34 @@ def log_tail(path: Path, n: int = 20) -> str:
     return "\n".join(lines[-n:])
 
 
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (or on every address at that port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """True when ``pid`` or one of its descendants holds the listening socket on ``port``."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in proc.net_connections(kind="tcp")):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def healthy(port: int, timeout: float = 2.0) -> bool:
     import httpx
 
@@ -312,6 +340,9 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
             deadline = time.monotonic() + timeout
             for handle in launched:
                 wait_healthy(handle, max(0.0, deadline - time.monotonic()))
+                if not listens_on(handle.pid, handle.port):
+                    raise ServerError(f"port {handle.port} is answered by another process, not the server "
+                                      f"started for {handle.model_dir} (pid {handle.pid})")
         except BaseException:
             for handle in launched:
                 _kill_group(handle.pid, handle.proc, grace=5.0)
@@ -327,6 +358,8 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
 def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: bool,
             command: list[str] | None, served_model: str | None) -> ServerHandle:
     log_dir.mkdir(parents=True, exist_ok=True)
+    if port and not port_free(port):
+        raise UserError(f"port {port} is in use by another process")
     port = port or free_port()
     log_path = log_dir / f"server-{Path(key).name}-{port}.log"
     argv = [a.replace("{port}", str(port)) for a in command] if command else transformers_command(key, port, device)
@@ -383,7 +416,7 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
     handle = _LIVE.pop(key, None)
     if handle is not None:
         target, proc = handle.pid, handle.proc
-    elif entry is not None:
+    elif entry is not None and _runs_server_for(entry["pid"], key):
         target, proc = entry["pid"], None
     elif pid is not None and _runs_server_for(pid, key):
         target, proc = pid, None
@@ -394,8 +427,12 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
 
 
 def _runs_server_for(pid: int, key: str) -> bool:
+    """True when ``pid`` is alive and its command line is a server for ``key`` (a recycled pid is not)."""
     try:
-        cmd = psutil.Process(pid).cmdline()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmd = proc.cmdline()
     except psutil.Error:
         return False
     return "serve" in cmd and any(key in arg for arg in cmd)
