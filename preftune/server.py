@@ -201,6 +201,22 @@ def log_tail(path: Path, n: int = 20) -> str:
     return "\n".join(lines[-n:])
 
 
+_SECRET_SUFFIXES = ("_API_KEY", "_APIKEY", "_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD", "_ACCESS_KEY")
+_SECRET_NAMES: set[str] = set()  # every api_key_env an endpoint named in this process
+
+
+def note_secret_env(name: str | None) -> None:
+    """Remember an endpoint's ``api_key_env``: model servers never see that variable."""
+    if name:
+        _SECRET_NAMES.add(name)
+
+
+def server_environ() -> dict[str, str]:
+    """This process's environment without API keys, tokens and secrets (a served model needs none)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _SECRET_NAMES and not k.upper().endswith(_SECRET_SUFFIXES)}
+
+
 def port_free(port: int) -> bool:
     """True when nothing listens on 127.0.0.1:``port`` (or on every address at that port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -363,7 +379,7 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     port = port or free_port()
     log_path = log_dir / f"server-{Path(key).name}-{port}.log"
     argv = [a.replace("{port}", str(port)) for a in command] if command else transformers_command(key, port, device)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**server_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))
@@ -454,6 +470,8 @@ def resolve_endpoints(eps: list[Endpoint | str], *, log_dir: str | Path, stack: 
         if ep.is_local and not is_local_model(ep.model):
             what = "it has no config.json" if Path(ep.model).is_dir() else "no such folder (or give MODEL@BASE_URL)"
             raise UserError(f"a local model folder was expected: {what}", path=ep.model)
+    for ep in eps:
+        note_secret_env(ep.api_key_env)
     local = [ep.model for ep in eps if ep.is_local]
     served = iter(serve_many(local, log_dir, device=device, timeout=timeout) if local else [])
     out = []

@@ -239,3 +239,21 @@ def test_serve_many_loads_side_by_side_and_counts_each_use(tmp_path):
         h.release()
     assert group_members(handles[0].pid) == [] and group_members(handles[1].pid) == []
     assert not healthy(handles[0].port) and not healthy(handles[1].port)
+
+
+def test_served_model_gets_no_api_keys(tmp_path, monkeypatch):
+    from preftune.server import note_secret_env
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "k1")
+    monkeypatch.setenv("OPENAI_API_KEY", "k2")
+    monkeypatch.setenv("HF_TOKEN", "k3")
+    monkeypatch.setenv("SOME_SECRET", "k4")
+    monkeypatch.setenv("PREFTUNE_VISIBLE", "yes")
+    note_secret_env("MY_JUDGE_KEY")
+    dump = tmp_path / "env.json"
+    command = [sys.executable, "-c", f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"]
+    with pytest.raises(ServerError):  # the stand-in exits at once; its environment is what we check
+        serve_local(tmp_path / "m", tmp_path / "logs", command=command, timeout=10)
+    env = json.loads(dump.read_text())
+    assert env["PREFTUNE_VISIBLE"] == "yes"
+    assert not {"MY_JUDGE_KEY", "OPENAI_API_KEY", "HF_TOKEN", "SOME_SECRET"} & env.keys()
