@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import UserError
+from preftune.procs import popen
 
 START_TIMEOUT_S = 60.0
 
@@ -149,9 +150,9 @@ class _Worker:
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
         code = "from judges.evaluators import _worker_entry; _worker_entry()"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(child.fileno()), json.dumps(asdict(ref))],
-                                     pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=_stderr_fd())  # user prints must not pollute --json stdout
+        self.proc = popen([sys.executable, "-c", code, str(child.fileno()), json.dumps(asdict(ref))],
+                          pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                          stdout=_stderr_fd())  # user prints must not pollute --json stdout
         child.close()
         self.conn = Connection(parent.detach())
         self.ready = False

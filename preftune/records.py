@@ -18,6 +18,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,62 @@ class DatasetError(UserError):
 
 class _Bad(Exception):
     """One line's problem (internal; collected into a DatasetError)."""
+
+
+def check_dataset_path(path: str | Path) -> None:
+    """Raise UserError unless ``path`` is a regular file we can open (never opens it: a FIFO would block)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError("dataset file not found", path=path) from None
+    except OSError as err:
+        raise UserError(f"cannot read dataset: {err.strerror}", path=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError("is a directory, not a dataset file", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError("not a regular file (a FIFO, socket or device); give a JSONL file", path=path)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` of the slow path: a JSON object may not repeat a key."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Bad(f"duplicate key {json.dumps(key, ensure_ascii=False)} in one JSON object")
+            seen.add(key)
+    return obj
+
+
+_strict_loads = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+def _load_line(text: str) -> Any:
+    """``json.loads`` with every way a line can break the decoder turned into a one-line problem.
+
+    A repeated key in one object is an error too (``_unique_keys``, ~0.3 µs an object: measured
+    cheaper than the text pre-checks tried that would let a line skip it).
+    """
+    try:
+        return _strict_loads(text)
+    except json.JSONDecodeError as err:
+        raise _Bad(f"invalid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise _Bad("invalid JSON: nested too deeply") from None
+    except ValueError as err:  # Python's int-string limit (sys.get_int_max_str_digits)
+        if "digits" in str(err):
+            raise _Bad(f"invalid JSON: number too large (more than {sys.get_int_max_str_digits():,} digits)") from None
+        raise _Bad(f"invalid JSON: {err}") from None
+
+
+def _check_text(obj: Any) -> None:
+    """Raise for a lone surrogate (``"\\ud800"``): it decodes, but no text with it can be written as UTF-8."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _Bad(f"invalid text: lone surrogate \\u{ord(err.object[err.start]):04x} "
+                   "(a \\uD800-\\uDFFF escape without its pair)") from None
+    except RecursionError:
+        raise _Bad("invalid JSON: nested too deeply") from None
 
 
 def _type(value: Any) -> str:
@@ -276,10 +335,9 @@ class RecordReader:
             self.errors.append((line, message))
 
     def _record(self, text: str) -> dict:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise _Bad(f"invalid JSON: {err.msg} (column {err.colno})") from None
+        obj = _load_line(text)
+        if "\\ud" in text or "\\uD" in text:  # a surrogate can only come from an escape (strict UTF-8)
+            _check_text(obj)
         if type(obj) is not dict:
             raise _Bad(f"expected a JSON object, got {_type(obj)}")
         fmt = self.format
@@ -309,6 +367,7 @@ class RecordReader:
         digest = hashlib.sha256()
         update, record_of = digest.update, self._record  # bound once: this loop runs millions of times
         self._line = line = 0
+        check_dataset_path(self.path)
         try:
             fh = open(self.path, "rb")
         except OSError as err:

@@ -42,6 +42,7 @@ from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import file_lock, tree_fingerprint, write_json_atomic
 from preftune.paths import cache_dir
+from preftune.procs import popen
 
 _LOCK = threading.RLock()
 _LIVE: dict[str, ServerHandle] = {}  # registry key -> handle used by this process
@@ -200,6 +201,50 @@ def log_tail(path: Path, n: int = 20) -> str:
     return "\n".join(lines[-n:])
 
 
+_SECRET_SUFFIXES = ("_API_KEY", "_APIKEY", "_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD", "_ACCESS_KEY")
+_SECRET_NAMES: set[str] = set()  # every api_key_env an endpoint named in this process
+
+
+def note_secret_env(name: str | None) -> None:
+    """Remember an endpoint's ``api_key_env``: model servers never see that variable."""
+    if name:
+        _SECRET_NAMES.add(name)
+
+
+def server_environ() -> dict[str, str]:
+    """This process's environment without API keys, tokens and secrets (a served model needs none)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _SECRET_NAMES and not k.upper().endswith(_SECRET_SUFFIXES)}
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (or on every address at that port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """True when ``pid`` or one of its descendants holds the listening socket on ``port``."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in proc.net_connections(kind="tcp")):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def healthy(port: int, timeout: float = 2.0) -> bool:
     import httpx
 
@@ -311,6 +356,9 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
             deadline = time.monotonic() + timeout
             for handle in launched:
                 wait_healthy(handle, max(0.0, deadline - time.monotonic()))
+                if not listens_on(handle.pid, handle.port):
+                    raise ServerError(f"port {handle.port} is answered by another process, not the server "
+                                      f"started for {handle.model_dir} (pid {handle.pid})")
         except BaseException:
             for handle in launched:
                 _kill_group(handle.pid, handle.proc, grace=5.0)
@@ -326,10 +374,12 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
 def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: bool,
             command: list[str] | None, served_model: str | None) -> ServerHandle:
     log_dir.mkdir(parents=True, exist_ok=True)
+    if port and not port_free(port):
+        raise UserError(f"port {port} is in use by another process")
     port = port or free_port()
     log_path = log_dir / f"server-{Path(key).name}-{port}.log"
     argv = [a.replace("{port}", str(port)) for a in command] if command else transformers_command(key, port, device)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**server_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))
@@ -337,8 +387,10 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=str(log_dir))
+        # A run's server dies with the run even on kill -9; a deployment's (detached) outlives it.
+        proc = popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True, env=env, cwd=str(log_dir),
+                     death_signal=None if detach else signal.SIGKILL)
     return ServerHandle(model_dir=key, port=port, pid=proc.pid, log_path=log_path, proc=proc,
                         started_at=datetime.now(UTC).isoformat(timespec="seconds"), owned=True,
                         detached=detach, served_model=served_model)
@@ -380,7 +432,7 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
     handle = _LIVE.pop(key, None)
     if handle is not None:
         target, proc = handle.pid, handle.proc
-    elif entry is not None:
+    elif entry is not None and _runs_server_for(entry["pid"], key):
         target, proc = entry["pid"], None
     elif pid is not None and _runs_server_for(pid, key):
         target, proc = pid, None
@@ -391,8 +443,12 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
 
 
 def _runs_server_for(pid: int, key: str) -> bool:
+    """True when ``pid`` is alive and its command line is a server for ``key`` (a recycled pid is not)."""
     try:
-        cmd = psutil.Process(pid).cmdline()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmd = proc.cmdline()
     except psutil.Error:
         return False
     return "serve" in cmd and any(key in arg for arg in cmd)
@@ -414,6 +470,8 @@ def resolve_endpoints(eps: list[Endpoint | str], *, log_dir: str | Path, stack: 
         if ep.is_local and not is_local_model(ep.model):
             what = "it has no config.json" if Path(ep.model).is_dir() else "no such folder (or give MODEL@BASE_URL)"
             raise UserError(f"a local model folder was expected: {what}", path=ep.model)
+    for ep in eps:
+        note_secret_env(ep.api_key_env)
     local = [ep.model for ep in eps if ep.is_local]
     served = iter(serve_many(local, log_dir, device=device, timeout=timeout) if local else [])
     out = []

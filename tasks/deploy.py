@@ -137,6 +137,10 @@ def stop_deployment(workspace: str | Path) -> dict[str, Any]:
     if info.get("stopped_at"):
         return {"stopped": False, "reason": "already stopped", "pid": info.get("pid")}
     stopped = stop_server(info["served_folder"], pid=info.get("pid"))
+    if not stopped:  # the pid is gone or now belongs to another program: touch nothing
+        return {"stopped": False, "pid": info.get("pid"), "base_url": info.get("base_url"),
+                "reason": f"pid {info.get('pid')} is not the server deployed from this workspace "
+                          "(it exited); nothing was signalled"}
     info["stopped_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json_atomic(path, info)
     return {"stopped": stopped, "pid": info.get("pid"), "base_url": info.get("base_url")}

@@ -18,7 +18,7 @@ from typing import Any
 from preftune.errors import UserError
 from preftune.files import file_sha256, read_json, write_json_atomic
 from preftune.hf import load_tokenizer
-from preftune.records import PAIR_FORMATS, RecordReader, prompt_hash, prompt_of
+from preftune.records import PAIR_FORMATS, RecordReader, check_dataset_path, prompt_hash, prompt_of
 from preftune.spec import RunSpec
 from preftune.tasks.inspect_stats import Stats, TokenCounter, summarize
 from preftune.workspace import Workspace, default_workspace
@@ -167,8 +167,8 @@ def inspect_dataset(path: str | Path, *, test_path: str | Path | None = None, mo
     if max_length is not None and max_length < 1:
         raise UserError(f"--max-length must be a positive number of tokens, got {max_length}")
     for p in (path, test_path):
-        if p is not None and not p.is_file():
-            raise UserError("dataset file not found", path=p)
+        if p is not None:
+            check_dataset_path(p)
     key = _inputs_key(file_sha256(path), file_sha256(test_path) if test_path else None, models, max_length)
     if (done := _resume(ws, key)) is not None:
         return done

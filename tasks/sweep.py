@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from preftune.files import read_json, write_text_atomic
 from preftune.job import TrainConfig, shared_fields
+from preftune.procs import popen
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
 
@@ -50,12 +52,18 @@ def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "preftune.cli", "train", "--config", str(config), "--json"]
         log_path = ws.job_dir(job["id"]) / "train.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, env=env, check=False)
+        with open(log_path, "ab") as log:  # the job dies with the flow's process, even on kill -9
+            proc = popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, death_signal=signal.SIGTERM)
+            try:
+                stdout, _ = proc.communicate()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         if proc.returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise RuntimeError(f"job {job['id']} exited with {proc.returncode}: " + " | ".join(tail))
-        return json.loads(proc.stdout)
+        return json.loads(stdout)
 
     return launch
 

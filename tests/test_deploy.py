@@ -120,3 +120,37 @@ def test_failing_health_check_reports_log_lines_and_leaves_nothing(zoo, tmp_path
     assert log.strip().splitlines()[-1] in err  # the server's own last words are in the report
     assert _servers_for(str(broken.resolve())) == []
     assert not (tmp_path / "ws" / "deploy" / "endpoint.json").exists()
+
+
+PREFTUNE = [sys.executable, "-m", "preftune.cli"]
+
+
+def test_deploy_to_a_busy_port_is_one_line_exit_2(zoo, tmp_path):
+    import socket
+
+    with socket.socket() as foreign:  # a real listener that is not ours
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        port = foreign.getsockname()[1]
+        res = subprocess.run(PREFTUNE + ["deploy", "--model", zoo["models"]["tiny-llama"], "--port", str(port),
+                                         "--workspace", str(tmp_path / "ws")],
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == f"preftune deploy: error: port {port} is in use by another process\n"
+    assert not (tmp_path / "ws" / "deploy" / "endpoint.json").exists()
+
+
+def test_stop_leaves_alone_a_process_that_took_the_recorded_pid(zoo, tmp_path):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        endpoint = tmp_path / "ws" / "deploy" / "endpoint.json"
+        endpoint.parent.mkdir(parents=True)
+        endpoint.write_text(json.dumps({"pid": other.pid, "port": 9, "base_url": "http://127.0.0.1:9/v1",
+                                        "served_folder": zoo["models"]["tiny-llama"]}))
+        res = subprocess.run(PREFTUNE + ["deploy", "--stop", "--workspace", str(tmp_path / "ws")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "nothing was signalled" in res.stdout
+        assert other.poll() is None and psutil.Process(other.pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        other.kill()
+        other.wait()

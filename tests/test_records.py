@@ -255,7 +255,7 @@ def test_wrong_kind_for_loader(public_datasets):
 
 
 def test_missing_file_is_user_error(tmp_path):
-    with pytest.raises(UserError, match="cannot read dataset: No such file or directory"):
+    with pytest.raises(UserError, match="dataset file not found"):
         load_pairs(tmp_path / "nope.jsonl")
 
 

@@ -214,14 +214,19 @@ def test_detached_server_outlives_its_starter_until_stopped(tmp_path):
     assert stop_server(tmp_path / "m") is False
 
 
-def test_orphan_of_a_killed_owner_is_adopted_then_stopped(tmp_path):
+def test_server_of_a_killed_owner_dies_with_it_and_is_not_reused(tmp_path):
     child, pid, port = start_in_child(tmp_path, "time.sleep(60)")
-    child.kill()  # SIGKILL: no handler runs, the server is orphaned
+    child.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal takes the server down
     child.wait(timeout=10)
-    assert healthy(port)
-    with serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE) as handle:
-        assert (handle.pid, handle.owned) == (pid, True)
-    assert group_members(pid) == [] and not healthy(port)
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the server outlived its killed owner"
+        time.sleep(0.1)
+    assert not healthy(port)
+    for member in group_members(pid):  # the stand-in's own grandchild (not a child of preftune)
+        os.kill(member, signal.SIGKILL)
+    with serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE) as handle:  # the stale entry is dropped
+        assert handle.pid != pid and handle.owned
 
 
 def test_serve_many_loads_side_by_side_and_counts_each_use(tmp_path):
@@ -234,3 +239,21 @@ def test_serve_many_loads_side_by_side_and_counts_each_use(tmp_path):
         h.release()
     assert group_members(handles[0].pid) == [] and group_members(handles[1].pid) == []
     assert not healthy(handles[0].port) and not healthy(handles[1].port)
+
+
+def test_served_model_gets_no_api_keys(tmp_path, monkeypatch):
+    from preftune.server import note_secret_env
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "k1")
+    monkeypatch.setenv("OPENAI_API_KEY", "k2")
+    monkeypatch.setenv("HF_TOKEN", "k3")
+    monkeypatch.setenv("SOME_SECRET", "k4")
+    monkeypatch.setenv("PREFTUNE_VISIBLE", "yes")
+    note_secret_env("MY_JUDGE_KEY")
+    dump = tmp_path / "env.json"
+    command = [sys.executable, "-c", f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"]
+    with pytest.raises(ServerError):  # the stand-in exits at once; its environment is what we check
+        serve_local(tmp_path / "m", tmp_path / "logs", command=command, timeout=10)
+    env = json.loads(dump.read_text())
+    assert env["PREFTUNE_VISIBLE"] == "yes"
+    assert not {"MY_JUDGE_KEY", "OPENAI_API_KEY", "HF_TOKEN", "SOME_SECRET"} & env.keys()

@@ -7,9 +7,12 @@ exposing ``add_parser(subparsers)`` (which calls ``set_defaults(func=run)``) and
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from preftune.errors import UserError
@@ -46,20 +49,91 @@ def _quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+# After SIGINT/SIGTERM a command cleans up (stops its model servers, runs exit hooks) and exits;
+# whatever still hangs then (a worker thread blocked in a request) is cut off at this deadline.
+# Every child preftune starts dies with it (preftune.procs), so a hard exit leaves nothing behind.
+EXIT_DEADLINE_S = 7.0
+PREFECT_COMMANDS = {"run", "demo", "approve", "serve"}
+_signalled: list[int] = []
+
+
+def _hard_exit(code: int) -> None:
+    try:
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(code)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if not _signalled:
+        timer = threading.Timer(EXIT_DEADLINE_S, _hard_exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+    _signalled.append(signum)
+    if len(_signalled) == 1 and threading.current_thread() is threading.main_thread():
+        raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM interrupt the command (KeyboardInterrupt) and arm the exit deadline."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+
+
+def _interrupted() -> int:
+    """Stop what we started and exit now: non-daemon threads (requests in flight) are not waited for."""
+    code = 128 + (_signalled[0] if _signalled else signal.SIGINT)
+    _on_signal_deadline()
+    print("interrupted; finished work is kept in the workspace, re-run to resume", file=sys.stderr)
+    server = sys.modules.get("preftune.server")
+    if server is not None:
+        server.stop_owned()
+    atexit._run_exitfuncs()
+    _hard_exit(code)
+    return code  # pragma: no cover
+
+
+def _on_signal_deadline() -> None:
+    if not _signalled:  # a KeyboardInterrupt not from our handler: arm the deadline all the same
+        _signalled.append(signal.SIGINT)
+        timer = threading.Timer(EXIT_DEADLINE_S, _hard_exit, (130,))
+        timer.daemon = True
+        timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _signalled.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    install_signal_handlers()
     try:
+        return _main(args)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        if args.command in PREFECT_COMMANDS:
+            from preftune.cli.prefect_server import die_with_us
+
+            die_with_us()
         code = args.func(args)
     except UserError as err:
         print(f"preftune {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept in the workspace, re-run to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
+    if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
+        return _interrupted()
     return int(code or 0)
 
 

@@ -40,12 +40,15 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
 
     from preftune.errors import UserError
+    from preftune.records import iter_records
     from preftune.server import ServerError, resolve_endpoints
     from preftune.tasks.pairs import generate_pairs
 
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
     out = Path(args.out)
+    for _ in iter_records(args.prompts, expect="prompts"):  # bad input: one line, before any server starts
+        pass
     with contextlib.ExitStack() as stack:
         try:
             eps = [endpoint_from_args(args, side) for side in ("strong", "weak")]
