@@ -112,7 +112,10 @@ def previous_answer(ws: Workspace, kind: str, context: dict[str, Any]) -> dict[s
         return None
     found = None
     for line in ws.approvals.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line torn by a crash (or a full disk) mid-append: not an answer
+            continue
         if entry["kind"] == kind and entry.get("context") == context:
             found = entry
     return found

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -216,3 +218,39 @@ def test_end_to_end_with_transformers_serve(tmp_path: Path, zoo: dict, monkeypat
     registry = tmp_path / "cache" / "servers" / "registry.json"
     assert json.loads(registry.read_text()) == {}
     assert os.environ["PREFTUNE_CACHE"] == str(tmp_path / "cache")
+
+
+def test_no_usable_pair_exits_1_with_the_reasons(tmp_path: Path):
+    """Both models answer the same text for every prompt: nothing usable, so not a success."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=5)
+    with StubServer(lambda req: Reply(text="same answer")) as srv:
+        proc = subprocess.run([sys.executable, "-m", "preftune.cli", "pairs", "--prompts", str(prompts),
+                               "--strong", f"big@{srv.base_url}", "--weak", f"small@{srv.base_url}",
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"preftune pairs: no usable pair from 5 prompts (identical 5); see {tmp_path / 'out' / 'provenance.json'}"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_disk_full_is_one_line_and_resumes(tmp_path: Path):
+    """A full disk while a paid reply is recorded (the ledger appends to /dev/full, which answers
+    every write with ENOSPC): one line, exit 2; after space is freed the same command finishes
+    from where it was, and no file left behind is half-written."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ledger.jsonl").symlink_to("/dev/full")
+    cmd = [sys.executable, "-m", "preftune.cli", "pairs", "--prompts", str(prompts), "--out", str(out)]
+    with StubServer(lambda req: Reply(text=f"{req.body['model']}: {req.last_user}")) as srv:
+        cmd += ["--strong", f"big@{srv.base_url}", "--weak", f"small@{srv.base_url}"]
+        full = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert full.returncode == 2, full.stderr
+        lines = full.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("preftune pairs: error: disk full"), full.stderr
+        assert not list(out.glob("pairs-*.jsonl")) and not list(out.glob(".*.tmp"))
+        (out / "ledger.jsonl").unlink()
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    (pairs_file,) = out.glob("pairs-*.jsonl")
+    assert len(pairs_file.read_text().splitlines()) == 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import importlib
 import os
 import signal
@@ -120,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
 
 
+def _disk_full(err: BaseException) -> str | None:
+    """The file a "no space left on device" error was writing ("" when unnamed); None for any other
+    error. Looks through the chain: the error can arrive wrapped (a worker thread, an event loop)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return str(err.filename or "")
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.command in PREFECT_COMMANDS:
@@ -132,6 +144,15 @@ def _main(args: argparse.Namespace) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return _interrupted()
+    except OSError as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        # Every output is written atomically (preftune.files) or appended line by line with torn
+        # lines skipped on reading, so a re-run after freeing space trusts nothing half-written.
+        print(f"preftune {args.command}: error: disk full{f' writing {full}' if full else ''}: free some space "
+              "and re-run (finished work is kept)", file=sys.stderr)
+        return 2
     if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
         return _interrupted()
     return int(code or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         print_json(prov)
     else:
         print(render_text(prov))
+    if prov["counts"]["pairs"] == 0:  # nothing usable came out: not a success
+        reasons = ", ".join(f"{k} {v}" for k, v in prov["counts"]["by_reason"].items() if v)
+        print(f"preftune pairs: no usable pair from {prov['counts']['prompts']} prompts ({reasons}); "
+              f"see {Path(prov['pairs_file']).parent / 'provenance.json'}", file=sys.stderr)
+        return 1
     return 0
 
 
