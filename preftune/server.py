@@ -355,7 +355,7 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
         try:
             deadline = time.monotonic() + timeout
             for handle in launched:
-                wait_healthy(handle, max(0.0, deadline - time.monotonic()))
+                wait_healthy(handle, timeout, deadline)
                 if not listens_on(handle.pid, handle.port):
                     raise ServerError(f"port {handle.port} is answered by another process, not the server "
                                       f"started for {handle.model_dir} (pid {handle.pid})")
@@ -405,9 +405,10 @@ def _register(handle: ServerHandle) -> None:
             "served_model": handle.served_model}
 
 
-def wait_healthy(handle: ServerHandle, timeout: float) -> None:
-    """Poll /health until it answers 200; fail fast when the process dies."""
-    deadline = time.monotonic() + timeout
+def wait_healthy(handle: ServerHandle, timeout: float, deadline: float | None = None) -> None:
+    """Poll /health until it answers 200 (by `deadline`, a shared one when servers start side by
+    side; else `timeout` from now); fail fast when the process dies."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     while time.monotonic() < deadline:
         if not handle.alive():
             code = handle.proc.returncode if handle.proc is not None else "?"
