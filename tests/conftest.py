@@ -31,6 +31,15 @@ def zoo() -> dict:
 
 
 @pytest.fixture(scope="session")
+def real_model() -> dict:
+    """SmolLM2-135M-Instruct, converted once from the installed GGUF wheel (cached): its manifest
+    with "path"."""
+    from preftune.realmodel import build_real_model
+
+    return build_real_model()
+
+
+@pytest.fixture(scope="session")
 def prefect_api():
     """A real temporary Prefect API server (SQLite), once per test session."""
     from prefect.testing.utilities import prefect_test_harness

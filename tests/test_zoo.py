@@ -207,11 +207,11 @@ def test_greedy_generation_is_readable_and_stops_at_eos(zoo, name):
 
 
 def test_cli_zoo_json_matches_the_fixture(zoo):
-    out = subprocess.run([sys.executable, "-m", "preftune.cli", "zoo", "--dir", zoo["dir"], "--json"],
+    out = subprocess.run([sys.executable, "-m", "preftune.cli", "zoo", "--dir", zoo["dir"], "--json", "--no-real"],
                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == zoo
-    table = subprocess.run([sys.executable, "-m", "preftune.cli", "zoo", "--dir", zoo["dir"]],
+    table = subprocess.run([sys.executable, "-m", "preftune.cli", "zoo", "--dir", zoo["dir"], "--no-real"],
                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     ppl = _manifest(zoo)["models"]["tiny-strong"]["heldout_perplexity"]
     assert f"{ppl:.2f}" in table.stdout and zoo["models"]["tiny-weak"] in table.stdout
