@@ -81,10 +81,11 @@ def test_signal_stops_pairs_and_its_servers_within_10s(tmp_path, zoo, sig):
             proc.wait()
 
 
-def test_kill_9_takes_the_servers_down(tmp_path, zoo):
-    proc = start_pairs(tmp_path, zoo)
+def _kill_9_leaves_nothing(proc: subprocess.Popen, child: str, what: str) -> None:
+    """Once `proc` has a listening child whose command line holds `child`, kill -9 `proc`: the
+    children must be gone within a few seconds (they die with their parent)."""
     try:
-        servers = wait_for(lambda: listening_children(proc.pid, "serve"), 120, "a model server to listen")
+        servers = wait_for(lambda: listening_children(proc.pid, child), 120, what)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
         assert all_gone(servers, 5.0), [s.pid for s in servers if s.is_running()]
@@ -92,6 +93,10 @@ def test_kill_9_takes_the_servers_down(tmp_path, zoo):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kill_9_takes_the_servers_down(tmp_path, zoo):
+    _kill_9_leaves_nothing(start_pairs(tmp_path, zoo), "serve", "a model server to listen")
 
 
 def test_kill_9_of_a_run_takes_its_temporary_prefect_server_down(tmp_path, public_datasets):
@@ -101,12 +106,4 @@ def test_kill_9_of_a_run_takes_its_temporary_prefect_server_down(tmp_path, publi
                        "--workspace", str(tmp_path / "ws")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env,
                             start_new_session=True)
-    try:
-        servers = wait_for(lambda: listening_children(proc.pid, "uvicorn"), 120, "the temporary Prefect server")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-        assert all_gone(servers, 5.0), [s.pid for s in servers if s.is_running()]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _kill_9_leaves_nothing(proc, "uvicorn", "the temporary Prefect server")
