@@ -107,3 +107,46 @@ def test_kill_9_of_a_run_takes_its_temporary_prefect_server_down(tmp_path, publi
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env,
                             start_new_session=True)
     _kill_9_leaves_nothing(proc, "uvicorn", "the temporary Prefect server")
+
+
+def test_serve_stops_on_sigterm_after_its_api_has_gone(tmp_path):
+    """`preftune serve` against a real Prefect server; the server dies; SIGTERM still ends the
+    command within 10 s, and its serve loop with it (Prefect's own shutdown waits on the API)."""
+    from preftune.server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    api = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--port", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    serve = None
+    try:
+        import httpx
+
+        wait_for(lambda: _answers(httpx, f"http://127.0.0.1:{port}/api/health"), 180, "the Prefect server")
+        log = tmp_path / "serve.log"
+        with open(log, "w") as out:
+            serve = subprocess.Popen(PREFTUNE + ["serve"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                     env=env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+                                     start_new_session=True)
+        wait_for(lambda: "being served" in log.read_text(), 180, "the deployments to be served")
+        loop = psutil.Process(serve.pid).children(recursive=True)
+        os.killpg(api.pid, signal.SIGKILL)
+        api.wait(timeout=10)
+        start = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+        assert time.monotonic() - start < 10 and serve.returncode == 128 + signal.SIGTERM
+        assert loop and all_gone(loop, 5.0)
+    finally:
+        for proc in (serve, api):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _answers(httpx, url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -31,13 +31,37 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefect import serve
+    import signal
+    import subprocess
+    import sys
+
     from prefect.settings import PREFECT_API_URL
+
+    from preftune.procs import popen
 
     if not PREFECT_API_URL.value():
         raise UserError("no Prefect API: start one with `prefect server start` and set PREFECT_API_URL "
                         "(e.g. http://127.0.0.1:4200/api)")
     print(f"serving deployments 'preference-learning/preftune' and 'train-job/preftune-train-job' "
           f"at {PREFECT_API_URL.value()}; start runs from the UI (Ctrl-C to stop)", flush=True)
-    serve(*deployments(args.job_limit))
-    return 0
+    # Prefect's serve loop sits in a child: it installs signal handlers of its own and, once its API
+    # has gone, its graceful shutdown waits on that API for ever. This process keeps preftune's
+    # handlers, so Ctrl-C or SIGTERM ends the command within its deadline, and the child with it.
+    child = popen([sys.executable, "-m", "preftune.cli.serve", str(args.job_limit)], death_signal=signal.SIGTERM)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        try:
+            child.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+
+
+if __name__ == "__main__":  # the serve loop itself, started by `run` above
+    import sys
+
+    from prefect import serve
+
+    serve(*deployments(int(sys.argv[1])))
