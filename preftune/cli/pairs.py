@@ -30,7 +30,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="requests in flight per endpoint (default: what a local server batches, else 16)")
     p.add_argument("--max-retries", type=int, default=6, metavar="N", help="retries per request (default 6)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds per request to a remote endpoint (default 60); a local folder's server "
+                        "is waited on while it lives and answers")
     p.add_argument("--keep-truncated", action="store_true",
                    help="keep pairs whose completion stopped at --max-tokens")
     p.add_argument("--json", action="store_true", help="print the provenance as JSON")
