@@ -34,6 +34,7 @@ from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid
 from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
+from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
 
 
@@ -159,7 +160,9 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
         raise RunEnded("failed", "the held-out split is empty (too few distinct prompts to split): nothing to "
                        "evaluate on; give a --test-dataset or more prompts")
     jobs = job_grid(spec, base_models)
-    plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu")
+    throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
+    plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
+                      throughput=throughput)
     write_json_atomic(ws.plan, plan)
     jobs = questions.apply_decision(spec, plan, jobs, questions.approve_plan(spec, ws, plan))
     # ---- nothing above this line spends; everything below does ----

@@ -8,7 +8,13 @@ the ``openai`` SDK's HTTP client (its aiohttp transport when installed), with th
 * a concurrency limit per endpoint (an ``asyncio.Semaphore``, not held while backing off);
 * our own retries (every retry counted and capped the same way): exponential backoff with full jitter on 429, 408, 5xx, timeouts, dropped connections and
   malformed bodies, honouring ``Retry-After`` (seconds or an HTTP date, capped);
-* a per-request deadline covering the whole request, not just each socket read;
+* a per-request deadline covering the whole request, not just each socket read — for a remote
+  endpoint. A local server preftune started (``Endpoint.server_pid``) is waited on instead: a
+  request it has not answered is neither timed out nor sent again while its process is alive and
+  it answers something (any request) within ``stall_timeout``. transformers serve never cancels a
+  non-streaming request whose client has gone, so a deadline shorter than its queue only piles
+  re-sent copies onto it (seen: 692 requests received for 160 needed, 54 finished); a dead server
+  fails the request at once;
 * usage accounting (tokens, requests, retries, cache hits) from the responses;
 * an on-disk cache keyed by a sha256 of the canonical request, so a re-run never pays twice;
   a reply the caller does not ``accept`` (e.g. a judge reply with no verdict) is cached as *not
@@ -27,6 +33,7 @@ error message before it can reach a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -46,6 +53,18 @@ AUTH_STATUS = frozenset({401, 403})
 MAX_REASKS = 2  # re-asks of a request whose cached reply was not accepted, across runs
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, the SDK insists on one
+STALL_TIMEOUT = 900.0  # a local server that answers nothing for this long is stalled
+PATIENT_POLL = 1.0  # seconds between looks at a local server's process while a request waits
+_PROGRESS: dict[str, float] = {}  # base URL of a local server -> monotonic time of its last reply
+
+
+def _server_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass(frozen=True)
@@ -186,7 +205,7 @@ class ChatClient:
     def __init__(self, endpoint: Endpoint, *, concurrency: int = 16, max_retries: int = 6,
                  timeout: float = 60.0, cache_dir: str | Path | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 30.0, retry_after_cap: float = 60.0, ledger: Ledger | None = None,
-                 max_reasks: int = MAX_REASKS):
+                 max_reasks: int = MAX_REASKS, stall_timeout: float = STALL_TIMEOUT):
         if concurrency < 1:
             raise UserError(f"concurrency must be >= 1, got {concurrency}")
         if endpoint.is_local:  # a folder has no URL until preftune.server serves it
@@ -202,6 +221,9 @@ class ChatClient:
         self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
         self.ledger = ledger  # paid responses are appended here (callers may switch its phase)
         self.max_reasks = max_reasks
+        # A local server preftune started: wait on it while it lives and progresses (module docstring).
+        self.server_pid = endpoint.server_pid
+        self.stall_timeout = stall_timeout
         self.usage = Usage()
         self._auth_failed = False  # set on the first 401/403: nothing more is sent
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -246,7 +268,9 @@ class ChatClient:
         if self._loop is not loop:
             key = await self._api_key()  # may await a Prefect block: re-check the loop after it
         if self._loop is not loop:
-            self._conn = _Conn.open(self.endpoint.base_url, key, self.concurrency, self.timeout)
+            # Patient: the transport's own timeout must not cut a queued request short either.
+            http_timeout = max(self.timeout, 2 * self.stall_timeout) if self.server_pid else self.timeout
+            self._conn = _Conn.open(self.endpoint.base_url, key, self.concurrency, http_timeout)
             self._sem = asyncio.Semaphore(self.concurrency)
             self._loop = loop
         assert self._conn is not None and self._sem is not None
@@ -304,6 +328,9 @@ class ChatClient:
                 async with sem:
                     if self._auth_failed:  # another request was refused while this one waited
                         raise AuthError(auth_message(self.endpoint))
+                    if self.server_pid is not None and not _server_alive(self.server_pid):
+                        raise ChatError(f"{self.endpoint}: the local model server (pid {self.server_pid}) "
+                                        "has exited", reason="server exited", attempts=attempt)
                     self.usage.requests += 1
                     result = await self._send_once(conn, payload)
             except _Retryable as err:
@@ -339,14 +366,19 @@ class ChatClient:
     async def _send_once(self, conn: _Conn, payload: bytes) -> ChatResult:
         http = _http()
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await conn.http.post(conn.url, content=payload, headers=conn.headers)
+            if self.server_pid is not None:
+                response = await self._post_patiently(conn, payload)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    response = await conn.http.post(conn.url, content=payload, headers=conn.headers)
         except TimeoutError:
             raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
         except http.TransportError as err:
             if _is_timeout(err, http):
                 raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
             raise _Retryable("connection", f"connection failed ({type(err.__cause__ or err).__name__})") from None
+        if self.server_pid is not None:
+            _PROGRESS[self.endpoint.base_url] = time.monotonic()
         text = response.content.decode("utf-8", errors="replace")
         status = response.status_code
         if status >= 400:
@@ -357,6 +389,29 @@ class ChatClient:
             raise ChatError(self._redact(f"{self.endpoint}: {detail}"), reason=f"http {status}", attempts=1,
                             status=status)
         return _parse_completion(text)
+
+    async def _post_patiently(self, conn: _Conn, payload: bytes) -> Any:
+        """POST to a local server with no deadline of its own: wait while the server process lives
+        and has answered something (this request or another) within ``stall_timeout``."""
+        sent = time.monotonic()
+        task = asyncio.ensure_future(conn.http.post(conn.url, content=payload, headers=conn.headers))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PATIENT_POLL)
+                if done:
+                    return task.result()
+                assert self.server_pid is not None
+                if not _server_alive(self.server_pid):
+                    raise ChatError(f"{self.endpoint}: the local model server (pid {self.server_pid}) exited "
+                                    "while a request waited", reason="server exited", attempts=1)
+                idle = time.monotonic() - max(sent, _PROGRESS.get(self.endpoint.base_url, sent))
+                if idle > self.stall_timeout:
+                    raise _Retryable("stalled", f"the local model server answered nothing for {idle:.0f}s")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     # -- conveniences ------------------------------------------------------------------------
     async def chat_many(self, conversations: list[list[dict[str, Any]]], **kwargs: Any

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from preftune.errors import UserError
 
@@ -33,6 +34,14 @@ class Endpoint(BaseModel):
                                              "Empty: unpriced (a local folder is free).")
     cache_id: str | None = Field(None, description="What identifies the model in the response cache instead "
                                  "of base_url (a local server's port changes between runs). Set by preftune.")
+    # What preftune knows of a server it started itself (run-time only: never serialised, not on the form).
+    concurrency: SkipJsonSchema[int | None] = Field(
+        None, ge=1, exclude=True, description="Requests in flight the server handles at once (what it batches); "
+        "the client's concurrency for this endpoint. Set by preftune for a local server.")
+    server_pid: SkipJsonSchema[int | None] = Field(
+        None, exclude=True, description="Process id of the local server preftune started for this endpoint: "
+        "while it is alive and answering, a request is waited for, never timed out and sent again "
+        "(preftune.client). Set by preftune.")
 
     @classmethod
     def parse(cls, text: str, **fields: Any) -> Endpoint:

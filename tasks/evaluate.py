@@ -313,7 +313,9 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
 def score_with_judge(cfg: EvalConfig, mode: str, prompts: list[tuple[str, list[dict]]],
                      labelled: list[dict], completions: dict[str, list[str]], warnings: list[str]) -> dict:
     assert cfg.judge is not None
-    client = ChatClient(cfg.judge, concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout_s,
+    # A judge preftune serves itself gets what its server batches (Endpoint.concurrency).
+    client = ChatClient(cfg.judge, concurrency=cfg.judge.concurrency or cfg.judge_concurrency,
+                        timeout=cfg.judge_timeout_s,
                         cache_dir=_cache_dir(cfg), ledger=_ledger(cfg, "evaluation"))
     result = asyncio.run(judge_all(cfg, client, mode, prompts, labelled[:cfg.validity_pairs],
                                    completions, warnings))

@@ -143,6 +143,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return box["value"]
 
 
+DEFAULT_CONCURRENCY = 16  # requests in flight to an endpoint that says nothing of its own
+
+
+def endpoint_concurrency(ep: Endpoint, given: int | None = None) -> int:
+    """Requests in flight to ``ep``: the caller's figure, else what its (local) server batches."""
+    if given is not None:
+        return given
+    return ep.concurrency or DEFAULT_CONCURRENCY
+
+
 def new_pairs_path(out_dir: Path) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path, n = out_dir / f"pairs-{stamp}.jsonl", 1
@@ -174,7 +184,7 @@ def _ticker(bar: Any, total: int, on_progress: Callable[[int, int], None] | None
 
 
 def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, out_dir: str | Path, *,
-                   max_tokens: int = 256, temperature: float = 0.0, concurrency: int = 16,
+                   max_tokens: int = 256, temperature: float = 0.0, concurrency: int | None = None,
                    keep_truncated: bool = False, max_retries: int = 6, timeout: float = 60.0,
                    cache_dir: str | Path | None = None, progress: bool | None = None,
                    on_progress: Callable[[int, int], None] | None = None,
@@ -183,6 +193,8 @@ def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, o
 
     ``cache_dir`` defaults to ``out_dir/.cache/responses``: keep it and a re-run sends only what
     did not finish before. ``ledger`` (default ``out_dir/ledger.jsonl``) gets one line per paid request.
+    ``concurrency`` is the requests in flight per endpoint; None: what a served local endpoint
+    batches (``Endpoint.concurrency``), else ``DEFAULT_CONCURRENCY``.
     """
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
@@ -191,8 +203,9 @@ def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, o
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out_dir / ".cache" / "responses"
     book = Ledger(Path(ledger) if ledger is not None else out_dir / LEDGER_FILE, "pairs")
-    clients = {side: ChatClient(ep, concurrency=concurrency, max_retries=max_retries, timeout=timeout,
-                                cache_dir=cache, ledger=book) for side, ep in (("strong", strong), ("weak", weak))}
+    clients = {side: ChatClient(ep, concurrency=endpoint_concurrency(ep, concurrency), max_retries=max_retries,
+                                timeout=timeout, cache_dir=cache, ledger=book)
+               for side, ep in (("strong", strong), ("weak", weak))}
     t0 = time.perf_counter()
     with contextlib.closing(_progress(len(records), progress)) as bar:
         outcomes = _run(complete_all(records, clients["strong"], clients["weak"], max_tokens=max_tokens,
@@ -212,7 +225,8 @@ def generate_pairs(prompts_path: str | Path, strong: Endpoint, weak: Endpoint, o
     pairs_path = new_pairs_path(out_dir)
     write_jsonl_atomic(pairs_path, pairs)
     provenance = _provenance(prompts_path, sha, pairs_path, clients, records, pairs, counts, dropped, wall,
-                             {"max_tokens": max_tokens, "temperature": temperature, "concurrency": concurrency,
+                             {"max_tokens": max_tokens, "temperature": temperature,
+                              "concurrency": {side: c.concurrency for side, c in clients.items()},
                               "keep_truncated": keep_truncated, "max_retries": max_retries,
                               "timeout_s": timeout})
     write_json_atomic(out_dir / "provenance.json", provenance)

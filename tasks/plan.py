@@ -1,6 +1,8 @@
 """Phase 2: the job grid, the cost and wall-time estimate, and the plan shown for approval.
 
-Nothing here spends: it reads the inspection report and model configs (no weights).
+Nothing here spends: it reads the inspection report and model configs; the wall time of pair and
+evaluation generation comes from speeds measured on this machine's local models before the plan
+(``tasks/throughput.py``: free local CPU time, never a paid endpoint).
 """
 
 from __future__ import annotations
@@ -64,8 +66,54 @@ def prompt_quota(spec: RunSpec, inspection: dict) -> tuple[int, int]:
     return cap - n_test, n_test
 
 
+WALL_SPREAD = (0.75, 1.5)  # a measured generation time, as a range: load on the machine, lengths
+
+
+def wall_parts(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, min_jobs: int,
+               training: cost.Range, throughput: dict | None) -> dict[str, dict]:
+    """Wall seconds per phase (pairs, training, evaluation) as {low, high, note}; a part that was not
+    measured has low/high None and says why."""
+    lo, hi = WALL_SPREAD
+    measured = throughput or {}
+    parts: dict[str, dict] = {}
+    if inspection["format"] == "prompts":
+        pairs = measured.get("pairs")
+        if pairs:
+            n = sum(prompt_quota(spec, inspection))
+            point = pairs["seconds_per_prompt"] * n + pairs.get("server_start_s", 0.0)
+            parts["pairs"] = {"low": point * lo, "high": point * hi,
+                              "note": f"{n} prompts at {pairs['seconds_per_prompt']:.2f} s each (measured: "
+                                      f"{pairs['prompts']} prompts, {pairs['tokens_per_s']:g} tokens/s)"}
+        else:
+            parts["pairs"] = {"low": None, "high": None,
+                              "note": "not estimated: a remote generator's speed is not measured before approval"}
+    parts["training"] = {"low": training.low, "high": training.high, "note": "from the model size and trained tokens"}
+    evals = measured.get("evaluation") or {}
+    if evals:
+        n_eval = min(spec.max_eval_prompts, prompt_quota(spec, inspection)[1])
+        low = high = 0.0
+        for base in sorted({j["base_model"] for j in jobs}):
+            m = evals.get(base)
+            if m is None:
+                continue
+            one = m["load_s"] + n_eval * m["seconds_per_prompt"]  # the base, then each candidate of it
+            n_jobs = sum(1 for j in jobs if j["base_model"] == base)
+            low += one * (1 + min(n_jobs, min_jobs))
+            high += one * (1 + n_jobs)
+        note = f"generation on {n_eval} held-out prompts per model (measured)"
+        if evaluator_kind != "evaluator":
+            note += "; judge calls not included"
+        parts["evaluation"] = {"low": low * lo, "high": high * hi, "note": note}
+    else:
+        parts["evaluation"] = {"low": None, "high": None, "note": "not measured"}
+    return {k: {**v, "low": None if v["low"] is None else round(v["low"], 1),
+                "high": None if v["high"] is None else round(v["high"], 1)} for k, v in parts.items()}
+
+
 def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
-             prices: dict | None = None) -> dict:
+             prices: dict | None = None, throughput: dict | None = None) -> dict:
+    """Cost ranges per phase and the wall time: its parts (``wall_parts``) and their sum.
+    ``throughput``: the measured generation speeds (``tasks/throughput.calibrate``)."""
     prices = prices or cost.load_prices()
     models = sorted({j["base_model"] for j in jobs})
     per_example = {m: example_tokens(spec, inspection, m, prices) for m in models}
@@ -113,12 +161,15 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
     train = phases["training"].detail
     # Concurrent jobs share the machine: on CPU they run no faster together than in turn.
     parallel = 1 if device == "cpu" else spec.max_concurrent_jobs
-    wall = cost.Range(train["job_seconds_low"] * min_jobs,
-                      train["job_seconds_high"] * (len(jobs) if parallel == 1 else waves))
+    training_wall = cost.Range(train["job_seconds_low"] * min_jobs,
+                               train["job_seconds_high"] * (len(jobs) if parallel == 1 else waves))
+    parts = wall_parts(spec, inspection, jobs, evaluator_kind, min_jobs, training_wall, throughput)
+    wall = cost.Range(sum(p["low"] or 0.0 for p in parts.values()), sum(p["high"] or 0.0 for p in parts.values()))
     # The totals count priced endpoints only; `unpriced` names the ones whose cost is unknown.
     unpriced = [name for phase in phases.values() for name in phase.detail.get("unpriced", [])]
     return {"phases": {k: v.to_json() for k, v in phases.items()}, "total": cost.range_json(total),
-            "wall_seconds": cost.range_json(wall), "device": device, "unpriced": sorted(set(unpriced))}
+            "wall_seconds": cost.range_json(wall), "wall_parts": parts, "device": device,
+            "unpriced": sorted(set(unpriced))}
 
 
 def plan_markdown(plan: dict) -> str:
@@ -135,7 +186,7 @@ def evaluator_summary(kind: str, spec: RunSpec) -> str:
 
 
 def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
-               prices: dict | None = None) -> dict:
+               prices: dict | None = None, throughput: dict | None = None) -> dict:
     """Everything the approver sees, as data (plan.json) — the Markdown is rendered from it."""
     warnings = list(inspection.get("warnings", []))
     pairs = None
@@ -158,7 +209,7 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
         "learning_rate": spec.lr, "epochs": spec.epochs, "batch_size": spec.batch_size,
         "max_length": spec.max_length,
         "evaluator": {"kind": evaluator_kind, "summary": evaluator_summary(evaluator_kind, spec)},
-        "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices),
+        "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices, throughput),
         "budget_usd": spec.budget_usd,
     }
     return plan

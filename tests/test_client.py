@@ -322,3 +322,46 @@ def test_key_from_a_prefect_secret_block(prefect_api, tmp_path, caplog):
     missing = ChatClient(Endpoint(base_url="http://127.0.0.1:9/v1", model="m", api_key_block="no-such-block"))
     with pytest.raises(UserError, match="no-such-block"):
         missing.chat_sync(msgs("x"))
+
+
+# -- a local server preftune started: waited on, not timed out --------------------------------------
+def test_local_server_request_waits_past_the_timeout_while_the_server_lives():
+    """``server_pid`` set (a server preftune started): a reply slower than ``timeout`` is waited for,
+    sent once; a remote endpoint with the same timeout gives up and sends again."""
+    import os
+
+    with StubServer(lambda req: Reply(text="slow but sure", delay=1.5)) as srv:
+        local = ChatClient(Endpoint(base_url=srv.base_url, model="m", server_pid=os.getpid()), timeout=0.3,
+                           max_retries=1, backoff_base=0.001)
+        result = run(_chat(local, "x"))
+        assert (result.text, result.attempts) == ("slow but sure", 1) and len(srv.requests) == 1
+        remote = fast_client(srv, timeout=0.3, max_retries=1)
+        with pytest.raises(ChatError) as info:
+            run(_chat(remote, "y"))
+        assert info.value.reason == "timeout" and len(srv.requests) == 3
+
+
+def test_local_server_that_exits_fails_the_waiting_request_at_once():
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands for its process
+    try:
+        with StubServer(lambda req: Reply(text="never", delay=600)) as srv:
+            client = ChatClient(Endpoint(base_url=srv.base_url, model="m", server_pid=server.pid), timeout=0.2,
+                                max_retries=6, backoff_base=0.001)
+
+            async def go():
+                asyncio.get_running_loop().call_later(0.5, server.kill)
+                return await _chat(client, "x")
+
+            with pytest.raises(ChatError) as info:
+                run(go())
+            assert info.value.reason == "server exited" and "has exited" not in str(info.value)
+            assert len(srv.requests) == 1 and client.usage.failed == 1
+            with pytest.raises(ChatError, match="has exited"):  # nothing more is sent to it
+                run(_chat(client, "y"))
+            assert len(srv.requests) == 1
+    finally:
+        server.kill()
+        server.wait()

@@ -147,3 +147,68 @@ def test_max_pair_prompts_keeps_the_split_proportion(config_only_model):
     assert prompt_quota(spec, _inspection(config_only_model)) == (100, 20)  # pairs data: no cap
     est = estimate(spec, insp, job_grid(spec, [config_only_model]), "evaluator", "cpu")
     assert est["phases"]["pair_generation"]["calls"] == 200
+
+
+def test_wall_time_parts_from_measured_speeds(config_only_model):
+    """100 prompts (80 train / 20 test) at 0.5 s each + 4 s of server start = 54 s; two jobs, no
+    target (every job is evaluated): evaluation = 3 models x (2 s load + 20 prompts x 0.1 s) = 12 s;
+    each shown as 0.75x–1.5x of that; the total adds the training part."""
+    insp = _inspection(config_only_model) | {"format": "prompts", "examples": 100, "train_examples": 80,
+                                             "test_examples": 20}
+    spec = RunSpec(dataset="p.jsonl", base_models=[config_only_model], betas=[0.1, 0.5], target_win_rate=None,
+                   evaluator="x:y", strong=Endpoint(model="/m/s"), weak=Endpoint(model="/m/w"))
+    jobs = job_grid(spec, [config_only_model])
+    measured = {"pairs": {"prompts": 8, "seconds": 4.0, "seconds_per_prompt": 0.5, "completion_tokens": 160,
+                          "tokens_per_s": 40.0, "concurrency": 2, "server_start_s": 4.0},
+                "evaluation": {config_only_model: {"load_s": 2.0, "prompts": 16, "seconds_per_prompt": 0.1}}}
+    plan = build_plan(spec, insp, jobs, "evaluator", "cpu", throughput=measured)
+    parts = plan["estimate"]["wall_parts"]
+    assert (parts["pairs"]["low"], parts["pairs"]["high"]) == (40.5, 81.0)
+    assert (parts["evaluation"]["low"], parts["evaluation"]["high"]) == (9.0, 18.0)
+    train = parts["training"]
+    assert plan["estimate"]["wall_seconds"] == {"low": pytest.approx(49.5 + train["low"], abs=0.11),
+                                                "high": pytest.approx(99.0 + train["high"], abs=0.11)}
+    text = plan_markdown(plan)
+    assert "| pairs | 0.7–1.4 |" in text and "| evaluation | 0.1–0.3 |" in text and "| training |" in text
+    unmeasured = build_plan(spec, insp, jobs, "evaluator", "cpu")["estimate"]["wall_parts"]
+    assert unmeasured["pairs"]["low"] is None and "not estimated" in plan_markdown(
+        build_plan(spec, insp, jobs, "evaluator", "cpu"))
+
+
+def test_calibration_times_local_generators_once_and_never_calls_a_remote_one(tmp_path, zoo):
+    """The zoo's strong and weak folders are served and timed on the run's own prompts; the
+    completions land in the pairs phase's cache; throughput.json makes the second call free. A
+    remote generator is not called at all (its speed is not measured before approval)."""
+    import json
+
+    from preftune.response_cache import ResponseCache
+    from preftune.tasks.throughput import calibrate
+    from preftune.workspace import Workspace
+    from tests.stub_server import Reply, StubServer
+
+    ws = Workspace(tmp_path / "ws")
+    ws.data_dir.mkdir(parents=True)
+    for path, n in ((ws.train_data, 12), (ws.test_data, 4)):
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about town {i}."}]})
+                                + "\n" for i in range(n)))
+    insp = {"format": "prompts", "train_examples": 12, "test_examples": 4}
+    models = zoo["models"]
+    spec = RunSpec(dataset="p.jsonl", base_models=[models["tiny-llama"]], evaluator="x:y", pair_max_tokens=8,
+                   eval_max_new_tokens=8, strong=Endpoint(model=models["tiny-strong"]),
+                   weak=Endpoint(model=models["tiny-weak"]))
+    got = calibrate(spec, ws, insp, [models["tiny-llama"]])
+    pairs = got["pairs"]
+    assert pairs["prompts"] == 8 and pairs["seconds"] > 0 and 0 < pairs["completion_tokens"] <= 2 * 8 * 8
+    assert len(ResponseCache(ws.pairs_dir / "cache")._index) == 16  # both sides of 8 prompts, kept
+    ev = got["evaluation"][models["tiny-llama"]]
+    assert ev["prompts"] == 4 and ev["seconds_per_prompt"] > 0 and ev["load_s"] > 0
+    assert calibrate(spec, ws, insp, [models["tiny-llama"]]) == got  # read back, not measured again
+
+    with StubServer(lambda req: Reply(text="paid")) as srv:
+        remote = spec.model_copy(update={"strong": Endpoint(model="s", base_url=srv.base_url)})
+        other = Workspace(tmp_path / "ws2")
+        other.data_dir.mkdir(parents=True)
+        for name in ("train_data", "test_data"):
+            getattr(other, name).write_text(getattr(ws, name).read_text())
+        assert calibrate(remote, other, insp, [models["tiny-llama"]])["pairs"] is None
+        assert srv.requests == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -254,3 +255,39 @@ def test_disk_full_is_one_line_and_resumes(tmp_path: Path):
     assert again.returncode == 0, again.stderr
     (pairs_file,) = out.glob("pairs-*.jsonl")
     assert len(pairs_file.read_text().splitlines()) == 4
+
+
+def test_local_server_queue_longer_than_the_timeout_is_waited_on_not_stormed(tmp_path: Path):
+    """The retry storm, scaled down. Seen with transformers serve without continuous batching:
+    16 requests in flight per side to a server that computes one at a time, a 60 s client timeout
+    and 6 retries -> 692 requests received for the 160 needed, 54 finished, and pair generation never
+    ended: each request timed out in the server's queue, was sent again, and the server (which never
+    drops a request whose client has gone) computed the abandoned copies too.
+
+    Here the server of the test's own answers ONE request at a time in 0.1 s (the rest queue), so
+    with 32 in flight a request waits up to ~3.2 s; the client's timeout is 0.5 s, shorter than that
+    wait, as 60 s was shorter than the real queue. Configured as for a server preftune started
+    (``server_pid``: this process, which runs the server thread), the client waits on the live
+    server: every prompt is paired and the server receives no more than 1.05x the 128 requests."""
+    n = 64
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                               for i in range(n)))
+    state: dict = {}
+
+    async def one_at_a_time(req: StubRequest) -> Reply:
+        lock = state.setdefault("lock", asyncio.Lock())  # created on the server's loop
+        async with lock:
+            await asyncio.sleep(0.1)
+        return Reply(text=f"{req.body['model']} answers {req.last_user}", prompt_tokens=3, completion_tokens=3)
+
+    with StubServer(one_at_a_time) as srv:
+        local = {"base_url": srv.base_url, "server_pid": os.getpid()}
+        prov = generate_pairs(prompts, Endpoint(model="big", **local), Endpoint(model="small", **local),
+                              tmp_path / "pairs", max_tokens=16, concurrency=16, max_retries=6, timeout=0.5,
+                              progress=False)
+        received = len(srv.requests)
+    assert prov["counts"]["pairs"] == n, prov["dropped"][:3]
+    assert received <= 1.05 * 2 * n
+    for side in ("strong", "weak"):
+        assert prov["usage"][side]["succeeded"] == n and prov["usage"][side]["failed"] == 0

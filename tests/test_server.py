@@ -24,6 +24,7 @@ from preftune.client import ChatClient
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.server import (
+    SERIAL_CONCURRENCY,
     ServerError,
     healthy,
     registry_path,
@@ -98,7 +99,7 @@ def test_real_server_health_chat_and_log(real_server, zoo):
     assert "POST /v1/chat/completions" in log
 
 
-def test_real_server_is_reused_in_process_and_by_another_process(real_server, zoo):
+def test_real_server_is_reused_in_process_not_by_another_process(real_server, zoo):
     handle, cache = real_server
     again = serve_local(zoo["models"]["tiny-llama"], handle.log_path.parent)
     assert again is handle and handle.users == 2
@@ -107,6 +108,10 @@ def test_real_server_is_reused_in_process_and_by_another_process(real_server, zo
     reg = json.loads((cache / "servers" / "registry.json").read_text())
     entry = reg[handle.model_dir]
     assert (entry["pid"], entry["port"], entry["owner"]) == (handle.pid, handle.port, os.getpid())
+    # A tiny model is served one request at a time (batching would slow it down on CPU).
+    assert "--continuous-batching" not in handle.log_path.read_text().splitlines()[0]
+    ep = handle.endpoint()
+    assert (ep.server_pid, ep.concurrency) == (handle.pid, SERIAL_CONCURRENCY)
 
     child = run_child("""
         import sys
@@ -114,9 +119,71 @@ def test_real_server_is_reused_in_process_and_by_another_process(real_server, zo
         h = serve_local(sys.argv[1], sys.argv[2])
         print(h.pid, h.port, h.owned, flush=True)
     """, zoo["models"]["tiny-llama"], str(handle.log_path.parent))
-    out, _ = child.communicate(timeout=60)
-    assert out.split() == [str(handle.pid), str(handle.port), "False"]
-    assert handle.alive() and healthy(handle.port)  # the reusing process did not stop it at exit
+    out, _ = child.communicate(timeout=180)
+    pid, port, owned = out.split()
+    assert int(pid) != handle.pid and int(port) != handle.port and owned == "True"  # its own server
+    assert group_members(int(pid)) == [] and not healthy(int(port))  # stopped when that process ended
+    assert handle.alive() and healthy(handle.port)  # ours was never touched
+    assert json.loads((cache / "servers" / "registry.json").read_text())[handle.model_dir]["pid"] == handle.pid
+
+
+RUN_B = """
+    import sys
+    from preftune.client import ChatClient
+    from preftune.server import resolve_endpoint
+    ep = resolve_endpoint(sys.argv[1], log_dir=sys.argv[2])
+    client = ChatClient(ep, timeout=120)
+    ask = lambda: client.chat_sync([{"role": "user", "content": "Tell me about the sea."}], max_tokens=4).text
+    print(ep.server_pid, ep.base_url, flush=True)
+    ask()
+    print("asked", flush=True)
+    sys.stdin.readline()  # the test stops A meanwhile
+    print(repr(ask()), flush=True)
+"""
+
+
+def test_a_run_keeps_its_server_when_another_process_using_the_folder_exits(zoo, tmp_path):
+    """Process A serves a zoo folder and holds it; process B (a run) uses the same folder. A exits
+    (its server dies with it): B's requests still succeed, and when B ends no server of either
+    remains."""
+    folder = zoo["models"]["tiny-llama"]
+    a = start_in_child_real(folder, tmp_path / "logs-a")
+    a_pid, a_port = map(int, a.stdout.readline().split())
+    b = run_child(RUN_B, folder, str(tmp_path / "logs-b"))
+    b_pid, b_url = b.stdout.readline().split()
+    assert int(b_pid) != a_pid and f":{a_port}/" not in b_url
+    assert b.stdout.readline().strip() == "asked"
+    a.stdin.write("go\n")
+    a.stdin.flush()
+    assert a.wait(timeout=60) == 0
+    assert group_members(a_pid) == [] and not healthy(a_port)  # A's server went with A
+    out, _ = b.communicate("go\n", timeout=180)
+    assert b.returncode == 0 and out.strip().startswith("'")  # B's request after A left succeeded
+    assert group_members(int(b_pid)) == []
+    assert not _serve_processes(folder, {a_pid, int(b_pid)})
+
+
+def start_in_child_real(folder: str, log_dir: Path) -> subprocess.Popen:
+    return run_child("""
+        import sys
+        from preftune.server import serve_local
+        h = serve_local(sys.argv[1], sys.argv[2])
+        print(h.pid, h.port, flush=True)
+        sys.stdin.readline()
+    """, folder, str(log_dir))
+
+
+def _serve_processes(folder: str, pids: set[int]) -> list[int]:
+    """Those of ``pids`` still running a server for ``folder``."""
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE and "serve" in proc.cmdline():
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
 
 
 def test_real_resolve_endpoint_serves_a_folder_and_passes_urls_through(real_server, zoo, tmp_path):
@@ -205,9 +272,12 @@ def test_detached_server_outlives_its_starter_until_stopped(tmp_path):
     child, pid, port = start_in_child(tmp_path, "pass", detach=True)
     assert child.wait(timeout=30) == 0
     assert healthy(port) and group_members(pid)
-    handle = serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE)  # reused, not ours to stop
+    handle = serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE, detach=True)  # a re-deploy reuses it
     assert (handle.pid, handle.owned) == (pid, False)
     handle.release()
+    assert healthy(port)
+    with serve_local(tmp_path / "m", tmp_path / "logs", command=FAKE) as run_own:  # a run gets its own
+        assert run_own.pid != pid and run_own.owned
     assert healthy(port)
     assert stop_server(tmp_path / "m") is True
     assert group_members(pid) == [] and not healthy(port)

@@ -27,10 +27,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (e.g. WORKSPACE/pairs)")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="completion length cap (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="F", help="sampling temperature (default 0: greedy)")
-    p.add_argument("--concurrency", type=int, default=16, metavar="N",
-                   help="requests in flight per endpoint (default 16)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="requests in flight per endpoint (default: what a local server batches, else 16)")
     p.add_argument("--max-retries", type=int, default=6, metavar="N", help="retries per request (default 6)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds per request to a remote endpoint (default 60); a local folder's server "
+                        "is waited on while it lives and answers")
     p.add_argument("--keep-truncated", action="store_true",
                    help="keep pairs whose completion stopped at --max-tokens")
     p.add_argument("--json", action="store_true", help="print the provenance as JSON")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from preftune.server import ServerError, resolve_endpoints
     from preftune.tasks.pairs import generate_pairs
 
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
     out = Path(args.out)
     for _ in iter_records(args.prompts, expect="prompts"):  # bad input: one line, before any server starts
