@@ -1,0 +1,72 @@
+"""Every phase on the real instruct model, SmolLM2-135M-Instruct (ChatML template with a default
+system prompt, 49,152-token vocabulary, EOS <|im_end|>, tied embeddings), through the real flow:
+prompts only → pairs (strong = the real model, weak = the tiny zoo model tiny-weak, both behind
+`transformers serve`) → one LoRA job → evaluation with the bundled Python evaluator → deploy,
+answered by the openai client → report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from preftune.cli.demo import real_demo_spec
+from tests.flow_helpers import flow_state, start_flow, wait_for_end
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+_ENGLISH = re.compile(r"\b(the|a|an|is|are|of|and|to|in|was|he|his|for|it)\b", re.IGNORECASE)
+
+
+def _englishy(text: str) -> bool:
+    words = text.split()
+    return len(words) >= 4 and len(_ENGLISH.findall(text)) >= 2 and \
+        sum(c.isascii() for c in text) >= 0.95 * len(text)
+
+
+def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
+    from openai import OpenAI
+
+    from preftune.tasks.deploy import stop_deployment
+
+    ws = tmp_path / "ws"
+    spec = real_demo_spec(str(ws), zoo, real_model, prompts=24, betas=(0.1,), pair_max_tokens=40,
+                          eval_max_new_tokens=40)
+    fut = start_flow(spec)
+    try:
+        outcome = wait_for_end(ws, fut, timeout=1500)
+        assert outcome["status"] == "completed", outcome
+        assert flow_state(ws).type.value == "COMPLETED"
+
+        inspection = json.loads((ws / "inspection.json").read_text())
+        assert inspection["format"] == "prompts"
+        pairs = [json.loads(x) for x in (ws / "data/train_pairs.jsonl").read_text().splitlines()]
+        assert len(pairs) >= 15
+        provenance = json.loads((ws / "pairs/provenance.json").read_text())
+        assert provenance["models"]["strong"] == real_model["path"], provenance["models"]
+        preferred = [p["preferred_output"][-1]["content"] for p in pairs]
+        english = [t for t in preferred if _englishy(t)]
+        assert len(english) >= 0.8 * len(preferred), preferred
+
+        sweep = json.loads((ws / "jobs/sweep.json").read_text())
+        assert [r["status"] for r in sweep] == ["finished"]
+        assert (ws / "jobs" / sweep[0]["job"]["id"] / "adapter" / "adapter_config.json").exists()
+
+        scores = json.loads((ws / "eval/scores.json").read_text())
+        assert set(scores["models"]) == {sweep[0]["job"]["id"]}
+
+        assert outcome["deployed"] == sweep[0]["job"]["id"] and outcome["endpoint"]
+        ep = json.loads((ws / "deploy/endpoint.json").read_text())
+        reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
+            model=ep["model"], messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason in ("stop", "length") and _englishy(text), text
+        assert "Paris" in text
+
+        report = (ws / "final_report.md").read_text()
+        for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "## Calling the deployed model"):
+            assert heading in report
+    finally:
+        stop_deployment(ws)
