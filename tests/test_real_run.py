@@ -31,8 +31,8 @@ def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
     from preftune.tasks.deploy import stop_deployment
 
     ws = tmp_path / "ws"
-    spec = real_demo_spec(str(ws), zoo, real_model, prompts=24, betas=(0.1,), pair_max_tokens=40,
-                          eval_max_new_tokens=40)
+    spec = real_demo_spec(str(ws), zoo, real_model, prompts=24, betas=(0.1,), pair_max_tokens=24,
+                          eval_max_new_tokens=24)
     fut = start_flow(spec)
     try:
         outcome = wait_for_end(ws, fut, timeout=1500)

@@ -32,9 +32,9 @@ def demo_spec(workspace: str, zoo: dict, *, evaluator: str = EVALUATOR, max_prom
         max_concurrent_jobs=2, target_win_rate=None, auto_approve_max_usd=0.0)
 
 
-def real_demo_spec(workspace: str, zoo: dict, real: dict, *, evaluator: str = EVALUATOR, prompts: int = 40,
-                   betas: tuple[float, ...] = (0.1, 0.5), pair_max_tokens: int = 64,
-                   eval_max_new_tokens: int = 64, deploy: bool = True):
+def real_demo_spec(workspace: str, zoo: dict, real: dict, *, evaluator: str = EVALUATOR, prompts: int = 24,
+                   betas: tuple[float, ...] = (0.1, 0.5), pair_max_tokens: int = 32,
+                   eval_max_new_tokens: int = 40, deploy: bool = True):
     """The flow on the real model: base = strong generator = SmolLM2-135M-Instruct, weak = tiny-weak.
 
     Sized for two CPU cores: `prompts` bundled prompts (80/20 split), short answers, one LoRA epoch
