@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +26,48 @@ def _englishy(text: str) -> bool:
         sum(c.isascii() for c in text) >= 0.95 * len(text)
 
 
-def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
+def check_real_run(ws: Path, real_model: dict, outcome: dict, betas: int) -> dict:
+    """What a finished real-model run must show (also used on a `preftune demo --real` workspace)."""
     from openai import OpenAI
 
+    assert outcome["status"] == "completed", outcome
+    inspection = json.loads((ws / "inspection.json").read_text())
+    assert inspection["format"] == "prompts"
+    # token statistics with the real tokenizer: ChatML with its default system prompt (~30 tokens)
+    assert inspection["token_stats"][real_model["path"]]["prompt"]["mean"] > 30
+    pairs = [json.loads(x) for x in (ws / "data/train_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) >= 15
+    provenance = json.loads((ws / "pairs/provenance.json").read_text())
+    assert provenance["models"]["strong"] == real_model["path"], provenance["models"]
+    preferred = [p["preferred_output"][-1]["content"] for p in pairs]
+    english = [t for t in preferred if _englishy(t)]
+    assert len(english) >= 0.8 * len(preferred), preferred
+
+    sweep = json.loads((ws / "jobs/sweep.json").read_text())
+    assert [r["status"] for r in sweep] == ["finished"] * betas
+    for r in sweep:
+        assert (ws / "jobs" / r["job"]["id"] / "adapter" / "adapter_config.json").exists()
+
+    scores = json.loads((ws / "eval/scores.json").read_text())
+    assert set(scores["models"]) == {r["job"]["id"] for r in sweep}
+
+    assert outcome["deployed"] in scores["models"] and outcome["endpoint"]
+    ep = json.loads((ws / "deploy/endpoint.json").read_text())
+    reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
+        model=ep["model"], messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and _englishy(text), text
+    assert "Paris" in text
+
+    report = (ws / "final_report.md").read_text()
+    for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "### Example answers",
+                    "## Calling the deployed model"):
+        assert heading in report, heading
+    return {"pairs": len(pairs), "reply": text, "scores": scores["models"]}
+
+
+def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
     from preftune.tasks.deploy import stop_deployment
 
     ws = tmp_path / "ws"
@@ -36,37 +76,7 @@ def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
     fut = start_flow(spec)
     try:
         outcome = wait_for_end(ws, fut, timeout=1500)
-        assert outcome["status"] == "completed", outcome
         assert flow_state(ws).type.value == "COMPLETED"
-
-        inspection = json.loads((ws / "inspection.json").read_text())
-        assert inspection["format"] == "prompts"
-        pairs = [json.loads(x) for x in (ws / "data/train_pairs.jsonl").read_text().splitlines()]
-        assert len(pairs) >= 15
-        provenance = json.loads((ws / "pairs/provenance.json").read_text())
-        assert provenance["models"]["strong"] == real_model["path"], provenance["models"]
-        preferred = [p["preferred_output"][-1]["content"] for p in pairs]
-        english = [t for t in preferred if _englishy(t)]
-        assert len(english) >= 0.8 * len(preferred), preferred
-
-        sweep = json.loads((ws / "jobs/sweep.json").read_text())
-        assert [r["status"] for r in sweep] == ["finished"]
-        assert (ws / "jobs" / sweep[0]["job"]["id"] / "adapter" / "adapter_config.json").exists()
-
-        scores = json.loads((ws / "eval/scores.json").read_text())
-        assert set(scores["models"]) == {sweep[0]["job"]["id"]}
-
-        assert outcome["deployed"] == sweep[0]["job"]["id"] and outcome["endpoint"]
-        ep = json.loads((ws / "deploy/endpoint.json").read_text())
-        reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
-            model=ep["model"], messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=24)
-        text = reply.choices[0].message.content
-        assert reply.choices[0].finish_reason in ("stop", "length") and _englishy(text), text
-        assert "Paris" in text
-
-        report = (ws / "final_report.md").read_text()
-        for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "## Calling the deployed model"):
-            assert heading in report
+        check_real_run(ws, real_model, outcome, betas=1)
     finally:
         stop_deployment(ws)
