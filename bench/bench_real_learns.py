@@ -91,6 +91,11 @@ def _measure(model, tokenizer, held: list[list[dict]]) -> dict:
 
 
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="accepted for run_all.py; the run is already small")
+    ap.parse_args()
     torch.set_num_threads(2)
     from preftune.job import TrainConfig
     from preftune.realmodel import build_real_model
