@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from preftune.cli.demo import real_demo_spec
-from tests.flow_helpers import flow_state, start_flow, wait_for_end
+from tests.flow_helpers import answer, flow_state, start_flow, wait_for_end
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -73,8 +73,13 @@ def test_every_phase_on_the_real_model(zoo, real_model, tmp_path):
     ws = tmp_path / "ws"
     spec = real_demo_spec(str(ws), zoo, real_model, prompts=24, betas=(0.1,), pair_max_tokens=24,
                           eval_max_new_tokens=24)
+    # Asked like a person: approve the plan; deploy the one job (24 prompts give ~5 held-out ones, too
+    # few for a clear winner, so the headless "recommended" answer would deploy nothing).
+    spec = spec.model_copy(update={"auto_approve_max_usd": None, "approval_poll_s": 1})
     fut = start_flow(spec)
     try:
+        answer(ws, fut, "decision", {"decision": "approve"})
+        answer(ws, fut, "deploy", {"deploy": "smollm2-135m-instruct-dpo-b0.1"})
         outcome = wait_for_end(ws, fut, timeout=1500)
         assert flow_state(ws).type.value == "COMPLETED"
         check_real_run(ws, real_model, outcome, betas=1)
