@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["bench_zoo.py", "bench_inspect.py", "bench_train.py", "bench_pairs.py", "bench_judge.py"]
+ORDER = ["bench_zoo.py", "bench_inspect.py", "bench_train.py", "bench_pairs.py", "bench_judge.py",
+         "bench_real_hh.py", "bench_real_learns.py"]
 
 
 def main() -> int:

@@ -114,6 +114,40 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
     return out
 
 
+def _completions(path: str | None) -> dict[str, str]:
+    from preftune.judges.completions import read_cache
+
+    return read_cache(Path(path)) if path and Path(path).exists() else {}
+
+
+def example_answers(ws: Workspace, outcome: dict, scores: dict | None, rows: list[dict], n: int = 2) -> list[dict]:
+    """The first ``n`` held-out prompts with both answers: the base model's and the deployed (else the
+    first evaluated) candidate's, read back from the evaluation's completion caches."""
+    from preftune.records import iter_records, prompt_hash, prompt_of
+
+    candidates = list((scores or {}).get("models") or {})
+    chosen = outcome.get("deployed") if outcome.get("deployed") in candidates else (candidates or [None])[0]
+    job = next((r for r in rows if r["id"] == chosen), None)
+    if job is None:
+        return []
+    base_dir = ws.eval_dir / job["base_model"]
+    info = (_maybe(base_dir / "scores.json") or {})
+    models = info.get("models_info") or {}
+    if "base" not in models or chosen not in models or not info.get("test_data"):
+        return []
+    base, tuned = _completions(models["base"].get("completions")), _completions(models[chosen].get("completions"))
+    out: list[dict] = []
+    for _, rec in iter_records(info["test_data"]):
+        messages, tools = prompt_of(rec)
+        h = prompt_hash(messages, tools)
+        if h in base and h in tuned and all(x["prompt"] != messages[-1]["content"] for x in out):
+            out.append({"prompt": messages[-1]["content"], "base": base[h], "tuned": tuned[h], "model": chosen,
+                        "base_model": job["base_model"]})
+        if len(out) >= n:
+            break
+    return out
+
+
 def collect(ws: Workspace) -> dict:
     run = _maybe(ws.run_record) or {}
     spec = run.get("spec", {})
@@ -131,6 +165,7 @@ def collect(ws: Workspace) -> dict:
         "actual": actual_cost(spec, rows, provenance, scores, device,
                               ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
+        "examples": example_answers(ws, _maybe(ws.outcome) or {}, scores, rows),
     }
 
 

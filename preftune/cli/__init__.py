@@ -42,7 +42,11 @@ OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK":
                     "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
                     # transformers' per-load "Loading weights" bars interleave with the flow's log
                     # lines; preftune shows its own progress (terminal bars, Prefect artifacts).
-                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                    # The ephemeral Prefect API `run`/`demo` start when PREFECT_API_URL is unset: its
+                    # default 20 s start-up limit is missed on a loaded 2-core machine (seen: `demo --real`
+                    # failed at start beside two busy model servers).
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
 def _quiet_library_warnings() -> None:
