@@ -84,8 +84,17 @@ def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> li
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:
+    """The completion's tokens and exactly ONE EOS after them.
+
+    A text that already ends with the EOS string (some exports append it) would otherwise end
+    with two EOS tokens — a silent error: the model would learn to emit EOS after EOS.
+    """
     # verbose=False: a long completion is truncated below, no need for the over-length warning
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    while ids and ids[-1] == eos:
+        ids.pop()
+    return ids + [eos]
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
