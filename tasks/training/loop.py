@@ -3,6 +3,12 @@
 Plain torch under ``accelerate`` (device placement, bf16 autocast on GPU, DDP when launched on
 several processes). Batches are planned per epoch from (seed, epoch), so a resumed job replays
 exactly the batches a never-interrupted one would have seen.
+
+A micro-batch of B pairs is run PAIRS_PER_FORWARD pairs at a time (forward, loss, backward), its
+gradients summed. Every loss here is per pair (a pair's loss depends on its own two rows only), so
+the gradient is the batch mean's, unchanged; but the activations kept for the backward are those
+of PAIRS_PER_FORWARD pairs, not B (at 49k vocabulary and 512 tokens, the decoder's activations are
+most of a step's memory), and each forward is padded to its own longest row only.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import torch
 from preftune.tasks.training.data import TokenizedPair, collate, plan_batches, sorted_batches
 from preftune.tasks.training.logps import batch_logps
 from preftune.tasks.training.losses import LossSettings, SeqLogps, preference_loss
+
+# Pairs per forward/backward inside a micro-batch (see the module docstring): 1 = each pair's chosen
+# and rejected rows, (2, T), padded to the longer of the two.
+PAIRS_PER_FORWARD = 1
 
 
 @dataclass
@@ -133,13 +143,17 @@ def train_step(ctx, group: list[list[int]], window: Window, state: TrainState) -
     """One optimizer step over ``group`` (grad_accum micro-batches of dataset indices)."""
     acc, module = ctx.accelerator, ctx.module
     t0 = time.perf_counter()
-    for i, idx in enumerate(group):
+    # (pair indices of one forward, number of pairs of the micro-batch it belongs to)
+    parts = [(idx[k:k + PAIRS_PER_FORWARD], len(idx)) for idx in group
+             for k in range(0, len(idx), PAIRS_PER_FORWARD)]
+    for i, (idx, micro_pairs) in enumerate(parts):
         batch = collate([ctx.pairs[j] for j in idx], idx, ctx.pad_id)
-        last = i == len(group) - 1
+        last = i == len(parts) - 1  # DDP: gradients are synchronised on the group's last backward
         with nullcontext() if last else acc.no_sync(module):
             policy = seq_logps(module, batch, acc.device)
             out = preference_loss(ctx.settings, policy, reference_of(ctx.ref, policy, batch.index))
-            acc.backward(out.losses.mean() / len(group))
+            # this part's share of (mean over its micro-batch's pairs) / micro-batches per step
+            acc.backward(out.losses.sum() / (micro_pairs * len(group)))
         window.add(out.losses, out, policy)
         loss_sum = out.losses.detach().float().sum().item()
         state.epoch_loss_sum += loss_sum
