@@ -170,6 +170,29 @@ def train_config(spec: dict):
     )
 
 
+def before_issue_12() -> None:
+    """Our trainer as it was before issue 12, for a before/after on the same machine and load: the
+    (N, V) logits through one ``cross_entropy`` (its log-softmax kept for the backward), every
+    micro-batch's pairs in one forward/backward, and the rows padded (one batched body forward)."""
+    import torch
+    import torch.nn.functional as F
+
+    from preftune.tasks.training import logps, loop
+
+    def plain_target_logps(hidden, head, targets, softcap=None):
+        logits = head(hidden).float()  # (N, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return -F.cross_entropy(logits, targets, reduction="none")
+
+    def padded_batch_logps(module, batch):
+        return module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+
+    logps.target_logps = plain_target_logps
+    logps.batch_logps = loop.batch_logps = padded_batch_logps
+    loop.PAIRS_PER_FORWARD = {}  # the whole micro-batch in one forward
+
+
 def worker_ours(spec: dict) -> dict:
     import torch
 
@@ -177,6 +200,8 @@ def worker_ours(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from preftune.tasks.training import run_training
 
+    if spec.get("before"):
+        before_issue_12()
     cfg = train_config(spec)
     start, cpu = time.perf_counter(), time.process_time()
     summary = run_training(cfg)
@@ -291,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="Rounds; each job reports its fastest round.")
     ap.add_argument("--skip-trl", action="store_true", help="Only our trainer (no TRL needed; TRL targets skipped).")
     ap.add_argument("--skip-sweep", action="store_true", help="No sweep (its target skipped).")
+    ap.add_argument("--before", action="store_true",
+                    help="Also run our trainer as it was before issue 12 (a before/after on the same load).")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep files here (default: a temp dir).")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -332,9 +359,9 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     base = {"model": str(model), "data": str(data), "n": n, "batch_size": args.batch_size,
             "max_length": args.max_length, "threads": args.threads, "device": args.device, **lora}
 
-    def ours(tag: str, beta: float, cache: str, r: int) -> dict:
+    def ours(tag: str, beta: float, cache: str, r: int, before: bool = False) -> dict:
         spec = dict(base, tag=f"{tag}-r{r}", beta=beta, out=str(workdir / f"job-{tag}-r{r}"),
-                    ref_cache=str(workdir / f"{cache}-r{r}"))
+                    ref_cache=str(workdir / f"{cache}-r{r}"), before=before)
         return run_worker("ours", spec, workdir)
 
     def trl(tag: str, precompute: bool, r: int) -> dict:
@@ -354,6 +381,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     runs: dict[str, list[dict]] = {}
     for r in range(args.repeats):
         jobs = {"first": lambda r=r: ours("b0-shared", betas[0], "refcache-shared", r)}
+        if args.before:
+            jobs["before"] = lambda r=r: ours("b0-before", betas[0], "refcache-before", r, before=True)
         if not args.skip_trl:
             jobs["trl"] = lambda r=r: trl("trl", False, r)
             jobs["trl_pre"] = lambda r=r: trl("trl-precompute", True, r)
@@ -376,7 +405,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
                               [first] + [best[f"alone{i}"] for i in rest])
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     flops = model_flops(params, first, trls, peak) if args.real else None
-    return report(n, args, first, trls, sweep, load, targets, flops)
+    return report(n, args, first, trls, sweep, load, targets, flops, best.get("before"))
 
 
 def matmul_peak(threads: int, device: str) -> float:
@@ -437,10 +466,12 @@ TRL_NAMES = {"trl": "TRL DPOTrainer (default ref)", "trl_pre": "TRL + precompute
 
 
 def report(n: int, args: argparse.Namespace, first: dict, trls: dict[str, dict], sweep: dict | None,
-           load: dict, targets: list[Target], flops: dict | None = None) -> int:
+           load: dict, targets: list[Target], flops: dict | None = None, before: dict | None = None) -> int:
     print(f"\n{'contestant':<34}{'device':>7}{'wall s':>9}{'CPU s':>9}{'ref s':>8}{'samples/s':>11}"
           f"{'peak RSS MB':>13}")
     rows = [("preftune (whole call, cold ref)", first)] + [(TRL_NAMES[k], v) for k, v in trls.items()]
+    if before is not None:
+        rows.append(("preftune before issue 12", before))
     for name, r in rows:
         print(f"{name:<34}{r['device']:>7}{_fmt(r['wall_s']):>9}{_fmt(r['cpu_s']):>9}{_fmt(r.get('reference_s')):>8}"
               f"{_fmt(r['samples_per_s']):>11}{_fmt(r['peak_rss_mb'], 0):>13}")
@@ -454,7 +485,10 @@ def report(n: int, args: argparse.Namespace, first: dict, trls: dict[str, dict],
             if key in flops["flops_per_s"]:
                 print(f"  {name:<32} {flops['flops_per_s'][key] / 1e9:8.1f} GFLOP/s  "
                       f"{flops['of_peak'][key]:6.1%} of the matmul peak")
-    result: dict = {"bench": "train", "real": args.real, "flops": flops, "quick": args.quick, "pairs": n, "model": args.model, "device": args.device,
+    if before is not None:
+        print(f"ours now / before issue 12: {first['samples_per_s'] / before['samples_per_s']:.2f}x samples/s, "
+              f"peak RSS {first['peak_rss_mb'] / before['peak_rss_mb']:.2f}x")
+    result: dict = {"bench": "train", "real": args.real, "before": before, "flops": flops, "quick": args.quick, "pairs": n, "model": args.model, "device": args.device,
                     "repeats": args.repeats, "batch_size": args.batch_size, "max_length": args.max_length,
                     "threads": args.threads, "load_avg": load, "ours": first}
     measured: dict[str, float | None] = {}

@@ -52,6 +52,7 @@ class Batch:
     targets: torch.Tensor  # (N,) the completion token ids
     seq_ids: torch.Tensor  # (N,) row (0..2B-1) each completion token belongs to
     n_tokens: torch.Tensor  # (2B,) completion tokens per row
+    lengths: torch.Tensor  # (2B,) real (non-pad) tokens per row
     index: torch.Tensor  # (B,) dataset index of each pair (for reference log-prob lookup)
     real_tokens: int  # non-pad tokens in input_ids
 
@@ -152,6 +153,7 @@ def collate(pairs: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
         targets=torch.tensor(targets, dtype=torch.long),
         seq_ids=torch.tensor(seq_ids, dtype=torch.long),
         n_tokens=torch.tensor(n_tokens, dtype=torch.long),
+        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
         index=torch.tensor(index, dtype=torch.long),
         real_tokens=sum(len(r) for r in rows),
     )

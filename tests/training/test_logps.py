@@ -51,3 +51,27 @@ def test_target_logps_under_no_grad_needs_no_backward_state():
         out = target_logps(hidden, head, torch.zeros(5, dtype=torch.long))
     assert out.grad_fn is None
     assert_close(out, F.log_softmax(head(hidden), -1)[:, 0])
+
+
+def test_rows_without_padding_equal_the_padded_batch(base_model, marker_data):
+    """On CPU each row runs alone without its pads: same log-probs and gradients as the padded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
+    from preftune.tasks.training.logps import SequenceLogps
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:3], tokenizer, max_length=512)
+    batch = collate(pairs, [0, 1, 2], pad_id=tokenizer.pad_token_id)
+    assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: some are padded
+    module = SequenceLogps(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    args = (batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+    padded = module(*args)
+    grads_padded = torch.autograd.grad(padded.sum(), params)
+    unpadded = module(*args, batch.lengths)
+    grads_unpadded = torch.autograd.grad(unpadded.sum(), params)
+    assert_close(unpadded, padded, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads_unpadded, grads_padded, strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -146,7 +146,7 @@ def test_pairs_per_forward_leaves_the_gradient_unchanged(small_cfg, monkeypatch,
     group = [[0, 3, 5, 7], [2, 9, 11]][:grad_accum]
 
     def gradients(per_forward: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(loop, "PAIRS_PER_FORWARD", per_forward)
+        monkeypatch.setattr(loop, "PAIRS_PER_FORWARD", {"cpu": per_forward})
         torch.manual_seed(0)
         module = SequenceLogps(load_policy(cfg))
         with torch.no_grad():  # B ≠ 0, so the policy differs from the reference and gradients vary per pair
