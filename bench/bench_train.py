@@ -3,6 +3,17 @@
     .venv/bin/python bench/bench_train.py            # 256 pairs (issue 3's settings)
     .venv/bin/python bench/bench_train.py --quick    # 32 pairs, a smoke run (full-size targets skipped)
     .venv/bin/python bench/bench_train.py --device cuda   # every contestant on the GPU instead
+    .venv/bin/python bench/bench_train.py --real     # SmolLM2-135M-Instruct (issue 12's settings, below)
+    .venv/bin/python bench/bench_train.py --real --quick   # 16 pairs, max length 256: a smoke run
+    .venv/bin/python bench/bench_train.py --real --skip-sweep   # the three contestants only
+
+``--real`` (issue 12): the real model SmolLM2-135M-Instruct (a 49,152-token vocabulary, where the
+logits dominate memory), the first 128 pairs of tests/data/public/public_pairs.jsonl, max length
+512, batch 4, LoRA r=16 (alpha 32) on all linear layers, fp32, 2 threads; its targets are
+``REAL_TARGETS``. It also prints each contestant's model FLOP/s (``preftune.cost.train_flops``: ~4N
+per trained token for LoRA + 2N for the reference forward, N = the model's parameters, over the
+trained tokens our job counts) against the machine's float32 matmul peak, measured in the same run
+(a 1024 x 1024 matmul with the same number of torch threads).
 
 Settings shared by all contestants: a zoo base model, LoRA r=8 (alpha 16, no dropout) on all
 linear layers, batch 8, max_length 256, 1 epoch, lr 5e-4 with 10 % linear warm-up then linear
@@ -56,7 +67,10 @@ sys.path.insert(0, str(REPO))
 from targets import Target, print_targets, verdict  # noqa: E402  (bench/targets.py)
 
 RESULT_TAG = "BENCH_RESULT "
-LR, WARMUP, SEED, LORA_R, LORA_ALPHA = 5e-4, 0.1, 0, 8, 16
+LR, WARMUP, SEED = 5e-4, 0.1, 0
+LORA_R, LORA_ALPHA = 8, 16  # the zoo runs; --real uses r 16, alpha 32
+REAL_LORA_R, REAL_LORA_ALPHA = 16, 32
+REAL_DATA = REPO / "tests" / "data" / "public" / "public_pairs.jsonl"
 
 SPEED, RSS, SWEEP = "speed: ours / faster TRL", "peak RSS: ours / faster TRL", "sweep ratio / its floor"
 TARGETS = [  # issue 3
@@ -67,6 +81,13 @@ TARGETS = [  # issue 3
     Target(SWEEP, "<=", 1.03, "x", full_size_only=True,
            note="shared-cache / no-cache sweep time within 3% of the best ratio any cache could reach; "
                 "at 32 pairs the fixed cost per job keeps it further off"),
+]
+REAL_TARGETS = [  # issue 12, on SmolLM2-135M-Instruct
+    Target(SPEED, ">=", 1.5, "x", full_size_only=True,
+           note="samples/s against the faster TRL configuration, 128 pairs, max length 512"),
+    Target(RSS, "<=", 0.8, "x", note="peak RSS against that same TRL configuration"),
+    Target(SWEEP, "<=", 1.03, "x", full_size_only=True,
+           note="3-beta sweep, shared reference cache vs three unshared jobs, against (3T + R)/(3T + 3R)"),
 ]
 
 
@@ -96,10 +117,14 @@ def _corpus_pairs() -> list[dict]:
     return pairs
 
 
-def build_pairs(n: int) -> tuple[list[dict], str]:
+def build_pairs(n: int, real: bool = False) -> tuple[list[dict], str]:
     """n canonical pairs, cycling the source if it has fewer; returns (pairs, source name)."""
     examples = REPO / "examples" / "pairs.jsonl"
-    if examples.is_file():
+    if real:
+        from preftune.records import load_pairs
+
+        source, name = load_pairs(REAL_DATA), str(REAL_DATA.relative_to(REPO))
+    elif examples.is_file():
         from preftune.records import load_pairs
 
         source, name = load_pairs(examples), "examples/pairs.jsonl"
@@ -138,11 +163,34 @@ def train_config(spec: dict):
 
     return TrainConfig(
         data=Path(spec["data"]), model=Path(spec["model"]), out=Path(spec["out"]),
-        loss_type="dpo", beta=spec["beta"], lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+        loss_type="dpo", beta=spec["beta"], lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
         lr=LR, warmup_ratio=WARMUP, epochs=1, batch_size=spec["batch_size"], grad_accum=1,
         max_length=spec["max_length"], seed=SEED, ref_cache=Path(spec["ref_cache"]),
         num_threads=spec["threads"],
     )
+
+
+def before_issue_12() -> None:
+    """Our trainer as it was before issue 12, for a before/after on the same machine and load: the
+    (N, V) logits through one ``cross_entropy`` (its log-softmax kept for the backward), every
+    micro-batch's pairs in one forward/backward, and the rows padded (one batched body forward)."""
+    import torch
+    import torch.nn.functional as F
+
+    from preftune.tasks.training import logps, loop
+
+    def plain_target_logps(hidden, head, targets, softcap=None):
+        logits = head(hidden).float()  # (N, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return -F.cross_entropy(logits, targets, reduction="none")
+
+    def padded_batch_logps(module, batch):
+        return module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+
+    logps.target_logps = plain_target_logps
+    logps.batch_logps = loop.batch_logps = padded_batch_logps
+    loop.PAIRS_PER_FORWARD = {}  # the whole micro-batch in one forward
 
 
 def worker_ours(spec: dict) -> dict:
@@ -152,6 +200,8 @@ def worker_ours(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from preftune.tasks.training import run_training
 
+    if spec.get("before"):
+        before_issue_12()
     cfg = train_config(spec)
     start, cpu = time.perf_counter(), time.process_time()
     summary = run_training(cfg)
@@ -205,7 +255,7 @@ def worker_trl(spec: dict) -> dict:
         precompute_ref_log_probs=spec["precompute"],
         precompute_ref_batch_size=spec["batch_size"] * 2,  # ours: reference pass at twice the batch
     )
-    peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+    peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(conv),
                          processing_class=tokenizer, peft_config=peft_config)
@@ -251,22 +301,31 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="Smoke run: 32 pairs; full-size targets skipped.")
+    ap.add_argument("--quick", action="store_true",
+                    help="Smoke run: 32 pairs (--real: 16 pairs, max length 256); full-size targets skipped.")
+    ap.add_argument("--real", action="store_true",
+                    help="SmolLM2-135M-Instruct, 128 public pairs, max length 512, batch 4, LoRA r 16 (issue 12).")
     ap.add_argument("--pairs", type=int, default=None, help="Number of pairs (default 256, --quick 32).")
-    ap.add_argument("--model", default="tiny-llama", help="Zoo model name.")
+    ap.add_argument("--model", default="tiny-llama", help="Zoo model name (ignored with --real).")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="Where every contestant trains (cpu hides the GPUs from each child).")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="Default 8 (--real: 4).")
+    ap.add_argument("--max-length", type=int, default=None, help="Default 256 (--real: 512, --real --quick: 256).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--betas", default="0.1,0.05,0.5", help="Sweep betas; the first is the single job's.")
     ap.add_argument("--repeats", type=int, default=1, help="Rounds; each job reports its fastest round.")
     ap.add_argument("--skip-trl", action="store_true", help="Only our trainer (no TRL needed; TRL targets skipped).")
     ap.add_argument("--skip-sweep", action="store_true", help="No sweep (its target skipped).")
+    ap.add_argument("--before", action="store_true",
+                    help="Also run our trainer as it was before issue 12 (a before/after on the same load).")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep files here (default: a temp dir).")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 4 if args.real else 8
+    if args.max_length is None:
+        args.max_length = 512 if args.real and not args.quick else 256
 
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_trl
@@ -282,18 +341,27 @@ def main(argv: list[str] | None = None) -> int:
 def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     from preftune.zoo import build_zoo
 
-    n = args.pairs or (32 if args.quick else 256)
+    if args.real:
+        from preftune.realmodel import NAME, build_real_model
+
+        manifest = build_real_model()
+        model, args.model, params = manifest["path"], NAME, manifest["params"]
+        n = args.pairs or (16 if args.quick else 128)
+        lora = {"lora_r": REAL_LORA_R, "lora_alpha": REAL_LORA_ALPHA}
+    else:
+        model, params = build_zoo()["models"][args.model], None
+        n = args.pairs or (32 if args.quick else 256)
+        lora = {"lora_r": LORA_R, "lora_alpha": LORA_ALPHA}
     betas = [float(b) for b in args.betas.split(",")]
-    model = build_zoo()["models"][args.model]
-    pairs, source = build_pairs(n)
+    pairs, source = build_pairs(n, args.real)
     data = workdir / "pairs.jsonl"
     write_jsonl(data, pairs)
     base = {"model": str(model), "data": str(data), "n": n, "batch_size": args.batch_size,
-            "max_length": args.max_length, "threads": args.threads, "device": args.device}
+            "max_length": args.max_length, "threads": args.threads, "device": args.device, **lora}
 
-    def ours(tag: str, beta: float, cache: str, r: int) -> dict:
+    def ours(tag: str, beta: float, cache: str, r: int, before: bool = False) -> dict:
         spec = dict(base, tag=f"{tag}-r{r}", beta=beta, out=str(workdir / f"job-{tag}-r{r}"),
-                    ref_cache=str(workdir / f"{cache}-r{r}"))
+                    ref_cache=str(workdir / f"{cache}-r{r}"), before=before)
         return run_worker("ours", spec, workdir)
 
     def trl(tag: str, precompute: bool, r: int) -> dict:
@@ -301,16 +369,20 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
                     out=str(workdir / f"{tag}-out-r{r}"))
         return run_worker("trl", spec, workdir)
 
+    targets = REAL_TARGETS if args.real else TARGETS
     print(f"bench_train: {n} pairs from {source}; model {args.model}; device {args.device}; "
-          f"batch {args.batch_size}; max_length {args.max_length}; {args.threads} threads; "
-          f"{args.repeats} round(s)", flush=True)
-    print_targets(TARGETS, args.quick)
+          f"batch {args.batch_size}; max_length {args.max_length}; LoRA r {lora['lora_r']}; "
+          f"{args.threads} threads; {args.repeats} round(s)", flush=True)
+    print_targets(targets, args.quick)
+    peak = matmul_peak(args.threads, args.device) if args.real else None
     load_before = os.getloadavg()[0]
     # Rounds interleave the contestants so a burst of outside load hits them alike; each job keeps
     # its fastest round (the least disturbed one). Every round starts from cold caches.
     runs: dict[str, list[dict]] = {}
     for r in range(args.repeats):
         jobs = {"first": lambda r=r: ours("b0-shared", betas[0], "refcache-shared", r)}
+        if args.before:
+            jobs["before"] = lambda r=r: ours("b0-before", betas[0], "refcache-before", r, before=True)
         if not args.skip_trl:
             jobs["trl"] = lambda r=r: trl("trl", False, r)
             jobs["trl_pre"] = lambda r=r: trl("trl-precompute", True, r)
@@ -332,7 +404,38 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
         sweep = sweep_summary(betas, [first] + [best[f"shared{i}"] for i in rest],
                               [first] + [best[f"alone{i}"] for i in rest])
     load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
-    return report(n, args, first, trls, sweep, load)
+    flops = model_flops(params, first, trls, peak) if args.real else None
+    return report(n, args, first, trls, sweep, load, targets, flops, best.get("before"))
+
+
+def matmul_peak(threads: int, device: str) -> float:
+    """The machine's float32 matmul FLOP/s now: best of 20 timed 1024 x 1024 x 1024 products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dev = "cuda" if device == "cuda" else "cpu"
+    a, b = torch.randn(1024, 1024, device=dev), torch.randn(1024, 1024, device=dev)
+    best = float("inf")
+    for _ in range(23):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
+
+
+def model_flops(params: int, first: dict, trls: dict[str, dict], peak: float) -> dict:
+    """Model FLOP/s of each contestant over the same work (our job's trained tokens), and / peak."""
+    from preftune.cost import train_flops
+
+    work = train_flops(params, first["train_tokens"], full=False)
+    rows = {"ours": first, **trls}
+    per = {k: work / r["wall_s"] for k, r in rows.items()}
+    return {"params": params, "tokens": first["train_tokens"], "flops": work, "matmul_peak_flops_per_s": peak,
+            "flops_per_s": per, "of_peak": {k: v / peak for k, v in per.items()}}
 
 
 def sweep_summary(betas: list[float], shared: list[dict], alone: list[dict]) -> dict:
@@ -363,16 +466,29 @@ TRL_NAMES = {"trl": "TRL DPOTrainer (default ref)", "trl_pre": "TRL + precompute
 
 
 def report(n: int, args: argparse.Namespace, first: dict, trls: dict[str, dict], sweep: dict | None,
-           load: dict) -> int:
+           load: dict, targets: list[Target], flops: dict | None = None, before: dict | None = None) -> int:
     print(f"\n{'contestant':<34}{'device':>7}{'wall s':>9}{'CPU s':>9}{'ref s':>8}{'samples/s':>11}"
           f"{'peak RSS MB':>13}")
     rows = [("preftune (whole call, cold ref)", first)] + [(TRL_NAMES[k], v) for k, v in trls.items()]
+    if before is not None:
+        rows.append(("preftune before issue 12", before))
     for name, r in rows:
         print(f"{name:<34}{r['device']:>7}{_fmt(r['wall_s']):>9}{_fmt(r['cpu_s']):>9}{_fmt(r.get('reference_s')):>8}"
               f"{_fmt(r['samples_per_s']):>11}{_fmt(r['peak_rss_mb'], 0):>13}")
     print("timed: ours = the whole run_training call; TRL = train() + its reference precompute "
           "(model load and tokenisation not timed); ref s = the reference pass alone (TRL default: inside train())")
-    result: dict = {"bench": "train", "quick": args.quick, "pairs": n, "model": args.model, "device": args.device,
+    if flops is not None:
+        print(f"model FLOPs: {flops['flops'] / 1e12:.2f} TFLOP ({flops['tokens']:,} trained tokens x (4N LoRA + 2N "
+              f"reference), N = {flops['params']:,}); fp32 matmul peak now "
+              f"{flops['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.threads} threads, 1024^3)")
+        for key, name in (("ours", "preftune"), *TRL_NAMES.items()):
+            if key in flops["flops_per_s"]:
+                print(f"  {name:<32} {flops['flops_per_s'][key] / 1e9:8.1f} GFLOP/s  "
+                      f"{flops['of_peak'][key]:6.1%} of the matmul peak")
+    if before is not None:
+        print(f"ours now / before issue 12: {first['samples_per_s'] / before['samples_per_s']:.2f}x samples/s, "
+              f"peak RSS {first['peak_rss_mb'] / before['peak_rss_mb']:.2f}x")
+    result: dict = {"bench": "train", "real": args.real, "before": before, "flops": flops, "quick": args.quick, "pairs": n, "model": args.model, "device": args.device,
                     "repeats": args.repeats, "batch_size": args.batch_size, "max_length": args.max_length,
                     "threads": args.threads, "load_avg": load, "ours": first}
     measured: dict[str, float | None] = {}
@@ -409,7 +525,7 @@ def report(n: int, args: argparse.Namespace, first: dict, trls: dict[str, dict],
     if max(load["before"], load["after"]) > args.threads + 0.5:
         print(f"warning: load average {load['before']:.1f} -> {load['after']:.1f} on {load['cpus']} CPUs: "
               "other work shared the machine, wall times are inflated; measure on a quiet machine")
-    code, rows_ = verdict(TARGETS, measured, args.quick, skip)
+    code, rows_ = verdict(targets, measured, args.quick, skip)
     result.update(targets=rows_, passed=code == 0)
     print(json.dumps(result), flush=True)
     return code

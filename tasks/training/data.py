@@ -52,6 +52,7 @@ class Batch:
     targets: torch.Tensor  # (N,) the completion token ids
     seq_ids: torch.Tensor  # (N,) row (0..2B-1) each completion token belongs to
     n_tokens: torch.Tensor  # (2B,) completion tokens per row
+    lengths: torch.Tensor  # (2B,) real (non-pad) tokens per row
     index: torch.Tensor  # (B,) dataset index of each pair (for reference log-prob lookup)
     real_tokens: int  # non-pad tokens in input_ids
 
@@ -84,8 +85,17 @@ def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> li
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:
+    """The completion's tokens and exactly ONE EOS after them.
+
+    A text that already ends with the EOS string (some exports append it) would otherwise end
+    with two EOS tokens — a silent error: the model would learn to emit EOS after EOS.
+    """
     # verbose=False: a long completion is truncated below, no need for the over-length warning
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    while ids and ids[-1] == eos:
+        ids.pop()
+    return ids + [eos]
 
 
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
@@ -143,6 +153,7 @@ def collate(pairs: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
         targets=torch.tensor(targets, dtype=torch.long),
         seq_ids=torch.tensor(seq_ids, dtype=torch.long),
         n_tokens=torch.tensor(n_tokens, dtype=torch.long),
+        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
         index=torch.tensor(index, dtype=torch.long),
         real_tokens=sum(len(r) for r in rows),
     )

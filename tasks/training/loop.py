@@ -3,6 +3,13 @@
 Plain torch under ``accelerate`` (device placement, bf16 autocast on GPU, DDP when launched on
 several processes). Batches are planned per epoch from (seed, epoch), so a resumed job replays
 exactly the batches a never-interrupted one would have seen.
+
+On a CPU, a micro-batch of B pairs is run PAIRS_PER_FORWARD pairs at a time (forward, loss,
+backward), its gradients summed. Every loss here is per pair (a pair's loss depends on its own two rows only), so
+the gradient is the batch mean's, unchanged; but the activations kept for the backward are those
+of PAIRS_PER_FORWARD pairs, not B (at 49k vocabulary and 512 tokens, the decoder's activations are
+most of a step's memory), and each forward is padded to its own longest row only. On a GPU the
+whole micro-batch goes in one forward: there, small forwards would leave the device idle.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import torch
 from preftune.tasks.training.data import TokenizedPair, collate, plan_batches, sorted_batches
 from preftune.tasks.training.logps import batch_logps
 from preftune.tasks.training.losses import LossSettings, SeqLogps, preference_loss
+
+# Pairs per forward/backward inside a micro-batch, by device type (see the module docstring); a
+# device not listed runs the whole micro-batch at once. 1 = each pair's chosen and rejected rows.
+PAIRS_PER_FORWARD = {"cpu": 1}
 
 
 @dataclass
@@ -133,13 +144,17 @@ def train_step(ctx, group: list[list[int]], window: Window, state: TrainState) -
     """One optimizer step over ``group`` (grad_accum micro-batches of dataset indices)."""
     acc, module = ctx.accelerator, ctx.module
     t0 = time.perf_counter()
-    for i, idx in enumerate(group):
+    # (pair indices of one forward, number of pairs of the micro-batch it belongs to)
+    step = PAIRS_PER_FORWARD.get(acc.device.type) or max(len(idx) for idx in group)
+    parts = [(idx[k:k + step], len(idx)) for idx in group for k in range(0, len(idx), step)]
+    for i, (idx, micro_pairs) in enumerate(parts):
         batch = collate([ctx.pairs[j] for j in idx], idx, ctx.pad_id)
-        last = i == len(group) - 1
+        last = i == len(parts) - 1  # DDP: gradients are synchronised on the group's last backward
         with nullcontext() if last else acc.no_sync(module):
             policy = seq_logps(module, batch, acc.device)
             out = preference_loss(ctx.settings, policy, reference_of(ctx.ref, policy, batch.index))
-            acc.backward(out.losses.mean() / len(group))
+            # this part's share of (mean over its micro-batch's pairs) / micro-batches per step
+            acc.backward(out.losses.sum() / (micro_pairs * len(group)))
         window.add(out.losses, out, policy)
         loss_sum = out.losses.detach().float().sum().item()
         state.epoch_loss_sum += loss_sum

@@ -125,3 +125,48 @@ def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tm
     expected = [r["loss"] for r in read_metrics(tmp_path / "straight")]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]), torch.tensor(expected),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_pairs_per_forward_leaves_the_gradient_unchanged(small_cfg, monkeypatch, grad_accum):
+    """One pair per forward/backward (the default) gives the gradient of one whole-batch forward."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from preftune.hf import load_tokenizer
+    from preftune.tasks.training import loop
+    from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+    from preftune.tasks.training.logps import SequenceLogps
+    from preftune.tasks.training.modeling import load_policy, pad_id
+
+    cfg = small_cfg(loss_type="dpo", grad_accum=grad_accum)
+    tokenizer = load_tokenizer(cfg.model)
+    pairs = tokenize_pairs(load_pair_records(cfg.data), tokenizer, cfg.max_length)
+    group = [[0, 3, 5, 7], [2, 9, 11]][:grad_accum]
+
+    def gradients(per_forward: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(loop, "PAIRS_PER_FORWARD", {"cpu": per_forward})
+        torch.manual_seed(0)
+        module = SequenceLogps(load_policy(cfg))
+        with torch.no_grad():  # B ≠ 0, so the policy differs from the reference and gradients vary per pair
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        grads: list[torch.Tensor] = []
+        optimizer.register_step_pre_hook(lambda *_: grads.extend(p.grad.clone() for p in params))
+        ref = {"chosen": torch.linspace(-40, -10, len(pairs)), "rejected": torch.linspace(-30, -20, len(pairs))}
+        ctx = SimpleNamespace(cfg=cfg.model_copy(update={"max_grad_norm": 0.0}), accelerator=Accelerator(),
+                              module=module, optimizer=optimizer,
+                              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), params=params,
+                              pairs=pairs, ref=ref, settings=cfg, pad_id=pad_id(tokenizer))
+        loop.train_step(ctx, group, loop.Window(), loop.TrainState())
+        return grads
+
+    whole, one = gradients(4), gradients(1)
+    assert len(whole) == len(one) > 0 and any(g.abs().sum() > 0 for g in whole)
+    for a, b in zip(one, whole, strict=True):
+        # float32 sums in another order: 1e-5 of each tensor's scale (elements near 0 cancel)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -1,0 +1,77 @@
+"""The chunked target log-probs against the plain log-softmax they replace, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from preftune.tasks.training import logps as logps_mod
+from preftune.tasks.training.logps import target_logps
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_target_logps_equal_log_softmax_gather_with_gradients(monkeypatch, softcap, bias):
+    monkeypatch.setattr(logps_mod, "CHUNK", 7)  # several chunks and a ragged last one (N = 30)
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 30, 16, 50
+    head = nn.Linear(h, v, bias=bias).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, h, generator=gen, dtype=torch.float64))
+        if bias:
+            head.bias.copy_(torch.randn(v, generator=gen, dtype=torch.float64))
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def plain():
+        logits = head(hidden)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+    expected = plain()
+    grads_expected = torch.autograd.grad((expected * upstream).sum(), [hidden, *head.parameters()])
+    # float64 in, float32 out (the log-probs are always float32): compare at float32 precision
+    got = target_logps(hidden, head, targets, softcap)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    grads = torch.autograd.grad((got * upstream.float()).sum(), [hidden, *head.parameters()])
+    assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, grads_expected, strict=True):
+        assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_target_logps_under_no_grad_needs_no_backward_state():
+    head = nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(5, 8)
+    with torch.no_grad():
+        out = target_logps(hidden, head, torch.zeros(5, dtype=torch.long))
+    assert out.grad_fn is None
+    assert_close(out, F.log_softmax(head(hidden), -1)[:, 0])
+
+
+def test_rows_without_padding_equal_the_padded_batch(base_model, marker_data):
+    """On CPU each row runs alone without its pads: same log-probs and gradients as the padded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
+    from preftune.tasks.training.logps import SequenceLogps
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:3], tokenizer, max_length=512)
+    batch = collate(pairs, [0, 1, 2], pad_id=tokenizer.pad_token_id)
+    assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: some are padded
+    module = SequenceLogps(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    args = (batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+    padded = module(*args)
+    grads_padded = torch.autograd.grad(padded.sum(), params)
+    unpadded = module(*args, batch.lengths)
+    grads_unpadded = torch.autograd.grad(unpadded.sum(), params)
+    assert_close(unpadded, padded, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads_unpadded, grads_padded, strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
