@@ -31,7 +31,7 @@ from preftune.files import file_sha256
 SUMMARY_FILE = "summary.json"
 
 # Bump when tokenization, collation or the loop change what a config trains to.
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2  # 2: exactly one EOS per completion; CPU rows without their padding
 
 
 class LossType(StrEnum):

@@ -292,18 +292,13 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
             with open(path, encoding="utf-8") as src:
                 for _, line in zip(range(limit), src, strict=False):
                     out.write(line)
-    # A model folder preftune serves itself (`transformers serve`, no continuous batching) computes one
-    # request at a time and finishes a request whose client gave up: 16 in flight with a 60 s timeout
-    # time every request of a real model out on CPU and send it again. Two in flight (one computing,
-    # one queued) and a timeout that covers the queue.
-    local = {"concurrency": 2, "timeout": 600.0} if None in (spec.strong.base_url, spec.weak.base_url) else {}
     with contextlib.ExitStack() as stack:
         strong, weak = resolve_run_endpoints([spec.strong, spec.weak], log_dir=ws.logs_dir, stack=stack)
         try:
             provenance = generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=spec.pair_max_tokens,
                                         temperature=0.0, keep_truncated=spec.keep_truncated,
                                         cache_dir=ws.pairs_dir / "cache", progress=False, on_progress=on_progress,
-                                        ledger=ws.ledger, **local)
+                                        ledger=ws.ledger)
         except AuthError as err:  # a refused key: the run ends with that one line
             raise RunEnded("failed", str(err)) from None
     if provenance["counts"]["pairs"] < 3:
