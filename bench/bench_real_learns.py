@@ -37,28 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from targets import Target, print_targets, verdict  # noqa: E402
 
-MARKER = "Sure!"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests/ helpers
+from tests.training.marker_data import MARKER, corpus_chats, marker_pair  # noqa: E402
+
 BASE_RATE, TUNED_RATE, PPL_RATIO = "base marker rate", "tuned marker rate", "tuned / base perplexity"
 TARGETS = [Target(BASE_RATE, "<=", 0.10), Target(TUNED_RATE, ">=", 0.90),
            Target(PPL_RATIO, "<=", 1.20, note="held-out answers, marker tokens not counted")]
-
-
-def corpus_chats(split: str) -> list[list[dict]]:
-    from preftune.zoo import CORPUS_PATH
-
-    chats = []
-    for line in Path(CORPUS_PATH).read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec["split"] == split and "messages" in rec and rec["messages"][-1]["role"] == "assistant":
-            chats.append(rec["messages"])
-    return chats
-
-
-def marker_pair(chat: list[dict]) -> dict:
-    answer = chat[-1]["content"]
-    return {"input": {"messages": chat[:-1]},
-            "preferred_output": [{"role": "assistant", "content": f"{MARKER} {answer}"}],
-            "non_preferred_output": [{"role": "assistant", "content": answer}]}
 
 
 @torch.inference_mode()

@@ -12,27 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.zoo import CORPUS_PATH as CORPUS
-
-MARKER = "Sure!"
-
-
-def corpus_chats(split: str) -> list[list[dict]]:
-    """Chat records of the zoo corpus (``train`` or ``heldout``), each a message list."""
-    chats = []
-    with open(CORPUS, encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec["split"] == split and "messages" in rec and rec["messages"][-1]["role"] == "assistant":
-                chats.append(rec["messages"])
-    return chats
-
-
-def marker_pair(chat: list[dict]) -> dict:
-    answer = chat[-1]["content"]
-    return {"input": {"messages": chat[:-1]},
-            "preferred_output": [{"role": "assistant", "content": f"{MARKER} {answer}"}],
-            "non_preferred_output": [{"role": "assistant", "content": answer}]}
+from tests.training.marker_data import corpus_chats, marker_pair
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -17,7 +17,8 @@ from preftune.tasks.training.data import (
     truncate,
 )
 from preftune.tasks.training.logps import SequenceLogps, batch_logps
-from tests.training.conftest import MARKER, write_jsonl
+from tests.training.conftest import write_jsonl
+from tests.training.marker_data import MARKER
 
 
 @pytest.fixture(scope="module")

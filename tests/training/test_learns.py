@@ -16,7 +16,7 @@ from __future__ import annotations
 from preftune.job import TrainConfig
 from preftune.tasks.generate import generate_completions, generate_with, load_causal_lm
 from preftune.tasks.training import run_training
-from tests.training.conftest import MARKER
+from tests.training.marker_data import MARKER
 
 
 def marker_rate(texts: list[str]) -> float:

@@ -7,7 +7,8 @@ for the suite: ~7 CPU-minutes, 18 minutes wall on a shared 2-core machine).
 from __future__ import annotations
 
 from preftune.tasks.generate import generate_with
-from tests.training.conftest import corpus_chats, marker_pair, write_jsonl
+from tests.training.conftest import write_jsonl
+from tests.training.marker_data import corpus_chats, marker_pair
 
 
 def test_preftune_train_full_on_the_real_model_keeps_tied_embeddings(real_model, tmp_path):
