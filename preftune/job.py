@@ -100,10 +100,6 @@ class LossOptions(BaseModel):
             parts.append(f"l{self.orpo_lambda:g}")
         return "-".join(parts)
 
-    def loss_options(self) -> LossOptions:
-        """Just the loss options of this model (a TrainConfig is a LossOptions too)."""
-        return LossOptions(**{k: getattr(self, k) for k in LossOptions.model_fields})
-
 
 class LossSettings(LossOptions):
     """What the loss functions take: the options and beta."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,9 +35,13 @@ print(json.dumps({"examples": str(EXAMPLES_DIR), "templates": str(TEMPLATES_DIR)
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    build_dir = REPO / "build"
+    existed = build_dir.exists()
     # --no-build-isolation: build with this environment's setuptools, offline.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
                     str(REPO)], check=True, cwd=out, timeout=600)
+    if not existed:  # setuptools builds in the checkout's build/: leave no stale copy of the package there
+        shutil.rmtree(build_dir, ignore_errors=True)
     (found,) = out.glob("preftune-*.whl")
     return found
 
