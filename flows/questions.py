@@ -107,11 +107,11 @@ def approve_plan(spec: RunSpec, ws: Workspace, plan: dict) -> PlanDecision:
             logger.warning("high estimate $%.2f exceeds the auto-approval limit $%.2f: asking a person",
                            high, spec.auto_approve_max_usd)
     return ask(ws, "plan", plan_markdown(plan), PlanDecision, context={"plan": plan_digest(plan)},
-               defaults={"budget_usd": spec.budget_usd}, auto=auto, check=_plan_problem(spec, plan),
+               defaults={"budget_usd": spec.budget_usd}, auto=auto, check=_plan_problem(plan),
                **_timing(spec))
 
 
-def _plan_problem(spec: RunSpec, plan: dict):
+def _plan_problem(plan: dict):
     models = {j["base_model"] for j in plan["jobs"]} | {short_name(j["base_model"]) for j in plan["jobs"]}
     betas = {j["beta"] for j in plan["jobs"]}
 
