@@ -96,20 +96,44 @@ class PhaseEstimate:
         return {"low": round(self.usd.low, 6), "high": round(self.usd.high, 6), **self.detail}
 
 
+TRAIN_SPREAD = (0.8, 2.0)  # a measured per-token time, as a range: load, lengths, optimizer steps
+JOB_START_S = (3.0, 12.0)  # a job's process start and imports, beyond loading the model
+
+
+def measured_job_seconds(tokens: Range, epoch_tokens: Range, m: dict, full: bool) -> Range:
+    """Wall seconds of one job from the plan-time calibration ``m`` (``tasks/throughput.py``).
+
+    Full fine-tuning costs the measured forward + backward per trained token; LoRA skips the
+    weights' gradients, so its backward costs about one forward instead of two. The reference
+    pass is one no-grad forward over an epoch's tokens (a shared-cache hit skips it: the low end)."""
+    fwd, full_fb = m["forward_s_per_token"], m["train_full_s_per_token"]
+    per_token = full_fb if full else fwd + (full_fb - fwd) / 2
+    lo, hi = TRAIN_SPREAD
+    return Range(tokens.low * per_token * lo + m["load_s"] + JOB_START_S[0],
+                 (tokens.high * per_token + epoch_tokens.high * fwd) * hi + m["load_s"] + JOB_START_S[1])
+
+
 def estimate_training(jobs: list[dict], example_tokens: dict[str, Range], n_examples: int, *, epochs: int,
-                      full: bool, remote: bool, device: str, min_jobs: int, prices: dict) -> PhaseEstimate:
-    """jobs: [{"base_model"}, ...]; example_tokens: per base model, trained tokens of one example.
+                      full: bool, remote: bool, device: str, min_jobs: int, prices: dict,
+                      measured: dict[str, dict] | None = None) -> PhaseEstimate:
+    """jobs: [{"base_model"}, ...]; example_tokens: per base model, trained tokens of one example;
+    measured: per base model, the plan-time training calibration (else seconds come from FLOPs).
 
     The low end assumes early stop after `min_jobs` jobs; the high end runs the whole grid."""
     per_job = []
+    measured = measured or {}
     for job in jobs:
-        tok = example_tokens[job["base_model"]].scale(n_examples * epochs)
+        epoch_tok = example_tokens[job["base_model"]].scale(n_examples)
+        tok = epoch_tok.scale(epochs)
         params = model_params(job["base_model"])
         token_usd = tok.scale(training_usd_per_1m(params, full, prices) / 1e6)
-        flops = Range(train_flops(params, tok.low, full), train_flops(params, tok.high, full))
-        rate = prices["effective_train_flops_per_s"][device]
-        over = prices["job_overhead_s"]
-        secs = Range(flops.low / rate[1] + over[0], flops.high / rate[0] + over[1])
+        if not remote and job["base_model"] in measured:
+            secs = measured_job_seconds(tok, epoch_tok, measured[job["base_model"]], full)
+        else:
+            flops = Range(train_flops(params, tok.low, full), train_flops(params, tok.high, full))
+            rate = prices["effective_train_flops_per_s"][device]
+            over = prices["job_overhead_s"]
+            secs = Range(flops.low / rate[1] + over[0], flops.high / rate[0] + over[1])
         hourly = prices["local_usd_per_hour"][device]
         local_usd = Range(secs.low * hourly / 3600, secs.high * hourly / 3600)
         per_job.append({"tokens": tok, "seconds": secs, "usd": token_usd if remote else local_usd,
@@ -119,12 +143,14 @@ def estimate_training(jobs: list[dict], example_tokens: dict[str, Range], n_exam
     def total(key: str) -> Range:
         return Range(sum(j[key].low for j in cheapest), sum(j[key].high for j in per_job))
 
+    timed = all(j["base_model"] in measured for j in jobs) and not remote
     return PhaseEstimate(total("usd"), {
         "tokens_low": round(total("tokens").low), "tokens_high": round(total("tokens").high),
         "hosted_equivalent_low": round(total("hosted_usd").low, 6),
         "hosted_equivalent_high": round(total("hosted_usd").high, 6),
         "job_seconds_low": round(min(j["seconds"].low for j in per_job), 1),
         "job_seconds_high": round(max(j["seconds"].high for j in per_job), 1),
+        "job_seconds_from": "measured" if timed else "flops",
         "priced": "per 1M trained tokens" if remote else f"per {device}-hour",
     })
 

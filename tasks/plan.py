@@ -87,7 +87,9 @@ def wall_parts(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
         else:
             parts["pairs"] = {"low": None, "high": None,
                               "note": "not estimated: a remote generator's speed is not measured before approval"}
-    parts["training"] = {"low": training.low, "high": training.high, "note": "from the model size and trained tokens"}
+    train_note = "one pair timed on each base model (measured)" if measured.get("training") \
+        else "from the model size and trained tokens"
+    parts["training"] = {"low": training.low, "high": training.high, "note": train_note}
     evals = measured.get("evaluation") or {}
     if evals:
         n_eval = min(spec.max_eval_prompts, prompt_quota(spec, inspection)[1])
@@ -124,7 +126,8 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
     phases: dict[str, cost.PhaseEstimate] = {
         "training": cost.estimate_training(
             jobs, per_example, n_train, epochs=spec.epochs, full=spec.full,
-            remote=spec.work_pool is not None, device=device, min_jobs=min_jobs, prices=prices)}
+            remote=spec.work_pool is not None, device=device, min_jobs=min_jobs, prices=prices,
+            measured=(throughput or {}).get("training"))}
 
     pair_calls = n_train + n_test if inspection["format"] == "prompts" else 0
     share = prices["unknown_completion_share"]

@@ -10,6 +10,11 @@ machine, on the run's own prompts and lengths:
   The completions go to the pairs phase's response cache, so that work is not lost.
 * evaluation — one batch of held-out prompts generated in-process on each base model, as phase 5
   does (``tasks/generate.py``), plus the model's load time.
+* training — on the same loaded model, one pair of rows at the run's typical trained length
+  through the trainer's own log-prob module (``tasks/training/logps.py``, one pair per forward as
+  the CPU loop runs it): a no-grad forward (the reference pass) and a forward + backward with
+  every weight trainable (full fine-tuning; LoRA skips the weight gradients). Nothing is updated.
+  A FLOP count alone was off by 2-25x on the zoo's models, whose steps are mostly overhead.
 
 The figures are written to ``throughput.json`` in the workspace: a resumed run shows the same plan
 (its digest is what the approval recorded) and does not calibrate again.
@@ -73,13 +78,66 @@ def measure_pairs(spec: RunSpec, ws: Workspace) -> dict | None:
             "concurrency": conc, "server_start_s": round(load_s, 1)}
 
 
-def measure_eval_generation(spec: RunSpec, ws: Workspace, base_models: list[str]) -> dict:
-    """Per base model: its load time and seconds per evaluation prompt (in-process, batched)."""
+def row_length(spec: RunSpec, inspection: dict, model: str) -> int:
+    """The typical trained row (prompt + one answer) of this run, in ``model``'s tokens."""
+    stats = inspection.get("token_stats", {}).get(model, {})
+
+    def mean(field: str) -> float:
+        return float(stats.get(field, {}).get("mean") or 0.0)
+
+    answer = (mean("preferred") + mean("non_preferred")) / 2 if inspection["format"] == "pairs" \
+        else spec.pair_max_tokens / 2
+    return int(max(16, min(spec.max_length, mean("prompt") + answer)))
+
+
+def measure_training(net, length: int) -> dict:
+    """Seconds per trained token of one pair of ``length``-token rows (module docstring)."""
+    import torch
+
+    from preftune.tasks.training.data import TokenizedPair, collate
+    from preftune.tasks.training.logps import SequenceLogps, batch_logps
+
+    vocab = net.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2 * length,), generator=gen).tolist()
+    prompt = length // 4  # the answer tokens are the ones scored
+    pair = TokenizedPair(tuple(ids[:prompt]), tuple(ids[prompt:length]), tuple(ids[length + prompt:]), False)
+    batch = collate([pair], [0], 0).to(next(net.parameters()).device)
+    module = SequenceLogps(net)
+    trainable = [p.requires_grad for p in net.parameters()]
+    forward = backward = float("inf")
+    try:
+        # The fastest of a few rounds: one timing on a busy machine measures the other processes.
+        with torch.no_grad():
+            batch_logps(module, batch)  # warm-up: first-call allocations are not the steady rate
+            for _ in range(3):
+                t0 = time.perf_counter()
+                batch_logps(module, batch)
+                forward = min(forward, time.perf_counter() - t0)
+        net.requires_grad_(True)
+        for _ in range(2):
+            t1 = time.perf_counter()
+            batch_logps(module, batch).sum().backward()
+            backward = min(backward, time.perf_counter() - t1)
+            net.zero_grad(set_to_none=True)
+    finally:
+        net.zero_grad(set_to_none=True)
+        for p, flag in zip(net.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+    tokens = batch.real_tokens
+    return {"row_tokens": length, "forward_s_per_token": round(forward / tokens, 8),
+            "train_full_s_per_token": round(backward / tokens, 8)}
+
+
+def measure_models(spec: RunSpec, ws: Workspace, inspection: dict, base_models: list[str]) -> tuple[dict, dict]:
+    """Per base model: (its load time and seconds per evaluation prompt, in-process and batched;
+    its training speed, ``measure_training``)."""
     from preftune.tasks.generate import generate_with, load_causal_lm
 
     test = ws.test_data if ws.test_data.exists() else ws.train_data
     prompts = [rec["messages"] for _, rec in _prompts(test, 16)]
-    out: dict[str, dict] = {}
+    evaluation: dict[str, dict] = {}
+    training: dict[str, dict] = {}
     for model in base_models:
         t0 = time.perf_counter()
         net, tok = load_causal_lm(model)
@@ -88,10 +146,11 @@ def measure_eval_generation(spec: RunSpec, ws: Workspace, base_models: list[str]
         if prompts:
             generate_with(net, tok, prompts, max_new_tokens=spec.eval_max_new_tokens)
         wall = time.perf_counter() - t1
-        out[model] = {"load_s": round(load_s, 2), "prompts": len(prompts),
-                      "seconds_per_prompt": round(wall / max(len(prompts), 1), 4)}
+        evaluation[model] = {"load_s": round(load_s, 2), "prompts": len(prompts),
+                             "seconds_per_prompt": round(wall / max(len(prompts), 1), 4)}
+        training[model] = {"load_s": round(load_s, 2), **measure_training(net, row_length(spec, inspection, model))}
         del net, tok
-    return out
+    return evaluation, training
 
 
 def calibrate(spec: RunSpec, ws: Workspace, inspection: dict, base_models: list[str]) -> dict:
@@ -100,6 +159,7 @@ def calibrate(spec: RunSpec, ws: Workspace, inspection: dict, base_models: list[
     if path.exists():
         return read_json(path)
     pairs = measure_pairs(spec, ws) if inspection["format"] == "prompts" else None
-    result = {"pairs": pairs, "evaluation": measure_eval_generation(spec, ws, sorted(set(base_models)))}
+    evaluation, training = measure_models(spec, ws, inspection, sorted(set(base_models)))
+    result = {"pairs": pairs, "evaluation": evaluation, "training": training}
     write_json_atomic(path, result)
     return result

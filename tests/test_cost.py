@@ -175,6 +175,38 @@ def test_wall_time_parts_from_measured_speeds(config_only_model):
         build_plan(spec, insp, jobs, "evaluator", "cpu"))
 
 
+def test_job_seconds_from_a_measured_training_speed():
+    """Per trained token: forward 1 ms, full forward + backward 3 ms; LoRA = 1 + (3 - 1)/2 = 2 ms.
+    1,000-1,100 trained tokens (500-550 an epoch, the reference pass), 2 s load.
+    LoRA: low 1000 x 0.002 x 0.8 + 2 + 3 = 6.6; high (1100 x 0.002 + 550 x 0.001) x 2 + 2 + 12 = 19.5.
+    Full: low 1000 x 0.003 x 0.8 + 5 = 7.4; high (3.3 + 0.55) x 2 + 14 = 21.7."""
+    m = {"load_s": 2.0, "forward_s_per_token": 0.001, "train_full_s_per_token": 0.003}
+    tokens, epoch = cost.Range(1000, 1100), cost.Range(500, 550)
+    lora = cost.measured_job_seconds(tokens, epoch, m, full=False)
+    assert (lora.low, lora.high) == (pytest.approx(6.6), pytest.approx(19.5))
+    full = cost.measured_job_seconds(tokens, epoch, m, full=True)
+    assert (full.low, full.high) == (pytest.approx(7.4), pytest.approx(21.7))
+
+
+def test_plan_training_time_uses_the_calibration_when_there_is_one(config_only_model):
+    """100 train examples x 70-73.5 tokens, one epoch, LoRA, two jobs, no target (both count):
+    per job low 7000 x 0.002 x 0.8 + 5 = 16.2 s; high (7350 x 0.002 + 7350 x 0.001) x 2 + 14 = 58.1 s."""
+    spec = RunSpec(dataset="d.jsonl", base_models=[config_only_model], betas=[0.1, 0.5], epochs=1,
+                   target_win_rate=None, evaluator="x:y")
+    jobs = job_grid(spec, [config_only_model])
+    measured = {"training": {config_only_model: {"load_s": 2.0, "row_tokens": 35, "forward_s_per_token": 0.001,
+                                                 "train_full_s_per_token": 0.003}}}
+    est = build_plan(spec, _inspection(config_only_model), jobs, "evaluator", "cpu", throughput=measured)["estimate"]
+    train = est["phases"]["training"]
+    assert (train["job_seconds_low"], train["job_seconds_high"]) == (16.2, 58.1)
+    assert train["job_seconds_from"] == "measured"
+    part = est["wall_parts"]["training"]
+    assert (part["low"], part["high"]) == (32.4, 116.2) and "measured" in part["note"]
+    flops = build_plan(spec, _inspection(config_only_model), jobs, "evaluator", "cpu")["estimate"]
+    assert flops["phases"]["training"]["job_seconds_from"] == "flops"
+    assert "model size" in flops["wall_parts"]["training"]["note"]
+
+
 def test_calibration_times_local_generators_once_and_never_calls_a_remote_one(tmp_path, zoo):
     """The zoo's strong and weak folders are served and timed on the run's own prompts; the
     completions land in the pairs phase's cache; throughput.json makes the second call free. A
@@ -202,6 +234,10 @@ def test_calibration_times_local_generators_once_and_never_calls_a_remote_one(tm
     assert len(ResponseCache(ws.pairs_dir / "cache")._index) == 16  # both sides of 8 prompts, kept
     ev = got["evaluation"][models["tiny-llama"]]
     assert ev["prompts"] == 4 and ev["seconds_per_prompt"] > 0 and ev["load_s"] > 0
+    train = got["training"][models["tiny-llama"]]
+    # prompts-only data: a row is the prompt and half the pair budget (8 tokens), at least 16
+    assert train["row_tokens"] == 16 and train["load_s"] == ev["load_s"]
+    assert 0 < train["forward_s_per_token"] and 0 < train["train_full_s_per_token"]
     assert calibrate(spec, ws, insp, [models["tiny-llama"]]) == got  # read back, not measured again
 
     with StubServer(lambda req: Reply(text="paid")) as srv:
