@@ -15,6 +15,7 @@ import html
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def _check_layout(markdown: str) -> None:
         assert not (b == "text" and a in ("table", "quote", "list", "heading")), f"runs together:\n{before}\n{line}"
         assert not (b == "table" and a not in ("table", "blank")), f"table glued to text:\n{before}\n{line}"
     prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", markdown, flags=re.S))
-    assert not re.search(r"[a-z)]\.[A-Z][a-z]", prose), "sentences run together"
+    assert not re.search(r"[\w)]\.[A-Z][a-z]", prose), "sentences run together"
 
 
 def _report(ws: Path) -> tuple[str, str]:
@@ -340,7 +341,7 @@ def test_the_stop_instruction_stops_the_endpoint(run):
     section = _section(report, "How to stop the endpoint")
     command = re.search(r"```bash\n(.+)\n```", section).group(1)
     assert command.startswith("preftune deploy --stop --workspace ") and f"pid {endpoint['pid']}" in section
-    argv = command.split()
+    argv = shlex.split(command)
     done = subprocess.run([str(Path(sys.executable).parent / argv[0]), *argv[1:]], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -350,3 +351,26 @@ def test_the_stop_instruction_stops_the_endpoint(run):
     report, _ = _report(ws)
     assert "The server was stopped at" in _section(report, "How to stop the endpoint")
     assert "## Calling the deployed model" not in report
+
+
+def test_long_answers_are_cut_with_a_note_and_stay_quoted(run, tmp_path):
+    """A long, multi-line answer holding Markdown and HTML (rewritten into a copy's completion cache):
+    cut at a word with the full length named, every line inside its quote, nothing interpreted."""
+    from preftune.reports.changes import ANSWER_CHARS
+
+    ws = tmp_path / "ws"
+    shutil.copytree(run["ws"], ws, ignore=shutil.ignore_patterns("deploy", "logs", ".preftune.lock"))
+    info = json.loads((ws / "eval/tiny-llama/scores.json").read_text())["models_info"][run["deployed"]]
+    cache = ws / "eval/tiny-llama/completions" / Path(info["completions"]).name
+    rows = [json.loads(x) for x in cache.read_text().splitlines()]
+    long = "\n".join(f"| row {i} | <b>bold</b> & ## not a heading: word word word word word word" for i in range(60))
+    rows[0]["completion"] = long
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report, _ = _report(ws)
+    _check_layout(report)
+    section = _section(report, "What changed")
+    block = next(b for b in section.split("\n### Prompt ")[1:] if "row 0" in b)
+    shown = next(q for q in _quotes(block) if "row 0" in q)
+    assert long.startswith(shown.split("\n\n*…")[0]) and len(shown.split("\n\n*…")[0]) <= ANSWER_CHARS
+    assert shown.endswith(f"*… cut here: {len(long):,} characters in full.*")
+    assert "<b>" not in block and "&lt;b>bold&lt;/b> &amp; ## not a heading" in block
