@@ -374,3 +374,27 @@ def test_long_answers_are_cut_with_a_note_and_stay_quoted(run, tmp_path):
     assert long.startswith(shown.split("\n\n*…")[0]) and len(shown.split("\n\n*…")[0]) <= ANSWER_CHARS
     assert shown.endswith(f"*… cut here: {len(long):,} characters in full.*")
     assert "<b>" not in block and "&lt;b>bold&lt;/b> &amp; ## not a heading" in block
+
+
+def test_the_warning_rule_on_the_run_scores(run):
+    """not_better on this run's scores, with the deployed entry moved across each limit."""
+    from preftune.reports.changes import not_better
+
+    scores = json.loads((run["ws"] / "eval/scores.json").read_text())
+    deployed = run["deployed"]
+    base_score = scores["bases"]["tiny-llama"]["mean_score"]
+    outcome = {"deployed": deployed}
+
+    def reasons(**entry) -> list[str]:
+        changed = json.loads(json.dumps(scores))
+        changed["models"][deployed].update(entry)
+        return not_better(outcome, changed)
+
+    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score + 0.01) == []
+    assert reasons(win_rate=0.6, ci_low=0.45, ci_high=0.8, mean_score=base_score + 0.01) == [
+        "the 95% CI of its win rate, [0.450, 0.800], includes 0.5: the gain may be chance"]
+    assert reasons(win_rate=0.5, ci_low=0.3, ci_high=0.7, mean_score=base_score + 0.01) == [
+        "its win rate against its base is 0.500 (at most 0.5: it did not win more than it lost)"]
+    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score) == [
+        f"its mean evaluator score {base_score:.3f} is not above its base's {base_score:.3f}"]
+    assert not_better({"deployed": "base"}, scores) == [] and not_better({"deployed": None}, scores) == []
