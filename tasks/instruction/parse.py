@@ -82,7 +82,9 @@ def _files(text: str, r: Reading, dataset_dirs: list[Path]) -> list[tuple[int, i
                                          "preftune needs a Python evaluator (package.module:function or "
                                          "file.py:function) or a judge endpoint")
             continue
-        target = "test_dataset" if _TEST_CUE.search(text[max(0, m.start() - 30):m.start()]) else "dataset"
+        test = (_TEST_CUE.search(text[max(0, m.start() - 30):m.start()])
+                or _search(r"^\s*(?:as|for)\s+(?:the\s+|a\s+)?(?:test|held[- ]?out|eval)", text[m.end():m.end() + 30]))
+        target = "test_dataset" if test else "dataset"
         if target in r.fields or target in r.unresolved:
             continue
         path = find_dataset(raw, dataset_dirs)
@@ -182,7 +184,7 @@ _REFFREE = r"reference[- ]free|without\s+(?:a|the)\s+reference(?:\s+model)?|no\s
 def _losses(text: str, r: Reading) -> None:
     names = [m.group(1).lower() for m in re.finditer(r"\b(dpo|ipo|hinge|slic|simpo|orpo|sigmoid)\b", text, re.I)]
     families = list(dict.fromkeys(_FAMILIES[n] for n in names))
-    rpo = _search(r"\brpo\b(?:\s*(?:alpha|α|weight)?\s*(?:=|of|:)?\s*(" + _NUM + r"))?", text)
+    rpo = _search(r"\brpo\b(?:\s*(?:with\s+)?(?:alpha|α|weight)?\s*(?:=|of|:)?\s*(" + _NUM + r"))?", text)
     lnorm, reffree = _search(_LNORM, text), _search(_REFFREE, text)
     if not (families or rpo or lnorm or reffree):
         return
