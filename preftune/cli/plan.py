@@ -54,7 +54,7 @@ def build_dry_plan(spec) -> tuple[dict, list[str]]:
     if inspection["format"] == "prompts" and (spec.strong is None or spec.weak is None):
         questions.append("generators: the dataset holds prompts only; the run needs --strong and --weak")
     plan = build_plan(spec, inspection, job_grid(spec, base_models), kind,
-                      "gpu" if device_name() == "cuda" else "cpu", resolved=plan_rows(spec))
+                      "gpu" if device_name() == "cuda" else "cpu", resolved=plan_rows(spec) if spec.instruction else None)
     if kind == "evaluator" and not spec.evaluator:
         plan["evaluator"]["summary"] = "not given: the run asks for a Python evaluator or a judge endpoint."
     return plan, questions
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     resolution = spec.instruction_plan or {}
     if args.json:
         print_json({"spec": spec.model_dump(mode="json", exclude={"instruction_plan"}),
-                    "planner": resolution.get("planner"), "resolved": plan.get("resolved"),
+                    "planner": resolution.get("planner"),
+                    "resolved": plan["instruction"]["fields"] if "instruction" in plan else None,
                     "unresolved": resolution.get("unresolved", {}), "notes": resolution.get("notes", []),
                     "questions": questions, "plan": plan})
         return 0
