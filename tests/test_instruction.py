@@ -154,3 +154,20 @@ def test_the_flow_resolves_a_form_instruction_and_asks_what_it_left_open(setting
     resume_flow_run(run_id, run_input={"decision": "stop"})
     outcome = fut.result(timeout=300)
     assert outcome["status"] == "rejected" and outcome["reason"] == "no base model chosen"
+
+
+def test_the_ui_form_takes_an_instruction_and_a_planner_but_never_the_resolution():
+    """The deployment's parameter form (the flow's one RunSpec parameter): `instruction` and
+    `planner` are on it, the dataset may come from the instruction, and the record of a resolution
+    is set by preftune only."""
+    from prefect.utilities.callables import parameter_schema
+
+    from preftune.flows.pipeline import preference_learning
+
+    schema = parameter_schema(preference_learning).model_dump()
+    spec_schema = schema["definitions"]["RunSpec"]
+    assert {"instruction", "planner", "dataset"} <= set(spec_schema["properties"])
+    assert "instruction_plan" not in spec_schema["properties"]
+    assert "dataset" not in spec_schema.get("required", [])
+    with pytest.raises(ValueError, match="give a dataset \\(or an instruction that names one\\)"):
+        RunSpec()

@@ -36,10 +36,12 @@ def dataset_dirs() -> list[str]:
 
 
 def known_models() -> list[str]:
-    """The catalogue plus the model folders under `PREFTUNE_MODEL_DIRS`."""
+    """The catalogue, the model folders under `PREFTUNE_MODEL_DIRS`, and the offline zoo's models
+    when it is built (its strong and weak generators are not in the catalogue)."""
     from preftune.catalogue import catalogue
+    from preftune.paths import default_zoo_dir
 
-    return list(dict.fromkeys([*catalogue(), *local_models(model_dirs())]))
+    return list(dict.fromkeys([*catalogue(), *local_models(model_dirs()), *local_models([default_zoo_dir()])]))
 
 
 def dataset_summary(path: str) -> dict | None:
