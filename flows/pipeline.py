@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
-from preftune.errors import RunEnded
+from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
 from preftune.judges import selection
@@ -131,9 +131,13 @@ def preference_learning(spec: RunSpec) -> State:
     A spec with an `instruction` not yet resolved (the UI form) is resolved first: the fields the form
     changed from their defaults win over it."""
     if spec.instruction and spec.instruction_plan is None:
-        spec = instruction_phase(spec.instruction, explicit_fields(spec), planner=spec.planner)
+        try:
+            spec = instruction_phase(spec.instruction, explicit_fields(spec), planner=spec.planner)
+        except UserError as err:  # a value the sentence gives is out of bounds: one line, as the CLI says it
+            get_run_logger().error("%s", err)
+            return Failed(message=f"failed: {err}", data={"status": "failed", "reason": str(err), "workspace": None})
     if not spec.dataset:
-        reason = "; ".join((spec.instruction_plan or {}).get("unresolved", {}).values()) or "no dataset named"
+        reason = (spec.instruction_plan or {}).get("unresolved", {}).get("dataset") or "the instruction names no dataset"
         get_run_logger().error("no dataset: %s", reason)
         return Failed(message=f"failed: no dataset ({reason}); fill in the dataset field",
                       data={"status": "failed", "reason": reason, "workspace": None})

@@ -171,3 +171,17 @@ def test_the_ui_form_takes_an_instruction_and_a_planner_but_never_the_resolution
     assert "dataset" not in spec_schema.get("required", [])
     with pytest.raises(ValueError, match="give a dataset \\(or an instruction that names one\\)"):
         RunSpec()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_form_instruction_that_names_no_dataset_or_a_bad_value_fails_in_one_line(setting, monkeypatch):
+    monkeypatch.chdir(setting["root"])
+    no_data = start_flow(RunSpec(instruction="Run DPO using Qwen3 32B", workspace=str(setting["root"] / "a")))
+    assert no_data.result(timeout=300) == {"status": "failed", "reason": "the instruction names no dataset",
+                                           "workspace": None}
+    bad = start_flow(RunSpec(instruction="Run DPO on customer-prefs.jsonl with beta 200",
+                             workspace=str(setting["root"] / "b")))
+    outcome = bad.result(timeout=300)
+    assert outcome["status"] == "failed" and outcome["reason"].startswith(
+        "the instruction ('beta 200'): betas.0: Input should be less than or equal to 100")
+    assert not (setting["root"] / "a").exists() and not (setting["root"] / "b").exists()

@@ -64,6 +64,7 @@ CASES = [
     ("compare tiny llama, tiny qwen and Qwen3 30B A3B", {"base_models": [M("tiny-llama"), M("tiny-qwen"),
                                                                           M("Qwen3-30B-A3B")]}, set(), {}),
     ("Run DPO using Llama 3.1 8B", {"losses": [DPO], "base_models": []}, {"base_models"}, {}),
+    ("train using Qwen3 235B on prefs.jsonl", {"base_models": [], "dataset": D("prefs.jsonl")}, {"base_models"}, {}),
     ("sweep Qwen3 32B and meta-llama/Llama-3.1-8B-Instruct", {"base_models": [M("Qwen3-32B")]}, {"base_models"}, {}),
     # -- betas ------------------------------------------------------------------------------------
     ("betas 0.05, 0.1, 0.3 on tiny-qwen", {"betas": [0.05, 0.1, 0.3], "base_models": [M("tiny-qwen")]}, set(), {}),
@@ -140,3 +141,5 @@ def test_phrasing(place, sentence, fields, unresolved, flags):
     assert reading.sweep_catalogue is flags.get("sweep_catalogue", False)
     for name in fields:  # every field read names the words it came from
         assert reading.said[name]
+    if "Qwen3 235B" in sentence:  # an unknown name is quoted as written, without the words around it
+        assert reading.said["base_models"] == "Qwen3 235B" and "'Qwen3 235B'," in reading.unresolved["base_models"]

@@ -19,9 +19,10 @@ from preftune.workspace import short_name
 
 _SEP = r"[\s_\-./]*"
 _SUFFIXES = {"instruct", "chat", "it", "base", "hf"}
-# A name with a parameter count: `Qwen3 32B`, `Qwen3-30B-A3B`, `Llama 3.1 8B`, `org/Model-7B-Instruct`.
+# A name with a parameter count: `Qwen3 32B`, `Qwen3-30B-A3B`, `Llama 3.1 8B`, `org/Model-7B-Instruct`; a
+# second word only when it is a version number, so "using Qwen3 235B" is `Qwen3 235B`.
 _MODEL_LIKE = re.compile(
-    r"(?<![\w/.-])(?:[A-Za-z][\w.-]*/)?[A-Za-z][A-Za-z0-9.]*(?:[ _-][A-Za-z0-9.]+)??[ _-]?\d+(?:\.\d+)?[BbMm]"
+    r"(?<![\w/.-])(?:[A-Za-z][\w.-]*/)?[A-Za-z][A-Za-z0-9.]*(?:[ _-]\d[\d.]*)??[ _-]?\d+(?:\.\d+)?[BbMm]"
     r"(?:-[A-Za-z0-9.]+)*(?![\w])")
 # An existing local model folder named by its path.
 _PATH = re.compile(r"(?<![\w@])(?:~|\.{1,2})?/[\w./~-]+|(?<![\w/@])[\w.-]+/[\w./-]+")
