@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
-from preftune.errors import RunEnded
+from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
 from preftune.judges import selection
@@ -30,6 +30,7 @@ from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
+from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resolve
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid, with_approved
@@ -47,6 +48,7 @@ pairs_phase = _task(_pairs_phase, "pairs")
 evaluate_phase = _task(evaluate_candidates, "evaluate")
 deploy_phase = _task(_deploy_phase, "deploy")
 report_phase = _task(write_report, "report")
+instruction_phase = _task(resolve, "instruction")
 train_job_task = _task(lambda launch, job: launch(job), "train-job")
 
 
@@ -124,7 +126,21 @@ def preference_learning(spec: RunSpec) -> State:
     """Inspect → plan and approve → pairs → sweep → evaluate → deploy → report.
 
     The run's Prefect state is its outcome: completed → Completed, failed → Failed, rejected or
-    refused → Cancelled, each with the one-line reason as its message (outcome.json holds the same)."""
+    refused → Cancelled, each with the one-line reason as its message (outcome.json holds the same).
+
+    A spec with an `instruction` not yet resolved (the UI form) is resolved first: the fields the form
+    changed from their defaults win over it."""
+    if spec.instruction and spec.instruction_plan is None:
+        try:
+            spec = instruction_phase(spec.instruction, explicit_fields(spec), planner=spec.planner)
+        except UserError as err:  # a value the sentence gives is out of bounds: one line, as the CLI says it
+            get_run_logger().error("%s", err)
+            return Failed(message=f"failed: {err}", data={"status": "failed", "reason": str(err), "workspace": None})
+    if not spec.dataset:
+        reason = (spec.instruction_plan or {}).get("unresolved", {}).get("dataset") or "the instruction names no dataset"
+        get_run_logger().error("no dataset: %s", reason)
+        return Failed(message=f"failed: no dataset ({reason}); fill in the dataset field",
+                      data={"status": "failed", "reason": reason, "workspace": None})
     ws = Workspace(spec.workspace_path())
     holder = {"pid": os.getpid(), "flow_run_id": str(runtime.flow_run.id or ""),
               "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -152,8 +168,18 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
 
 
 def _run(spec: RunSpec, ws: Workspace) -> dict:
-    base_models = questions.resolve_base_models(spec, ws)
-    spec, evaluator_kind = questions.resolve_evaluator(spec, ws)
+    unresolved = (spec.instruction_plan or {}).get("unresolved", {})
+    open_ = {k: v for k, v in unresolved.items() if k not in ("base_models", "evaluator")}
+    if open_:  # no question of the run can settle these (the CLI refuses them before a run starts)
+        raise RunEnded("failed", "the instruction left open: " + "; ".join(open_.values()))
+    asked: dict = {}
+    base_models = questions.resolve_base_models(spec, ws, hint=unresolved.get("base_models", ""))
+    if not spec.base_models:
+        asked["base_models"] = base_models
+    had_evaluator = bool(spec.evaluator or spec.judge)
+    spec, evaluator_kind = questions.resolve_evaluator(spec, ws, hint=unresolved.get("evaluator", ""))
+    if not had_evaluator:
+        asked |= {"evaluator": spec.evaluator} if spec.evaluator else {"judge": spec.judge, "rubric": spec.rubric}
     inspection = inspect_phase(spec, ws, base_models)
     check_generators(spec, inspection)
     if inspection["format"] == "pairs" and inspection["test_examples"] == 0:
@@ -162,7 +188,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     jobs = job_grid(spec, base_models)
     throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
-                      throughput=throughput)
+                      throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
     write_json_atomic(ws.plan, plan)
     jobs = questions.apply_decision(spec, plan, jobs, questions.approve_plan(spec, ws, plan))
     write_json_atomic(ws.plan, with_approved(spec, inspection, plan, jobs, evaluator_kind, throughput))

@@ -33,7 +33,12 @@ def _timing(spec: RunSpec) -> dict:
     return {"timeout_s": spec.approval_timeout_s, "poll_s": spec.approval_poll_s}
 
 
-def resolve_base_models(spec: RunSpec, ws: Workspace) -> list[str]:
+def _hinted(hint: str, text: str) -> str:
+    """A question with what the instruction said above it (e.g. a model name nothing matched)."""
+    return f"> {hint}\n\n{text}" if hint else text
+
+
+def resolve_base_models(spec: RunSpec, ws: Workspace, hint: str = "") -> list[str]:
     if spec.base_models:
         return list(spec.base_models)
     from preftune.catalogue import catalogue
@@ -46,7 +51,7 @@ def resolve_base_models(spec: RunSpec, ws: Workspace) -> list[str]:
             return "'use the base models I list' needs at least one base model"
         return None
 
-    answer = ask(ws, "base-models", f"No base model was given. Sweep the configured catalogue?\n\n{listing}",
+    answer = ask(ws, "base-models", _hinted(hint, f"No base model was given. Sweep the configured catalogue?\n\n{listing}"),
                  CatalogueChoice, context={"catalogue": models}, check=check,
                  auto=_auto(spec, {"decision": CatalogueDecision.sweep_catalogue}), **_timing(spec))
     if answer.decision is CatalogueDecision.stop:
@@ -70,15 +75,15 @@ def _evaluator_problem(answer: EvaluatorChoice) -> str | None:
     return None
 
 
-def resolve_evaluator(spec: RunSpec, ws: Workspace) -> tuple[RunSpec, str]:
+def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[RunSpec, str]:
     """Evaluator id > rubric text > auto rubric; a judge is needed unless an evaluator id is given."""
     if spec.evaluator:
         return spec, "evaluator"
     if spec.judge is not None:
         return spec, "rubric" if spec.rubric else "auto"
-    answer = ask(ws, "evaluator", "No evaluator id and no judge endpoint were given. Name a Python evaluator "
-                 "(`package.module:function`), or a judge endpoint (model + base URL + the NAME of the env var "
-                 "or Prefect Secret block holding its key).", EvaluatorChoice, context={"spec": spec.digest()},
+    answer = ask(ws, "evaluator", _hinted(hint, "No evaluator id and no judge endpoint were given. Name a Python "
+                 "evaluator (`package.module:function`), or a judge endpoint (model + base URL + the NAME of the env "
+                 "var or Prefect Secret block holding its key)."), EvaluatorChoice, context={"spec": spec.digest()},
                  check=_evaluator_problem, **_timing(spec))
     if answer.evaluator:
         return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"

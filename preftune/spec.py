@@ -12,7 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from preftune.endpoint import Endpoint
 from preftune.job import Beta, LoraOptions, LossOptions, TrainingOptions
@@ -21,6 +22,9 @@ from preftune.workspace import default_workspace
 # How a run is approved and where it writes, not what it computes: left out of the digest.
 _NOT_DIGESTED = {"workspace", "approval_timeout_s", "approval_poll_s", "auto_approve_max_usd", "allow_unpriced",
                  "min_pair_yield"}
+# How the spec was written (a sentence, a planner model, each field's source), not what it computes:
+# the same resolved spec resumes the same workspace whatever words it came from.
+_HOW_WRITTEN = {"instruction", "planner", "instruction_plan"}
 
 
 class RunSpec(TrainingOptions, LoraOptions):
@@ -29,7 +33,18 @@ class RunSpec(TrainingOptions, LoraOptions):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="JSONL: preference pairs (OpenAI/Fireworks or TRL format) or prompts only.")
+    instruction: str | None = Field(
+        None, description="Say what you want in one sentence, e.g. 'Run DPO on prefs.jsonl using Qwen3 32B with beta "
+        "0.1 and 0.3, under $20'. The fields you fill in below win over it; the plan shows where each value came "
+        "from, and anything it cannot resolve is asked.")
+    planner: Endpoint | None = Field(
+        None, description="OpenAI-compatible model that reads the instruction (structured output against this "
+        "form's schema). Empty: the offline parser reads it.")
+    instruction_plan: SkipJsonSchema[dict | None] = Field(
+        None, description="Set by preftune once the instruction is resolved: the planner used, each field's "
+        "source, what it could not resolve.")
+    dataset: str = Field("", description="JSONL: preference pairs (OpenAI/Fireworks or TRL format) or prompts only. "
+                         "May be named in the instruction instead.")
     test_dataset: str | None = Field(None, description="Optional held-out JSONL; otherwise an 80/20 split.")
     workspace: str | None = Field(None, description="Folder for every output; a re-run with the same one resumes.")
     base_models: list[str] = Field(
@@ -71,6 +86,12 @@ class RunSpec(TrainingOptions, LoraOptions):
         None, ge=0, description="Headless: approve by itself when the high estimate is within this many USD "
         "(and take the recommended answer at later prompts). Empty: always ask.")
 
+    @model_validator(mode="after")
+    def _dataset_or_instruction(self):
+        if not self.dataset and not self.instruction:
+            raise ValueError("dataset: give a dataset (or an instruction that names one)")
+        return self
+
     def workspace_path(self) -> Path:
         if self.workspace:
             return Path(self.workspace)
@@ -78,5 +99,5 @@ class RunSpec(TrainingOptions, LoraOptions):
 
     def digest(self) -> str:
         """Hash of the spec minus where it runs: the same spec resumes the same workspace."""
-        data = self.model_dump(mode="json", exclude=_NOT_DIGESTED)
+        data = self.model_dump(mode="json", exclude=_NOT_DIGESTED | _HOW_WRITTEN)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -189,8 +189,10 @@ def evaluator_summary(kind: str, spec: RunSpec) -> str:
 
 
 def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
-               prices: dict | None = None, throughput: dict | None = None) -> dict:
-    """Everything the approver sees, as data (plan.json) — the Markdown is rendered from it."""
+               prices: dict | None = None, throughput: dict | None = None, resolved: list[dict] | None = None) -> dict:
+    """Everything the approver sees, as data (plan.json) — the Markdown is rendered from it.
+    ``resolved``: a run started from an instruction shows its spec, each field with its source
+    (``tasks/instruction/resolve.plan_rows``)."""
     warnings = list(inspection.get("warnings", []))
     pairs = None
     if inspection["format"] == "prompts":
@@ -215,6 +217,9 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
         "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices, throughput),
         "budget_usd": spec.budget_usd,
     }
+    if resolved is not None:
+        plan["instruction"] = {"text": spec.instruction, "planner": (spec.instruction_plan or {}).get("planner"),
+                               "notes": (spec.instruction_plan or {}).get("notes", []), "fields": resolved}
     return plan
 
 

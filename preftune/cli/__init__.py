@@ -18,7 +18,7 @@ import warnings
 
 from preftune.errors import UserError
 
-COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "demo", "serve", "approve", "deploy"]
+COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "approve", "deploy"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from preftune.errors import UserError
 
 # Flags built by hand: list fields (repeatable flags), the endpoints and the headless approval. Every
 # other RunSpec field gets a generated flag (preftune/cli/flags.py), the job fields included.
-_NESTED = {"losses", "strong", "weak", "judge", "auto_approve_max_usd", "base_models", "betas", "dataset"}
+_NESTED = {"losses", "strong", "weak", "judge", "planner", "auto_approve_max_usd", "base_models", "betas", "dataset"}
 # The flag a list field is given with, for error messages.
 _LIST_FLAGS = {"betas": "--beta", "losses": "--loss", "base_models": "--base-model"}
 
@@ -18,7 +18,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     from preftune.cli.flags import add_endpoint_flags, add_model_flags
     from preftune.spec import RunSpec
 
-    parser.add_argument("--dataset", required=True, help="JSONL dataset: preference pairs or prompts only.")
+    parser.add_argument("--dataset", default=None,
+                        help="JSONL dataset: preference pairs or prompts only (or name it in --instruction).")
     parser.add_argument("--base-model", dest="base_models", action="append", default=None,
                         help="Base model folder or cached id (repeat). None: the catalogue.")
     parser.add_argument("--beta", dest="betas", type=float, action="append", default=None, help="Repeat to sweep.")
@@ -27,6 +28,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
                         "'dpo:normalize_by_length=true,rpo_alpha=0.5' (repeat to sweep).")
     for role in ("strong", "weak", "judge"):
         add_endpoint_flags(parser, role, help=f"{role} model: MODEL@BASE_URL, or a local model folder preftune serves.")
+    add_endpoint_flags(parser, "planner", prices=False,
+                       help="MODEL@BASE_URL of an OpenAI-compatible model that reads --instruction (structured "
+                       "output); without it the offline parser reads it.")
     add_model_flags(parser, RunSpec, skip=_NESTED)
     parser.add_argument("--yes", action="store_true",
                         help="Approve by itself when the high estimate is within --max-cost-usd.")
@@ -53,11 +57,14 @@ def _loss(text: str) -> dict:
     return out
 
 
-def spec_from_args(args: argparse.Namespace):
-    from preftune.cli.flags import build, endpoint_from_args, given
+def explicit_from_args(args: argparse.Namespace) -> dict:
+    """The RunSpec fields the flags give (only what was typed), --instruction excluded."""
+    from preftune.cli.flags import endpoint_from_args, given
     from preftune.spec import RunSpec
 
-    data: dict = {"dataset": args.dataset} | given(args, RunSpec, _NESTED)
+    data: dict = given(args, RunSpec, _NESTED | {"instruction"})
+    if args.dataset:
+        data["dataset"] = args.dataset
     if args.base_models:
         data["base_models"] = args.base_models
     if args.betas:
@@ -69,7 +76,38 @@ def spec_from_args(args: argparse.Namespace):
             data[role] = endpoint_from_args(args, role)
     if args.yes:
         data["auto_approve_max_usd"] = args.max_cost_usd
-    return build(RunSpec, data, names=_LIST_FLAGS)
+    return data
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The RunSpec the flags describe; with --instruction, resolved from it (flags win)."""
+    from preftune.cli.flags import build, endpoint_from_args
+    from preftune.spec import RunSpec
+
+    data = explicit_from_args(args)
+    planner = endpoint_from_args(args, "planner")
+    if not args.instruction:
+        if planner is not None:
+            raise UserError("--planner reads an --instruction: give one")
+        if "dataset" not in data:
+            raise UserError("give --dataset (or an --instruction that names one)")
+        return build(RunSpec, data, names=_LIST_FLAGS)
+    build(RunSpec, {**data, "instruction": args.instruction}, names=_LIST_FLAGS)  # bad flags: named as flags
+    from preftune.tasks.instruction.resolve import resolve
+
+    return resolve(args.instruction, data, planner=planner)
+
+
+def check_resolved(spec) -> None:
+    """A run cannot start on what the instruction left open and no question of the run can settle:
+    the dataset, the generators of a prompts-only dataset."""
+    plan = spec.instruction_plan or {}
+    open_ = {k: v for k, v in plan.get("unresolved", {}).items() if k not in ("base_models", "evaluator")}
+    if not spec.dataset and "dataset" not in open_:
+        open_["dataset"] = "the instruction names no dataset"
+    if open_:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in open_)
+        raise UserError(f"{'; '.join(open_.values())}: give {flags} (or say it in the instruction)")
 
 
 def run_flow(spec, *, as_json: bool) -> int:
@@ -141,6 +179,7 @@ def precheck(spec) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    check_resolved(spec)
     precheck(spec)
     if not spec.base_models:
         print("no --base-model given: the run will ask to confirm a sweep over the catalogue", file=sys.stderr)
