@@ -283,6 +283,33 @@ def continuous_batching(model_dir: str) -> bool:
         return False
 
 
+CB_CONTEXT_TOKENS = 1024  # KV-cache room per request in flight (prompt + answer) a batching server reserves
+
+
+def kv_cache_fraction(model_dir: str, device: str = "cpu") -> float:
+    """The share of memory a continuously batching server may give its paged KV cache: room for
+    BATCHED_CONCURRENCY requests of CB_CONTEXT_TOKENS each (+25 %), between 2 % and 50 %.
+
+    Left to its default, transformers 5.23 sizes the cache from the machine's memory: one
+    SmolLM2-135M server on CPU held 14.3 GB resident on a 24 GB machine (3.0 GB at 0.1), so the
+    two generators of a pair phase could not both run."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    layers = cfg.num_hidden_layers
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * layers * heads * head_dim * (4 if device == "cpu" else 2)  # keys + values
+    need = 1.25 * BATCHED_CONCURRENCY * CB_CONTEXT_TOKENS * per_token
+    if device == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+    return round(min(0.5, max(0.02, need / total)), 4)
+
+
 def transformers_command(model_dir: str, port: int, device: str = "cpu", batching: bool = False) -> list[str]:
     """`transformers serve` through this interpreter (`python -m`), not a `transformers` script
     looked up beside it: an installed wheel or a venv that borrows its packages has none there."""
@@ -292,7 +319,9 @@ def transformers_command(model_dir: str, port: int, device: str = "cpu", batchin
         raise UserError("transformers' command line is not installed in this environment: "
                         "install transformers[serving]")
     return [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--port", str(port),
-            "--host", "127.0.0.1", "--device", device, *(["--continuous-batching"] if batching else [])]
+            "--host", "127.0.0.1", "--device", device,
+            *(["--continuous-batching", "--cb-max-memory-percent", str(kv_cache_fraction(model_dir, device))]
+              if batching else [])]
 
 
 def _install_exit_handlers() -> None:

@@ -327,3 +327,28 @@ def test_served_model_gets_no_api_keys(tmp_path, monkeypatch):
     env = json.loads(dump.read_text())
     assert env["PREFTUNE_VISIBLE"] == "yes"
     assert not {"MY_JUDGE_KEY", "OPENAI_API_KEY", "HF_TOKEN", "SOME_SECRET"} & env.keys()
+
+
+def test_batching_server_gets_a_kv_cache_sized_for_its_requests(tmp_path):
+    """Left to its default, transformers serve sized its paged KV cache from the machine's memory
+    (14.3 GB resident for SmolLM2-135M on CPU). The fraction is BATCHED_CONCURRENCY requests of
+    CB_CONTEXT_TOKENS, fp32 keys and values of every layer, +25 %: 4 layers x 2 KV heads x 128
+    dims → 2 x 4 x 2 x 128 x 4 bytes = 8,192 bytes a token; x 32 x 1024 x 1.25 = 335,544,320 bytes."""
+    from transformers import LlamaConfig
+
+    from preftune.server import (
+        BATCHED_CONCURRENCY,
+        CB_CONTEXT_TOKENS,
+        kv_cache_fraction,
+        transformers_command,
+    )
+
+    assert (BATCHED_CONCURRENCY, CB_CONTEXT_TOKENS) == (32, 1024)
+    LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "m")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    expected = round(min(0.5, max(0.02, 335_544_320 / total)), 4)
+    assert kv_cache_fraction(str(tmp_path / "m")) == expected
+    cmd = transformers_command(str(tmp_path / "m"), 1234, batching=True)
+    assert cmd[cmd.index("--cb-max-memory-percent") + 1] == str(expected)
+    assert "--cb-max-memory-percent" not in transformers_command(str(tmp_path / "m"), 1234, batching=False)
