@@ -190,8 +190,10 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
                       throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
     write_json_atomic(ws.plan, plan)
-    jobs = questions.apply_decision(spec, plan, jobs, questions.approve_plan(spec, ws, plan))
-    write_json_atomic(ws.plan, with_approved(spec, inspection, plan, jobs, evaluator_kind, throughput))
+    jobs, plan = questions.apply_decision(
+        spec, plan, jobs, questions.approve_plan(spec, ws, plan),
+        lambda kept: with_approved(spec, inspection, plan, kept, evaluator_kind, throughput))
+    write_json_atomic(ws.plan, plan)
     # ---- nothing above this line spends; everything below does ----
     data = pairs_phase(spec, ws, inspection, _pairs_progress() if inspection["format"] == "prompts" else None)
     questions.check_pair_yield(spec, ws, data)

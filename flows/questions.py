@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import get_run_logger
 
 from preftune.endpoint import Endpoint
@@ -132,19 +134,25 @@ def _plan_problem(plan: dict):
     return check
 
 
-def apply_decision(spec: RunSpec, plan: dict, jobs: list[dict], decision: PlanDecision) -> list[dict]:
+def apply_decision(spec: RunSpec, plan: dict, jobs: list[dict], decision: PlanDecision,
+                   approved: Callable[[list[dict]], dict]) -> tuple[list[dict], dict]:
+    """The jobs that run and the plan with what was approved of it (``approved(kept)``, e.g.
+    ``tasks/plan.with_approved``). The budget cap is held against the estimate of the jobs that
+    run: dropping betas or models is how a person brings a plan under a cap."""
     if not decision.approve:
         raise RunEnded("rejected", decision.note or "plan rejected")
-    cap = decision.budget_usd if decision.budget_usd is not None else spec.budget_usd
-    if cap is not None and plan["estimate"]["total"]["high"] > cap:
-        raise RunEnded("rejected", f"high estimate ${plan['estimate']['total']['high']:.2f} "
-                       f"exceeds the budget cap ${cap:.2f}")
     dropped = set(decision.drop_models)
     kept = [j for j in jobs if j["beta"] not in decision.drop_betas
             and j["base_model"] not in dropped and short_name(j["base_model"]) not in dropped]
     if not kept:
         raise RunEnded("rejected", "every job was dropped from the grid")
-    return kept
+    result = approved(kept)
+    high = (result.get("approved") or result)["estimate"]["total"]["high"]
+    cap = decision.budget_usd if decision.budget_usd is not None else spec.budget_usd
+    if cap is not None and high > cap:
+        scope = "of the approved jobs " if result.get("approved") else ""
+        raise RunEnded("rejected", f"high estimate {scope}${high:.2f} exceeds the budget cap ${cap:.2f}")
+    return kept, result
 
 
 def check_pair_yield(spec: RunSpec, ws: Workspace, data: dict) -> None:
