@@ -53,9 +53,11 @@ def resolve_base_models(spec: RunSpec, ws: Workspace, hint: str = "") -> list[st
             return "'use the base models I list' needs at least one base model"
         return None
 
-    answer = ask(ws, "base-models", _hinted(hint, f"No base model was given. Sweep the configured catalogue?\n\n{listing}"),
+    question = _hinted(hint, f"No base model was given. Sweep the configured catalogue?\n\n{listing}")
+    answer = ask(ws, "base-models", question,
                  CatalogueChoice, context={"catalogue": models}, check=check,
-                 auto=_auto(spec, {"decision": CatalogueDecision.sweep_catalogue}), **_timing(spec))
+                 # A model the instruction named that nothing matched is a person's call, even headless.
+                 auto=None if hint else _auto(spec, {"decision": CatalogueDecision.sweep_catalogue}), **_timing(spec))
     if answer.decision is CatalogueDecision.stop:
         raise RunEnded("rejected", "no base model chosen")
     return list(answer.base_models) if answer.decision is CatalogueDecision.use_base_models else models

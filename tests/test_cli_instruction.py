@@ -98,6 +98,8 @@ def test_plan_shows_the_questions_the_run_will_ask(place, zoo):
      "the instruction asks to generate pairs but names no strong model: give --strong"),
     (["--dataset", "prefs.jsonl", "--planner", "p@http://127.0.0.1:9/v1"], "--planner reads an --instruction"),
     ([], "give --dataset (or an --instruction that names one)"),
+    (["--instruction", "Run DPO on prefs.jsonl using Llama 3.1 8B", "--yes"],
+     "'Llama 3.1 8B', which match no model in the catalogue or the local model folders: give --base-model"),
 ])
 @pytest.mark.parametrize("command", ["plan", "run"])
 def test_what_no_question_can_settle_is_one_line_exit_2(place, zoo, command, argv, line):

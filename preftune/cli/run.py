@@ -100,13 +100,16 @@ def spec_from_args(args: argparse.Namespace):
 
 def check_resolved(spec) -> None:
     """A run cannot start on what the instruction left open and no question of the run can settle:
-    the dataset, the generators of a prompts-only dataset."""
+    the dataset, the generators of a prompts-only dataset; headless (--yes), a base model it named
+    that nothing matches (a person would be asked)."""
     plan = spec.instruction_plan or {}
     open_ = {k: v for k, v in plan.get("unresolved", {}).items() if k not in ("base_models", "evaluator")}
+    if spec.auto_approve_max_usd is not None and "base_models" in plan.get("unresolved", {}):
+        open_["base_models"] = plan["unresolved"]["base_models"]  # headless: a person would be asked
     if not spec.dataset and "dataset" not in open_:
         open_["dataset"] = "the instruction names no dataset"
     if open_:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in open_)
+        flags = ", ".join(_LIST_FLAGS.get(k) or f"--{k.replace('_', '-')}" for k in open_)
         raise UserError(f"{'; '.join(open_.values())}: give {flags} (or say it in the instruction)")
 
 
