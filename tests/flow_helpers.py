@@ -120,7 +120,10 @@ def api_post(route: str, body: dict) -> list:
         return client.request("POST", route, json={"limit": 200, "offset": 0, **body}).json()
 
 
-def artifact_data(key: str) -> list:
-    """Every artifact version under `key`, newest first."""
-    return [a["data"] for a in api_post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
-                                                              "limit": 10, "sort": "CREATED_DESC"})]
+def artifact_data(key: str, flow_run_id: str | None = None) -> list:
+    """Every artifact version under `key` (of one flow run, when given), newest first."""
+    where: dict = {"key": {"any_": [key]}}
+    if flow_run_id:
+        where["flow_run_id"] = {"any_": [flow_run_id]}
+    return [a["data"] for a in api_post("/artifacts/filter", {"artifacts": where, "limit": 10,
+                                                              "sort": "CREATED_DESC"})]

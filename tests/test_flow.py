@@ -5,6 +5,7 @@ Approvals are answered through `resume_flow_run` from the test thread, the way t
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 from pathlib import Path
@@ -125,7 +126,11 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         embedded = report
         for name in ("loss.png", "margins.png"):
             embedded = embedded.replace(f"](figures/{name})", f"]({data_uri(ws / 'figures' / name)})")
-        assert embedded != report and artifact_data("final-report") == [embedded]
+        published = artifact_data("final-report", json.loads((ws / "run.json").read_text())["flow_run_id"])
+        assert embedded != report and len(published) == 1
+        assert published[0] == embedded, "\n".join(difflib.unified_diff(
+            embedded.splitlines(), published[0].splitlines(), "final_report.md, figures embedded", "the artifact",
+            lineterm="", n=1))[:4000]
         assert artifact_data("sweep-progress") == [100.0]
         # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
         logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
