@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import logging
 import os
 import threading
 
@@ -20,10 +21,11 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
-from preftune.errors import RunEnded
+from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
 from preftune.judges import selection
+from preftune.records import validate_files
 from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
@@ -33,9 +35,28 @@ from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid
-from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
+from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows
 from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
+
+
+class _OneLine(logging.Filter):
+    """Bad input (UserError) and a run that ends on purpose (RunEnded) are one line in the run's log,
+    the line the CLI prints: Prefect's engines log every failed task and flow with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, UserError | RunEnded):
+            record.msg, record.args = "%s", (err.reason if isinstance(err, RunEnded) else str(err),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLine) for f in logger.filters):
+            logger.addFilter(_OneLine())
 
 
 def _task(fn, name: str, retries: int = 0):
@@ -50,24 +71,69 @@ report_phase = _task(write_report, "report")
 train_job_task = _task(lambda launch, job: launch(job), "train-job")
 
 
+# Progress a person watches in the UI is refreshed at least this often (while it changes).
+REFRESH_S = 5.0
+
+
+class _Live:
+    """Publishes `render()` to the UI every REFRESH_S while it changes, from a thread of its own in
+    this run's context: the phases report through plain callbacks (cheap, from any thread or event
+    loop) and never wait on the API. `close()` publishes the last value."""
+
+    def __init__(self, render, publish):
+        self.render, self.publish, self.shown = render, publish, object()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), daemon=True,
+                                       name="preftune-progress")
+        self.thread.start()
+
+    def _once(self) -> None:
+        value = self.render()
+        if value != self.shown:
+            self.publish(value)
+            self.shown = value
+
+    def _loop(self) -> None:
+        while not self.stop.wait(REFRESH_S):
+            try:
+                self._once()
+            except Exception as err:  # a missed refresh is not worth failing the run over
+                get_run_logger().debug("progress refresh failed: %s", err)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._once()
+
+
+def _progress(key: str, description: str) -> tuple[_Live, object]:
+    """A progress artifact kept up to date, and the plain `(done, total)` callback a phase reports to."""
+    artifact = create_progress_artifact(progress=0.0, key=key, description=description)
+    share = [0.0]
+
+    def report(done: float, total: float) -> None:
+        share[0] = 100.0 * done / max(total, 1)
+
+    live = _Live(lambda: round(share[0], 1), lambda pct: update_progress_artifact(artifact, pct, _sync=True))
+    return live, report
+
+
 def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) -> list[dict]:
     logger = get_run_logger()
-    total = len(jobs)
-    progress = create_progress_artifact(progress=0.0, key="sweep-progress", description="Sweep jobs finished")
-    done: list[str] = []
+    status: dict[str, dict] = {}
+    table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table)
+    progress, report = _progress("sweep-progress", "Sweep jobs finished")
     if spec.work_pool:
         from preftune.flows.train_job import deployment_launcher
 
         launch = deployment_launcher(spec, ws)
     else:
-        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, total))
+        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, len(jobs)))
 
     def run_one(job: dict) -> dict:
         return train_job_task.with_options(task_run_name=f"train-{job['id']}")(launch, job)
 
     def on_finish(job: dict, summary: dict) -> bool:
-        done.append(job["id"])
-        update_progress_artifact(progress, 100.0 * len(done) / total)
         if spec.target_win_rate is None:
             return False
         score = evaluate_phase.with_options(task_run_name=f"early-stop-eval-{job['id']}")(
@@ -79,44 +145,47 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
         return met
 
     def on_event(kind: str, payload: dict) -> None:
+        if kind == "started":
+            status[payload["id"]] = {"status": "running"}
+            return
+        status[payload["job"]["id"]] = payload
+        report(sum(r["status"] in ("finished", "failed") for r in status.values()), len(jobs))
         if kind == "failed":
             logger.error("job %s failed: %s", payload["job"]["id"], payload["error"])
 
-    results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish, on_event=on_event)
-    update_progress_artifact(progress, 100.0)
-    _sweep_table(results)
+    try:
+        results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish,
+                            on_event=on_event)
+        status.update({r["job"]["id"]: r for r in results})
+        report(len(jobs), len(jobs))
+    finally:
+        table.close()
+        progress.close()
     write_json_atomic(ws.sweep_results, results)
     return results
 
 
-def _pairs_progress():
-    """A progress artifact for pair generation, updated at most every 5% (each update is an API call)."""
-    artifact = create_progress_artifact(progress=0.0, key="pairs-progress", description="Prompts paired")
-    shown = [0.0]
-
-    def update(done: int, total: int) -> None:
-        pct = 100.0 * done / max(total, 1)
-        if pct - shown[0] >= 5.0 or done == total:
-            shown[0] = pct
-            # Called from the generator's event loop, where Prefect's sync API would hand back an
-            # un-awaited coroutine: update from a plain thread carrying this run's context.
-            worker = threading.Thread(target=contextvars.copy_context().run,
-                                      args=(update_progress_artifact, artifact, pct), kwargs={"_sync": True})
-            worker.start()
-            worker.join()
-
-    return update
+def _pairs(spec: RunSpec, ws: Workspace, inspection: dict) -> dict:
+    if inspection["format"] != "prompts":
+        return pairs_phase(spec, ws, inspection, None)
+    progress, report = _progress("pairs-progress", "Prompts paired")
+    try:
+        return pairs_phase(spec, ws, inspection, report)
+    finally:
+        progress.close()
 
 
-def _sweep_table(results: list[dict]) -> None:
-    rows = []
-    for r in results:
-        s = r.get("summary") or {}
-        rows.append({"job": r["job"]["id"], "status": r["status"], "beta": r["job"]["beta"],
-                     "loss": r["job"]["loss_label"], "train_loss": s.get("train_loss"),
-                     "eval_loss": s.get("eval_loss"), "eval_reward_accuracy": s.get("eval_reward_accuracy"),
-                     "samples_per_s": s.get("train_samples_per_second"), "ref_cache": s.get("ref_cache")})
-    create_table_artifact(table=rows, key="sweep-results", description="Every sweep job and its metrics")
+def _evaluate(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
+    progress, report = _progress("evaluation-progress", "Evaluation: completions generated and scored")
+    try:
+        return evaluate_phase(spec, ws, evaluator_kind, jobs, report)
+    finally:
+        progress.close()
+
+
+def _sweep_table(rows: list[dict]) -> None:
+    create_table_artifact(table=rows, key="sweep-results", _sync=True,
+                          description="Every sweep job: running ones with their latest step and training loss")
 
 
 @flow(name="preference-learning", log_prints=True, persist_result=False)
@@ -125,6 +194,7 @@ def preference_learning(spec: RunSpec) -> State:
 
     The run's Prefect state is its outcome: completed → Completed, failed → Failed, rejected or
     refused → Cancelled, each with the one-line reason as its message (outcome.json holds the same)."""
+    _one_line_user_errors()
     ws = Workspace(spec.workspace_path())
     holder = {"pid": os.getpid(), "flow_run_id": str(runtime.flow_run.id or ""),
               "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -148,10 +218,16 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
         get_run_logger().warning("run ended: %s (%s)", end.status, end.reason)
         state = Failed if end.status == "failed" else Cancelled
         return state(message=f"{end.status}: {end.reason}", data=outcome)
+    except UserError as err:  # bad input: the one line the CLI prints, no traceback (`preftune run` exits 2)
+        outcome = {"status": "failed", "reason": str(err), "user_error": True, "workspace": str(ws.root)}
+        write_json_atomic(ws.outcome, outcome)
+        get_run_logger().error("%s", err)
+        return Failed(message=str(err), data=outcome)
     return Completed(message="completed", data=outcome)
 
 
 def _run(spec: RunSpec, ws: Workspace) -> dict:
+    validate_files(spec.dataset, spec.test_dataset)  # bad data: one line before any question is asked
     base_models = questions.resolve_base_models(spec, ws)
     spec, evaluator_kind = questions.resolve_evaluator(spec, ws)
     inspection = inspect_phase(spec, ws, base_models)
@@ -166,14 +242,14 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     write_json_atomic(ws.plan, plan)
     jobs = questions.apply_decision(spec, plan, jobs, questions.approve_plan(spec, ws, plan))
     # ---- nothing above this line spends; everything below does ----
-    data = pairs_phase(spec, ws, inspection, _pairs_progress() if inspection["format"] == "prompts" else None)
+    data = _pairs(spec, ws, inspection)
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
     results = _sweep(spec, ws, jobs, evaluator_kind)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:
         raise RunEnded("failed", "no training job finished; see jobs/*/train.log")
-    scores = evaluate_phase(spec, ws, evaluator_kind, finished)
+    scores = _evaluate(spec, ws, evaluator_kind, finished)
     unrated = sorted(m for m, e in scores["models"].items() if selection.rated(e) <= 0)
     if unrated:
         raise RunEnded("failed", f"evaluation rated nothing (n = 0) for {', '.join(unrated)}: no held-out prompt "

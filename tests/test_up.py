@@ -45,11 +45,13 @@ def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
     api = f"http://127.0.0.1:{free_port()}/api"
     proc, log = _up(tmp_path, api)
     try:
-        wait_for(lambda: "being served" in log.read_text(), 300, f"the deployments to be served ({log})")
+        wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
         text = log.read_text()
         assert f"starting a Prefect server at {api}" in text
         assert f"Prefect UI: {api.removesuffix('/api')}" in text
         assert httpx.get(f"{api}/health", timeout=10).json() is True
+        # the UI in the browser talks to this server, not to the default port
+        assert httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=10).json()["api_url"] == api
         assert DEPLOYMENTS <= _deployments(api)
         assert (tmp_path / "home" / "prefect.db").exists()  # SQLite in --home
         children, cmdlines = _stop_with_sigint(proc)
@@ -74,7 +76,7 @@ def test_up_leaves_a_server_it_found_running(tmp_path, prefect_api):
     api = PREFECT_API_URL.value()
     proc, log = _up(tmp_path, api)
     try:
-        wait_for(lambda: "being served" in log.read_text(), 300, f"the deployments to be served ({log})")
+        wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
         assert f"using the Prefect server already running at {api}" in log.read_text()
         assert not (tmp_path / "home").exists()  # nothing started, nothing written
         assert DEPLOYMENTS <= _deployments(api)

@@ -18,8 +18,9 @@ from preftune.errors import UserError
 
 DEFAULT_API = "http://127.0.0.1:4200/api"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1"}
-# A loaded 2-core machine takes far longer than the usual ~10 s to migrate a fresh SQLite database.
-STARTUP_TIMEOUT_S = 180.0
+# A guard against a server that never answers, not an expectation: a fresh SQLite database is migrated
+# in ~10 s on an idle machine, but took over 180 s on a 2-core machine at load average 12.
+STARTUP_TIMEOUT_S = 600.0
 
 
 def add_parser(sub) -> None:
@@ -50,7 +51,9 @@ def start_server(api_url: str, home: str) -> subprocess.Popen:
         raise UserError(f"no Prefect server answers at {api_url}, and it is not on this machine, so preftune "
                         "cannot start it: start it there, or unset PREFECT_API_URL for a local one")
     os.makedirs(home, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The UI asks its API at PREFECT_UI_API_URL, which defaults to port 4200, not the one it serves on.
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
     log = open(os.path.join(home, "server.log"), "ab")  # noqa: SIM115 - the child holds it for its life
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", where.hostname,
