@@ -34,7 +34,7 @@ from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
-from preftune.tasks.plan import build_plan, job_grid
+from preftune.tasks.plan import build_plan, job_grid, with_approved
 from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows
 from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
@@ -241,6 +241,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
                       throughput=throughput)
     write_json_atomic(ws.plan, plan)
     jobs = questions.apply_decision(spec, plan, jobs, questions.approve_plan(spec, ws, plan))
+    write_json_atomic(ws.plan, with_approved(spec, inspection, plan, jobs, evaluator_kind, throughput))
     # ---- nothing above this line spends; everything below does ----
     data = _pairs(spec, ws, inspection)
     questions.check_pair_yield(spec, ws, data)

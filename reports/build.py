@@ -7,6 +7,7 @@ not what the flow remembers — so it can be re-rendered for any finished or res
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from preftune import cost
@@ -14,7 +15,8 @@ from preftune.endpoint import Endpoint
 from preftune.files import read_json
 from preftune.judges import selection
 from preftune.ledger import REPORT_PHASES, phase_totals, read_ledger, usd_of
-from preftune.reports.figures import plot_curves, read_metrics
+from preftune.reports.changes import not_better, what_changed
+from preftune.reports.figures import data_uri, plot_curves, read_metrics
 from preftune.templating import render
 from preftune.workspace import Workspace, short_name
 
@@ -114,40 +116,6 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
     return out
 
 
-def _completions(path: str | None) -> dict[str, str]:
-    from preftune.judges.completions import read_cache
-
-    return read_cache(Path(path)) if path and Path(path).exists() else {}
-
-
-def example_answers(ws: Workspace, outcome: dict, scores: dict | None, rows: list[dict], n: int = 2) -> list[dict]:
-    """The first ``n`` held-out prompts with both answers: the base model's and the deployed (else the
-    first evaluated) candidate's, read back from the evaluation's completion caches."""
-    from preftune.records import iter_records, prompt_hash, prompt_of
-
-    candidates = list((scores or {}).get("models") or {})
-    chosen = outcome.get("deployed") if outcome.get("deployed") in candidates else (candidates or [None])[0]
-    job = next((r for r in rows if r["id"] == chosen), None)
-    if job is None:
-        return []
-    base_dir = ws.eval_dir / job["base_model"]
-    info = (_maybe(base_dir / "scores.json") or {})
-    models = info.get("models_info") or {}
-    if "base" not in models or chosen not in models or not info.get("test_data"):
-        return []
-    base, tuned = _completions(models["base"].get("completions")), _completions(models[chosen].get("completions"))
-    out: list[dict] = []
-    for _, rec in iter_records(info["test_data"]):
-        messages, tools = prompt_of(rec)
-        h = prompt_hash(messages, tools)
-        if h in base and h in tuned and all(x["prompt"] != messages[-1]["content"] for x in out):
-            out.append({"prompt": messages[-1]["content"], "base": base[h], "tuned": tuned[h], "model": chosen,
-                        "base_model": job["base_model"]})
-        if len(out) >= n:
-            break
-    return out
-
-
 def collect(ws: Workspace) -> dict:
     run = _maybe(ws.run_record) or {}
     spec = run.get("spec", {})
@@ -156,17 +124,25 @@ def collect(ws: Workspace) -> dict:
     scores = _maybe(ws.scores)
     provenance = _maybe(ws.pairs_dir / "provenance.json")
     device = (plan.get("estimate") or {}).get("device", "cpu")
+    outcome = _maybe(ws.outcome) or {}
     return {
         "spec": spec, "plan": plan, "inspection": _maybe(ws.inspection) or {}, "rows": rows,
         "curves": curves, "scores": scores, "provenance": provenance,
         "endpoint": _maybe(ws.endpoint), "approvals": _approvals(ws),
-        "outcome": _maybe(ws.outcome) or {},
+        "outcome": outcome,
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device,
                               ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
-        "examples": example_answers(ws, _maybe(ws.outcome) or {}, scores, rows),
+        "changes": what_changed(ws, outcome, scores), "not_better": not_better(outcome, scores),
+        "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
+        "groups": candidate_groups(scores) if scores else [], "stop_command": stop_command(ws),
     }
+
+
+def stop_command(ws: Workspace) -> str:
+    """The command that stops the workspace's deployed server (preftune/cli/deploy.py: --stop)."""
+    return f"preftune deploy --stop --workspace {shlex.quote(str(ws.root.resolve()))}"
 
 
 def _snippet(endpoint: dict | None) -> str | None:
@@ -175,15 +151,32 @@ def _snippet(endpoint: dict | None) -> str | None:
 
 
 def write_report(ws: Workspace, extra: dict | None = None) -> str:
-    """Render final_report.md (and figures/) from the workspace; returns the Markdown."""
+    """Render ``final_report.md`` (linking the PNGs in ``figures/``) and return the same report for the
+    Prefect artifact, with the figures embedded as data URIs: the UI cannot resolve a relative link.
+    One template renders both (``embed``)."""
     context = collect(ws) | (extra or {})
     context["snippet"] = _snippet(context["endpoint"])
-    context["figures"] = plot_curves(context["curves"], ws.figures) if context["curves"] else {}
-    markdown = render("final_report.md.j2", **context)
-    ws.report.write_text(markdown, encoding="utf-8")
-    return markdown
+    figures = plot_curves(context["curves"], ws.figures) if context["curves"] else {}
+    context["figures"] = {key: f"figures/{name}" for key, name in figures.items()}
+    ws.report.write_text(render("final_report.md.j2", **context), encoding="utf-8")
+    context["figures"] = {key: data_uri(ws.figures / name) for key, name in figures.items()}
+    return render("final_report.md.j2", **context)
+
+
+def candidate_groups(scores: dict) -> list[dict]:
+    """The candidates under their base model, with the base's own scores where the evaluator gives
+    it one (a Python evaluator scores the base too; a pairwise judge only compares against it)."""
+    groups: dict[str, dict] = {}
+    for name, entry in (scores.get("models") or {}).items():
+        base = entry.get("base_model") or "?"
+        group = groups.setdefault(base, {"base": base, "own": (scores.get("bases") or {}).get(base),
+                                         "candidates": []})
+        group["candidates"].append({"name": name, **entry})
+    return list(groups.values())
 
 
 def comparison_markdown(scores: dict, recommended_job: str | None) -> str:
-    """The comparison shown at the deploy decision: every candidate's scores beside its base's."""
-    return render("comparison.md.j2", scores=scores, recommended=recommended_job)
+    """The comparison shown at the deploy decision: every candidate's scores beside its base's, and
+    what each answer deploys (`recommended` names the job, or deploys nothing)."""
+    return render("comparison.md.j2", scores=scores, recommended=recommended_job,
+                  groups=candidate_groups(scores))

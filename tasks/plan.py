@@ -215,6 +215,21 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
     return plan
 
 
+def with_approved(spec: RunSpec, inspection: dict, plan: dict, kept: list[dict], evaluator_kind: str,
+                  throughput: dict | None = None) -> dict:
+    """The plan and what was approved of it: when the approver dropped jobs (betas, base models), the
+    estimate is recomputed for the jobs that run (``approved``); the full grid's stays in ``estimate``
+    so the report can show both against what was spent."""
+    kept_ids = {j["id"] for j in kept}
+    if kept_ids == {j["id"] for j in plan["jobs"]}:
+        return plan
+    return {**plan, "approved": {
+        "jobs": [j["id"] for j in plan["jobs"] if j["id"] in kept_ids],
+        "dropped": [j["id"] for j in plan["jobs"] if j["id"] not in kept_ids],
+        "estimate": estimate(spec, inspection, kept, evaluator_kind, plan["estimate"]["device"],
+                             throughput=throughput)}}
+
+
 def plan_digest(plan: dict) -> str:
     import hashlib
     import json

@@ -111,3 +111,16 @@ def flow_state(ws: Path):
     run_id = UUID(json.loads((ws / "run.json").read_text())["flow_run_id"])
     with get_client(sync_client=True) as client:
         return client.read_flow_run(run_id).state
+
+
+def api_post(route: str, body: dict) -> list:
+    """POST to the Prefect API's raw filter routes. In Prefect 3.8.8 the client's read_artifacts
+    gets HTTP 422 with defaults and nothing with empty filters, so the tests use the routes."""
+    with get_client(sync_client=True) as client:
+        return client.request("POST", route, json={"limit": 200, "offset": 0, **body}).json()
+
+
+def artifact_data(key: str) -> list:
+    """Every artifact version under `key`, newest first."""
+    return [a["data"] for a in api_post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
+                                                              "limit": 10, "sort": "CREATED_DESC"})]

@@ -14,8 +14,17 @@ import pytest
 from preftune.cli import main
 from preftune.endpoint import Endpoint
 from preftune.paths import EXAMPLES_DIR
+from preftune.reports.figures import data_uri
 from preftune.spec import RunSpec
-from tests.flow_helpers import answer, flow_state, start_flow, wait_for_end, wait_for_question
+from tests.flow_helpers import (
+    answer,
+    api_post,
+    artifact_data,
+    flow_state,
+    start_flow,
+    wait_for_end,
+    wait_for_question,
+)
 from tests.stub_server import Reply, StubServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -40,25 +49,10 @@ def _spec(zoo: dict, data: Path, ws: Path, **kw) -> RunSpec:
     return RunSpec(**(base | kw))
 
 
-def _api(route: str, body: dict) -> list:
-    """POST to the Prefect API's raw filter routes. In Prefect 3.8.8 the client's read_artifacts
-    gets HTTP 422 with defaults and nothing with empty filters, so the tests use the routes."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.request("POST", route, json={"limit": 200, "offset": 0, **body}).json()
-
-
-def _artifact_data(key: str) -> list:
-    """Every artifact version under `key`, newest first."""
-    return [a["data"] for a in _api("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
-                                                          "limit": 10, "sort": "CREATED_DESC"})]
-
-
 def _task_run_logs(flow_run_id: str) -> dict[str, list[str]]:
     """{task run name: its log messages in the API} for every task run under this flow run."""
-    runs = _api("/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
-    logs = _api("/logs/filter", {"logs": {"task_run_id": {"any_": [r["id"] for r in runs]}}})
+    runs = api_post("/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}})
+    logs = api_post("/logs/filter", {"logs": {"task_run_id": {"any_": [r["id"] for r in runs]}}})
     names = {r["id"]: r["name"] for r in runs}
     out: dict[str, list[str]] = {name: [] for name in names.values()}
     for log in logs:
@@ -127,8 +121,12 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         if winner:
             assert approvals[2]["values"] == {"decision": "deploy it"} and approvals[2]["context"]["winner"] == winner
         report = (ws / "final_report.md").read_text()
-        assert _artifact_data("final-report") == [report]
-        assert _artifact_data("sweep-progress") == [100.0]
+        # the artifact is the same report with its figures embedded (the UI cannot resolve figures/*.png)
+        embedded = report
+        for name in ("loss.png", "margins.png"):
+            embedded = embedded.replace(f"](figures/{name})", f"]({data_uri(ws / 'figures' / name)})")
+        assert embedded != report and artifact_data("final-report") == [embedded]
+        assert artifact_data("sweep-progress") == [100.0]
         # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
         logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
         for r in sweep:
@@ -251,5 +249,5 @@ def test_prompts_only_generates_pairs_then_trains(zoo, tmp_path):
     first = json.loads(train[0])
     assert first["preferred_output"][0]["content"].startswith("A careful answer")
     assert first["non_preferred_output"][0]["content"] == "no idea"
-    assert _artifact_data("pairs-progress") == [100.0]
+    assert artifact_data("pairs-progress") == [100.0]
     assert "## Pair generation (delta learning)" in (ws / "final_report.md").read_text()

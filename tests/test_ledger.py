@@ -194,8 +194,8 @@ def test_early_stop_then_final_evaluation_counts_each_judge_request_once(tmp_pat
     assert actual["ledger"]["completions"]["usd"] is None
     assert report_rows(ws) == {"pair generation": "$0.00", "evaluation": "$2.00", "total": "$2.00"}
     report = ws.report.read_text()
-    assert "rubric 1 requests" in report and "evaluation 24 requests" in report
-    assert "completions 18 requests" in report and "unknown (unpriced: base@" in report
+    assert "- rubric: 1 requests" in report and "- evaluation: 24 requests" in report
+    assert "- completions: 18 requests" in report and "unknown (unpriced: base@" in report
     assert actual["ledger"]["completions"]["unpriced"] == [f"base@{srv.base_url}", f"c1@{srv.base_url}",
                                                             f"c2@{srv.base_url}"]
 

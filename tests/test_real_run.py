@@ -61,7 +61,7 @@ def check_real_run(ws: Path, real_model: dict, outcome: dict, betas: int) -> dic
     assert "Paris" in text
 
     report = (ws / "final_report.md").read_text()
-    for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "### Example answers",
+    for heading in ("## Summary", "## Dataset", "## Sweep", "## Evaluation", "## What changed",
                     "## Calling the deployed model"):
         assert heading in report, heading
     return {"pairs": len(pairs), "reply": text, "scores": scores["models"]}

@@ -1,0 +1,145 @@
+"""What the tuning changed, for a reader: a few held-out prompts with the base model's answer and the
+tuned candidate's, the verdict on each, and a warning when the deployed candidate is not shown to
+beat its base.
+
+Everything is read back from phase 5's files (tasks/evaluate.py writes them under
+``eval/<base>/``): ``scores.json`` names each model's completion cache, ``judgments/<name>.jsonl``
+holds the pairwise judge's verdicts and ``evaluator_scores.jsonl`` a Python evaluator's scores,
+both keyed by prompt hash. Nothing is generated or judged again here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from preftune.files import read_json
+from preftune.judges import selection
+from preftune.judges.completions import read_cache
+from preftune.records import iter_records, prompt_hash, prompt_of
+from preftune.workspace import Workspace
+
+SHOWN = 5  # prompts in the What-changed section
+PROMPT_CHARS = 300  # longer prompts and answers are cut (at a word) with a note: the report stays readable
+ANSWER_CHARS = 600
+
+
+def shown_candidate(outcome: dict, scores: dict | None) -> tuple[str | None, bool]:
+    """(candidate to show, whether it is the deployed one): the deployed candidate; else (nothing or
+    the base deployed) the recommended one; else the one with the highest win rate vs its base."""
+    models = (scores or {}).get("models") or {}
+    deployed = outcome.get("deployed")
+    if deployed in models:
+        return deployed, True
+    best = selection.recommended(scores) if models else None
+    if best is None and models:
+        best = max(models, key=lambda m: (selection.target_value(scores, m) or -1.0, m))
+    return best, False
+
+
+def not_better(outcome: dict, scores: dict | None) -> list[str]:
+    """Why the deployed candidate is not shown to be better than its base ([] when it is, or when
+    nothing or the base model itself was deployed): a win rate of at most 0.5, a 95% CI that
+    includes 0.5, or (Python evaluator) a mean score not above the base's."""
+    name = outcome.get("deployed")
+    entry = ((scores or {}).get("models") or {}).get(name) if name else None
+    if entry is None:
+        return []
+    reasons = []
+    rate, low, high = entry.get("win_rate"), entry.get("ci_low"), entry.get("ci_high")
+    if rate is None:
+        reasons.append("no held-out prompt gave a valid comparison with its base")
+    elif rate <= 0.5:
+        reasons.append(f"its win rate against its base is {rate:.3f} (at most 0.5: it did not win more than it lost)")
+    elif low is None or low <= 0.5:
+        reasons.append(f"the 95% CI of its win rate, [{_fmt(low)}, {_fmt(high)}], includes 0.5: "
+                       "the gain may be chance")
+    base = ((scores or {}).get("bases") or {}).get(entry.get("base_model"))
+    mine, theirs = entry.get("mean_score"), (base or {}).get("mean_score")
+    if (scores or {}).get("kind") == "evaluator" and mine is not None and theirs is not None and mine <= theirs:
+        reasons.append(f"its mean evaluator score {mine:.3f} is not above its base's {theirs:.3f}")
+    return reasons
+
+
+def _fmt(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"
+
+
+def _clip(text: str, limit: int) -> dict:
+    """{"text": at most ``limit`` characters, cut at a word, "chars": the full length}."""
+    text = text.strip()
+    if len(text) <= limit:
+        return {"text": text, "chars": len(text), "cut": False}
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return {"text": (cut[:space] if space > limit // 2 else cut).rstrip(), "chars": len(text), "cut": True}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _verdicts(base_dir: Path, name: str, mode: str) -> dict[str, dict]:
+    """prompt hash → the verdict on the candidate's answer against the base's answer."""
+    if mode == "evaluator":
+        rows = {r["key"]: r for r in _jsonl(base_dir / "evaluator_scores.jsonl")}
+        out = {}
+        for key, mine in rows.items():
+            model, _, h = key.rpartition(":")
+            theirs = rows.get(f"base:{h}")
+            if model != name or theirs is None:
+                continue
+            s, b = mine.get("score"), theirs.get("score")
+            outcome = ("invalid" if s is None or b is None else "win" if s > b else "loss" if s < b else "tie")
+            out[h] = {"outcome": outcome, "score": s, "base_score": b, "reason": mine.get("reason"),
+                      "base_reason": theirs.get("reason"), "error": mine.get("error") or theirs.get("error")}
+        return out
+    return {r["key"]: {"outcome": r["outcome"], "candidate_first": r["verdict_candidate_first"],
+                       "base_first": r["verdict_baseline_first"], "error": r.get("error")}
+            for r in _jsonl(base_dir / "judgments" / f"{name}.jsonl")}
+
+
+def what_changed(ws: Workspace, outcome: dict, scores: dict | None, n: int = SHOWN) -> dict | None:
+    """Up to ``n`` held-out prompts (in held-out order; prompts whose two answers differ first) with
+    the base model's answer, the shown candidate's answer and the verdict; None when phase 5 left
+    nothing to show."""
+    name, deployed = shown_candidate(outcome, scores)
+    if name is None:
+        return None
+    base_name = scores["models"][name].get("base_model")
+    base_dir = ws.eval_dir / str(base_name)
+    info = read_json(base_dir / "scores.json") if (base_dir / "scores.json").exists() else {}
+    models = info.get("models_info") or {}
+    if "base" not in models or name not in models or not info.get("test_data"):
+        return None
+    files = {"base": _moved(models["base"]["completions"], base_dir), "tuned": _moved(models[name]["completions"], base_dir)}
+    base, tuned = read_cache(files["base"]), read_cache(files["tuned"])
+    verdicts = _verdicts(base_dir, name, info.get("mode", "evaluator"))
+    found: dict[str, dict] = {}
+    for _, rec in iter_records(info["test_data"]):
+        messages, tools = prompt_of(rec)
+        h = prompt_hash(messages, tools)
+        if h in base and h in tuned and h in verdicts and h not in found:
+            found[h] = {"prompt": _clip(messages[-1]["content"], PROMPT_CHARS), "base": _clip(base[h], ANSWER_CHARS),
+                        "tuned": _clip(tuned[h], ANSWER_CHARS), "verdict": verdicts[h],
+                        "same": base[h].strip() == tuned[h].strip()}
+        if sum(not e["same"] for e in found.values()) >= n or len(found) == len(verdicts):
+            break  # enough differing answers, or every evaluated prompt seen: no need to read further
+    shown = sorted(found.values(), key=lambda e: e["same"])[:n]  # stable: held-out order within each group
+    return {"model": name, "deployed": deployed, "base_model": base_name, "mode": info.get("mode", "evaluator"),
+            "examples": shown, "files": {k: _relative(p, ws.root) for k, p in files.items()}}
+
+
+def _moved(recorded: str, base_dir: Path) -> Path:
+    """A completion cache recorded with its absolute path: this workspace's copy (it may have moved)."""
+    local = base_dir / "completions" / Path(recorded).name
+    return local if local.exists() else Path(recorded)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
