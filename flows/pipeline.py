@@ -53,7 +53,7 @@ class _OneLine(logging.Filter):
 
 
 def _one_line_user_errors() -> None:
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OneLine) for f in logger.filters):
             logger.addFilter(_OneLine())
@@ -222,7 +222,9 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
         outcome = {"status": "failed", "reason": str(err), "user_error": True, "workspace": str(ws.root)}
         write_json_atomic(ws.outcome, outcome)
         get_run_logger().error("%s", err)
-        return Failed(message=str(err), data=outcome)
+        # The error itself as the state's data: the engine of a deployment run re-raises it after the
+        # flow (a dict there is a TypeError with a traceback); _OneLine logs it as its one line.
+        return Failed(message=str(err), data=err)
     return Completed(message="completed", data=outcome)
 
 

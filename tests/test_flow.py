@@ -127,6 +127,7 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
             embedded = embedded.replace(f"](figures/{name})", f"]({data_uri(ws / 'figures' / name)})")
         assert embedded != report and artifact_data("final-report") == [embedded]
         assert artifact_data("sweep-progress") == [100.0]
+        assert artifact_data("evaluation-progress")[0] == 100.0  # this run's, the newest
         # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
         logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
         for r in sweep:

@@ -79,9 +79,9 @@ def run_flow(spec, *, as_json: bool) -> int:
     check_workspace_free(spec)
     state = preference_learning(spec, return_state=True)
     outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, BaseException):  # a crash, not an outcome the run decided
+    if isinstance(outcome, BaseException):  # a crash, or bad input (a UserError: one line, exit 2)
         raise outcome
-    if outcome["status"] == "refused" or outcome.get("user_error"):  # a workspace in use, bad input: exit 2
+    if outcome["status"] == "refused":  # another live run holds the workspace (it got there first)
         raise UserError(outcome["reason"])
     if as_json:
         print_json(outcome)

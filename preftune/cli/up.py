@@ -104,10 +104,12 @@ def ui_url(api_url: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+
     from preftune.cli.serve import start_serve_loop
     from preftune.paths import cache_dir
 
-    api_url = os.environ.get("PREFECT_API_URL") or DEFAULT_API
+    api_url = PREFECT_API_URL.value() or DEFAULT_API  # the environment, else the active Prefect profile
     home = os.path.abspath(args.home or str(cache_dir() / "prefect-server"))
     server = None
     loop = None
@@ -122,10 +124,9 @@ def run(args: argparse.Namespace) -> int:
         loop = start_serve_loop(args.job_limit, env={**os.environ, "PREFECT_API_URL": api_url})
         print(f"Prefect UI: {ui_url(api_url)}  (deployment 'preference-learning/preftune': Run → Custom run; "
               "Ctrl-C stops everything this command started)", flush=True)
-        while True:
-            code = loop.wait()
-            print(f"preftune up: the serve loop exited with {code}", file=sys.stderr, flush=True)
-            return code or 1
+        code = loop.wait()  # until Ctrl-C / SIGTERM (KeyboardInterrupt), or the loop dies by itself
+        print(f"preftune up: the serve loop exited with {code}", file=sys.stderr, flush=True)
+        return code or 1
     finally:
         stop(loop)
         stop(server, group=True)
