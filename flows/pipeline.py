@@ -71,17 +71,19 @@ report_phase = _task(write_report, "report")
 train_job_task = _task(lambda launch, job: launch(job), "train-job")
 
 
-# Progress a person watches in the UI is refreshed at least this often (while it changes).
+# Progress a person watches in the UI is refreshed at least this often (while it changes). A table
+# artifact cannot be updated in place: each refresh of the sweep table is a new version, so less often.
 REFRESH_S = 5.0
+TABLE_REFRESH_S = 10.0
 
 
 class _Live:
-    """Publishes `render()` to the UI every REFRESH_S while it changes, from a thread of its own in
+    """Publishes `render()` to the UI every `every` seconds while it changes, from a thread of its own in
     this run's context: the phases report through plain callbacks (cheap, from any thread or event
     loop) and never wait on the API. `close()` publishes the last value."""
 
-    def __init__(self, render, publish):
-        self.render, self.publish, self.shown = render, publish, object()
+    def __init__(self, render, publish, every: float = REFRESH_S):
+        self.render, self.publish, self.every, self.shown = render, publish, every, object()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), daemon=True,
                                        name="preftune-progress")
@@ -94,7 +96,7 @@ class _Live:
             self.shown = value
 
     def _loop(self) -> None:
-        while not self.stop.wait(REFRESH_S):
+        while not self.stop.wait(self.every):
             try:
                 self._once()
             except Exception as err:  # a missed refresh is not worth failing the run over
@@ -121,7 +123,7 @@ def _progress(key: str, description: str) -> tuple[_Live, object]:
 def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) -> list[dict]:
     logger = get_run_logger()
     status: dict[str, dict] = {}
-    table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table)
+    table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table, every=TABLE_REFRESH_S)
     progress, report = _progress("sweep-progress", "Sweep jobs finished")
     if spec.work_pool:
         from preftune.flows.train_job import deployment_launcher
