@@ -206,7 +206,8 @@ def preference_learning(spec: RunSpec) -> State:
     except LockHeld as held:  # another live run owns this workspace: touch none of its files
         reason = in_use_message(ws.root, held.holder)
         get_run_logger().error(reason)
-        return Cancelled(message=reason, data={"status": "refused", "reason": reason, "workspace": str(ws.root)})
+        refused = {"status": "refused", "reason": reason, "workspace": str(ws.root)}
+        return Cancelled(message=reason, data=RunEnded("refused", reason, refused))
 
 
 def _owned_run(spec: RunSpec, ws: Workspace) -> State:
@@ -219,7 +220,8 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
         write_json_atomic(ws.outcome, outcome)
         get_run_logger().warning("run ended: %s (%s)", end.status, end.reason)
         state = Failed if end.status == "failed" else Cancelled
-        return state(message=f"{end.status}: {end.reason}", data=outcome)
+        end.outcome = outcome  # the state's data is the error itself (preftune.errors.run_outcome)
+        return state(message=f"{end.status}: {end.reason}", data=end)
     except UserError as err:  # bad input: the one line the CLI prints, no traceback (`preftune run` exits 2)
         outcome = {"status": "failed", "reason": str(err), "user_error": True, "workspace": str(ws.root)}
         write_json_atomic(ws.outcome, outcome)

@@ -74,11 +74,12 @@ def spec_from_args(args: argparse.Namespace):
 
 def run_flow(spec, *, as_json: bool) -> int:
     from preftune.cli.common import print_json
+    from preftune.errors import run_outcome
     from preftune.flows.pipeline import preference_learning
 
     check_workspace_free(spec)
     state = preference_learning(spec, return_state=True)
-    outcome = state.result(raise_on_failure=False)
+    outcome = run_outcome(state.result(raise_on_failure=False))
     if isinstance(outcome, BaseException):  # a crash, or bad input (a UserError: one line, exit 2)
         raise outcome
     if outcome["status"] == "refused":  # another live run holds the workspace (it got there first)
