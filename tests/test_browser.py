@@ -62,14 +62,15 @@ def page(tmp_path):
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"])
+        context = p.chromium.launch_persistent_context(  # a fresh profile: its own --user-data-dir
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 900})
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(60_000)
+            page = context.new_page()
+            page.set_default_timeout(120_000)  # a guard only: the machine may be loaded
             yield page
         finally:
-            browser.close()
+            context.close()
 
 
 class Shots:
@@ -96,8 +97,8 @@ def _spec(zoo: dict, tmp_path: Path) -> dict:
 
 
 def _deployment_id(api: str) -> str:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
-    return next(d["id"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
+    return next(d["id"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
                 if d["name"] == "preftune" and flows.get(d["flow_id"]) == "preference-learning")
 
 
@@ -120,7 +121,7 @@ def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shot
 
 
 def _state(api: str, run_id: str) -> dict:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
+    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60).json()["state"]
 
 
 def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
@@ -177,22 +178,29 @@ def test_bad_input_from_the_form_fails_the_run_with_the_cli_line_and_no_tracebac
     assert str(missing) in line and "\n" not in line
 
     api = ui
-    run = httpx.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", timeout=10, json={
+    run = httpx.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", timeout=60, json={
         "parameters": {"spec": {"dataset": str(missing), "workspace": str(tmp_path / "ws")}}}).json()
     state = _end(api, run["id"])
     assert (state["type"], state["message"]) == ("FAILED", line)
-    logs = httpx.post(f"{api}/logs/filter", timeout=10, json={
-        "logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}).json()
-    assert logs, "the run wrote no log"
-    assert not [g["message"] for g in logs if "Traceback" in g["message"]]
-    errors = [g["message"] for g in logs if g["level"] >= 40]
-    assert line in errors and all("\n" not in e for e in errors), errors
+
+    def logs() -> list[dict]:
+        return httpx.post(f"{api}/logs/filter", timeout=60, json={
+            "logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}).json()
+
+    # the run's logs reach the server in batches, after its state: wait for its error line, then for
+    # the engine's last words (it exits a few seconds after the state is set)
+    wait_for(lambda: any(g["message"] == line for g in logs()), 120, "the run's error line in its logs")
+    time.sleep(10)
+    every = [(g["level"], g["message"]) for g in logs()]
+    assert not [m for _, m in every if "Traceback" in m], every
+    errors = [m for level, m in every if level >= 40]
+    assert line in errors and all("\n" not in m for m in errors), every
     outcome = json.loads((tmp_path / "ws" / "outcome.json").read_text())
     assert outcome == {"status": "failed", "reason": line, "user_error": True, "workspace": str(tmp_path / "ws")}
 
 
 def _report_artifact(api: str, run_id: str) -> str:
-    rows = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
         "artifacts": {"key": {"any_": ["final-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
     assert rows, "no final-report artifact"
     return rows[0]["id"]

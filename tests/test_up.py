@@ -16,8 +16,8 @@ DEPLOYMENTS = {("preference-learning", "preftune"), ("train-job", "preftune-trai
 
 
 def _deployments(api: str) -> set[tuple[str, str]]:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
-    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
+    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
     return {(flows.get(d["flow_id"]), d["name"]) for d in rows}
 
 
@@ -49,9 +49,9 @@ def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
         text = log.read_text()
         assert f"starting a Prefect server at {api}" in text
         assert f"Prefect UI: {api.removesuffix('/api')}" in text
-        assert httpx.get(f"{api}/health", timeout=10).json() is True
+        assert httpx.get(f"{api}/health", timeout=60).json() is True
         # the UI in the browser talks to this server, not to the default port
-        assert httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=10).json()["api_url"] == api
+        assert httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=60).json()["api_url"] == api
         assert DEPLOYMENTS <= _deployments(api)
         assert (tmp_path / "home" / "prefect.db").exists()  # SQLite in --home
         children, cmdlines = _stop_with_sigint(proc)
@@ -83,7 +83,7 @@ def test_up_leaves_a_server_it_found_running(tmp_path, prefect_api):
         children, cmdlines = _stop_with_sigint(proc)
         assert not any("server" in c for c in cmdlines), cmdlines
         assert children and all_gone(children, 10.0)
-        assert httpx.get(f"{api}/health", timeout=10).json() is True
+        assert httpx.get(f"{api}/health", timeout=60).json() is True
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def answers(api_url: str, timeout: float = 2.0) -> bool:
+def answers(api_url: str, timeout: float = 10.0) -> bool:
     """Whether a Prefect API answers its health check at `api_url` (ending in /api)."""
     import httpx
 
@@ -67,7 +67,7 @@ def start_server(api_url: str, home: str) -> subprocess.Popen:
 
 def wait_until_up(api_url: str, server: subprocess.Popen, home: str) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not answers(api_url):
+    while not answers(api_url, timeout=2.0):
         if server.poll() is not None:
             from preftune.server import log_tail
 
