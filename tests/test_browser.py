@@ -105,19 +105,27 @@ def _deployment_id(api: str) -> str:
 def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shots) -> str:
     deployment = _deployment_id(api)
     page.goto(f"{ui_url}/deployments/deployment/{deployment}", wait_until="networkidle")
-    page.get_by_role("button", name="Run").first.click()
-    page.get_by_text("Custom run", exact=True).click()
-    page.wait_for_url(re.compile(r".*/run$"))
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).first.click()
+    page.wait_for_url(re.compile(r".*/deployment/[0-9a-f-]+/run(\?.*)?$"))
     page.get_by_text("Dataset", exact=True).first.wait_for()
     shot(page, "custom-run-form")
     page.locator(".flow-run-create-form-v2__header button").click()  # the Parameters menu
     page.get_by_text("Use JSON input").click()
     page.locator("textarea.p-code-input__textarea").fill(json.dumps({"spec": spec}, indent=2))
     shot(page, "custom-run-json")
+    before = _runs(api, deployment)
     page.get_by_role("button", name="Submit").click()
-    page.get_by_text("View run").click()
-    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]+"))
-    return page.url.rsplit("/", 1)[-1].split("?")[0]
+    new = wait_for(lambda: _runs(api, deployment) - before, 120, "the run the form submits")
+    assert len(new) == 1, new
+    page.get_by_text("scheduled to start").first.wait_for()  # the UI's own confirmation
+    shot(page, "custom-run-submitted")
+    return new.pop()
+
+
+def _runs(api: str, deployment: str) -> set[str]:
+    return {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", timeout=60, json={
+        "deployments": {"id": {"any_": [deployment]}}, "limit": 50, "sort": "START_TIME_DESC"}).json()}
 
 
 def _state(api: str, run_id: str) -> dict:
@@ -128,20 +136,24 @@ def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
     """Open the paused run, press Resume, choose this question's decision in its dropdown, submit."""
     page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
     page.get_by_role("button", name="Resume").first.click()
-    dialog = page.get_by_role("dialog")
-    dialog.get_by_role("button", name="Submit").wait_for()
+    submit = page.get_by_role("button", name="Submit", exact=True)
+    submit.wait_for()
+    page.locator(".schema-form-property__label").first.wait_for()  # the form inside the modal
     for label, options in ANSWERS.items():
-        field = dialog.locator(".schema-form-property").filter(
+        field = page.locator(".schema-form-property").filter(
             has=page.locator(f".schema-form-property__label:text-is('{label}')"))
         if not field.count():
             continue
-        field.locator(".p-select-button__control").first.click()
+        control = field.locator(".p-select-button__control").first
+        control.click()
+        control.press("ArrowDown")  # opens the list where the click alone did not (inside the modal)
+        page.get_by_role("option").first.wait_for()
         offered = {t.strip() for t in page.get_by_role("option").all_inner_texts()}
         chosen = next(iter(offered & options), None)
         assert chosen, f"{label}: the dropdown offers {sorted(offered)}, none of {sorted(options)}"
         page.get_by_role("option", name=chosen, exact=True).click()
         shot(page, f"question-{label.lower()}-{chosen.replace(' ', '-')}")
-        dialog.get_by_role("button", name="Submit").click()
+        submit.click()
         return chosen
     shot(page, "unexpected-question")
     raise AssertionError("a question without a known decision field: see the screenshot")
