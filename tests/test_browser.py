@@ -81,9 +81,9 @@ class Shots:
         folder.mkdir(parents=True, exist_ok=True)
         print(f"\nscreenshots: {folder}")
 
-    def __call__(self, page, name: str, full: bool = False) -> None:
+    def __call__(self, page, name: str) -> None:
         self.n += 1
-        page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"), full_page=full)
+        page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"))
 
 
 def _spec(zoo: dict, tmp_path: Path) -> dict:
@@ -234,11 +234,13 @@ def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
     assert len(sections) >= 5, sections
     page.get_by_role("heading", name=sections[-1].strip()).first.wait_for()
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
-    shot(page, "final-report", full=True)
+    shot(page, "final-report")
     images = page.evaluate("Array.from(document.querySelectorAll('.markdown-renderer img, article img'))"
                            ".map(i => ({src: i.src.slice(0, 60), width: i.naturalWidth}))")
     assert images, "the report shows no figure"
     assert all(i["width"] > 0 for i in images), f"images that did not load: {images}"
+    page.locator("article img, .markdown-renderer img").first.scroll_into_view_if_needed()
+    shot(page, "final-report-figure")
     headings = {h.strip() for h in page.locator("h2").all_inner_texts()}
     missing = [s for s in sections if s.strip() not in headings]
     assert not missing, f"sections not rendered: {missing} (page has {sorted(headings)})"
