@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/preftune demo
 
-test: $(STAMP)
+# tests/test_browser.py drives Debian's Chromium with playwright (playwright's own browser download
+# needs the network). Installed once, as root, on a fresh Debian machine (CI); skipped when present.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

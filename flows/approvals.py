@@ -11,22 +11,29 @@ appended to `approvals.jsonl` with its time and values, so a resumed run does no
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from prefect import get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, ValidationError, WithJsonSchema, create_model
 
 from preftune.files import append_jsonl
 from preftune.workspace import Workspace
 
 T = TypeVar("T", bound=RunInput)
+
+
+def choice(options: type[StrEnum]) -> Any:
+    """An enum field whose options sit inline in the form's JSON schema: the Prefect UI's resume form
+    (3.8.8) does not follow a `$ref` to an enum and shows an empty dropdown that cannot be answered."""
+    return Annotated[options, WithJsonSchema({"type": "string", "enum": [o.value for o in options]})]
 
 
 class PlanChoice(StrEnum):
@@ -35,7 +42,7 @@ class PlanChoice(StrEnum):
 
 
 class PlanDecision(RunInput):
-    decision: PlanChoice = Field(description="Approve the plan and its cost, or reject it (nothing is spent).")
+    decision: choice(PlanChoice) = Field(description="Approve the plan and its cost, or reject it (nothing is spent).")
     budget_usd: float | None = Field(None, ge=0, description="Optional budget cap in USD for this run.")
     drop_models: list[str] = Field(default_factory=list, description="Base models (name or path) to drop.")
     drop_betas: list[float] = Field(default_factory=list, description="Beta values to drop from the grid.")
@@ -53,19 +60,32 @@ class CatalogueDecision(StrEnum):
 
 
 class CatalogueChoice(RunInput):
-    decision: CatalogueDecision = Field(description="No base model was given: sweep the catalogue shown above, "
+    decision: choice(CatalogueDecision) = Field(description="No base model was given: sweep the catalogue shown above, "
                                         "use the base models listed below, or stop the run.")
     base_models: list[str] = Field(default_factory=list, description="Base model folders, with "
                                    "'use the base models I list'.")
 
 
+class EvaluatorKind(StrEnum):
+    evaluator = "a Python evaluator"
+    judge = "an LLM judge"
+    stop = "stop"
+
+
 class EvaluatorChoice(RunInput):
-    evaluator: str | None = Field(None, description="Python evaluator id `package.module:function`.")
-    judge_model: str | None = Field(None, description="Judge model name (with a base URL) or local folder.")
-    judge_base_url: str | None = Field(None, description="Judge endpoint base URL.")
-    judge_api_key_env: str | None = Field(None, description="NAME of the env var holding the judge's key.")
+    decision: choice(EvaluatorKind) = Field(description="How to score the candidates: a Python evaluator (fill "
+                                            "'evaluator'), an LLM judge (fill the judge fields), or stop the run.")
+    evaluator: str | None = Field(None, description="With 'a Python evaluator': its id `package.module:function` "
+                                  "or `file.py:function`; it must import.")
+    judge_model: str | None = Field(None, description="With 'an LLM judge': the model name the endpoint serves, "
+                                    "or a local model folder (served by preftune).")
+    judge_base_url: str | None = Field(None, description="The judge's OpenAI-compatible base URL, e.g. "
+                                       "https://api.openai.com/v1. Empty only for a local model folder.")
+    judge_api_key_env: str | None = Field(None, description="NAME of the environment variable holding the "
+                                          "judge's key (never the key itself).")
     judge_api_key_block: str | None = Field(None, description="Or the name of a Prefect Secret block holding it.")
-    rubric: str | None = Field(None, description="Rubric text (otherwise the judge writes one).")
+    rubric: str | None = Field(None, description="Rubric text for the judge (empty: the judge writes one from "
+                               "the data).")
 
 
 def comparison_form(jobs: list[str], recommended: str | None) -> type[RunInput]:
@@ -83,7 +103,7 @@ class PromotionChoice(StrEnum):
 
 
 class PromotionDecision(RunInput):
-    decision: PromotionChoice = Field(description="Deploy the clear winner now, or hold it back.")
+    decision: choice(PromotionChoice) = Field(description="Deploy the clear winner now, or hold it back.")
 
     @property
     def promote(self) -> bool:
@@ -96,7 +116,7 @@ class YieldChoice(StrEnum):
 
 
 class YieldDecision(RunInput):
-    decision: YieldChoice = Field(description="Continue with what there is, or stop the run here.")
+    decision: choice(YieldChoice) = Field(description="Continue with what there is, or stop the run here.")
 
 
 def _log(ws: Workspace, kind: str, by: str, values: dict[str, Any], context: dict[str, Any]) -> None:
@@ -131,6 +151,19 @@ def _problem(form: type[T], values: dict[str, Any], check: Callable[[T], str | N
     return (None, problem) if problem else (answer, None)
 
 
+def _shown_form(form: type[T], description: str, defaults: dict[str, Any]) -> type[T]:
+    """The form with the question above it and `defaults` filled in. Prefect's `with_initial_data`
+    rebuilds each defaulted field from its bare type, so the UI lost its description and bounds."""
+    fields = {}
+    for key, value in defaults.items():
+        info = copy.copy(form.model_fields[key])
+        info.default, info.default_factory = value, None
+        fields[key] = (form.model_fields[key].annotation, info)
+    model = create_model(form.__name__, __base__=form, **fields)
+    model._description = description
+    return model
+
+
 def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict[str, Any] | None = None,
         defaults: dict[str, Any] | None = None, auto: dict[str, Any] | None = None,
         check: Callable[[T], str | None] | None = None, timeout_s: int = 86400, poll_s: int = 10) -> T:
@@ -158,7 +191,7 @@ def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict
         create_markdown_artifact(markdown=shown, key=f"approval-{kind}", description=f"Question: {kind}")
         logger.info("Waiting for '%s': answer in the Prefect UI, or run `preftune approve %s` "
                     "[--reject] [--set FIELD=VALUE]", kind, ws.root)
-        raw = pause_flow_run(wait_for_input=form.with_initial_data(description=shown, **(defaults or {})),
+        raw = pause_flow_run(wait_for_input=_shown_form(form, shown, defaults or {}),
                              timeout=timeout_s, poll_interval=poll_s)
         answer, problem = _problem(form, raw.model_dump(mode="json"), check)
         if answer is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import logging
 import os
 import threading
 
@@ -24,6 +25,7 @@ from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
 from preftune.judges import selection
+from preftune.records import validate_files
 from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
@@ -34,9 +36,28 @@ from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resol
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid, with_approved
-from preftune.tasks.sweep import job_threads, local_launcher, run_sweep
+from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows
 from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
+
+
+class _OneLine(logging.Filter):
+    """Bad input (UserError) and a run that ends on purpose (RunEnded) are one line in the run's log,
+    the line the CLI prints: Prefect's engines log every failed task and flow with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, UserError | RunEnded):
+            record.msg, record.args = "%s", (err.reason if isinstance(err, RunEnded) else str(err),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLine) for f in logger.filters):
+            logger.addFilter(_OneLine())
 
 
 def _task(fn, name: str, retries: int = 0):
@@ -52,24 +73,71 @@ instruction_phase = _task(resolve, "instruction")
 train_job_task = _task(lambda launch, job: launch(job), "train-job")
 
 
+# Progress a person watches in the UI is refreshed at least this often (while it changes). A table
+# artifact cannot be updated in place: each refresh of the sweep table is a new version, so less often.
+REFRESH_S = 5.0
+TABLE_REFRESH_S = 10.0
+
+
+class _Live:
+    """Publishes `render()` to the UI every `every` seconds while it changes, from a thread of its own in
+    this run's context: the phases report through plain callbacks (cheap, from any thread or event
+    loop) and never wait on the API. `close()` publishes the last value."""
+
+    def __init__(self, render, publish, every: float = REFRESH_S):
+        self.render, self.publish, self.every, self.shown = render, publish, every, object()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), daemon=True,
+                                       name="preftune-progress")
+        self.thread.start()
+
+    def _once(self) -> None:
+        value = self.render()
+        if value != self.shown:
+            self.publish(value)
+            self.shown = value
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self._once()
+            except Exception as err:  # a missed refresh is not worth failing the run over
+                get_run_logger().debug("progress refresh failed: %s", err)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._once()
+
+
+def _progress(key: str, description: str) -> tuple[_Live, object]:
+    """A progress artifact kept up to date, and the plain `(done, total)` callback a phase reports to."""
+    artifact = create_progress_artifact(progress=0.0, key=key, description=description)
+    share = [0.0]
+
+    def report(done: float, total: float) -> None:
+        share[0] = 100.0 * done / max(total, 1)
+
+    live = _Live(lambda: round(share[0], 1), lambda pct: update_progress_artifact(artifact, pct, _sync=True))
+    return live, report
+
+
 def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) -> list[dict]:
     logger = get_run_logger()
-    total = len(jobs)
-    progress = create_progress_artifact(progress=0.0, key="sweep-progress", description="Sweep jobs finished")
-    done: list[str] = []
+    status: dict[str, dict] = {}
+    table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table, every=TABLE_REFRESH_S)
+    progress, report = _progress("sweep-progress", "Sweep jobs finished")
     if spec.work_pool:
         from preftune.flows.train_job import deployment_launcher
 
         launch = deployment_launcher(spec, ws)
     else:
-        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, total))
+        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, len(jobs)))
 
     def run_one(job: dict) -> dict:
         return train_job_task.with_options(task_run_name=f"train-{job['id']}")(launch, job)
 
     def on_finish(job: dict, summary: dict) -> bool:
-        done.append(job["id"])
-        update_progress_artifact(progress, 100.0 * len(done) / total)
         if spec.target_win_rate is None:
             return False
         score = evaluate_phase.with_options(task_run_name=f"early-stop-eval-{job['id']}")(
@@ -81,44 +149,55 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
         return met
 
     def on_event(kind: str, payload: dict) -> None:
+        if kind == "started":
+            status[payload["id"]] = {"status": "running"}
+            return
+        status[payload["job"]["id"]] = payload
+        report(sum(r["status"] in ("finished", "failed") for r in status.values()), len(jobs))
         if kind == "failed":
             logger.error("job %s failed: %s", payload["job"]["id"], payload["error"])
 
-    results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish, on_event=on_event)
-    update_progress_artifact(progress, 100.0)
-    _sweep_table(results)
+    try:
+        results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish,
+                            on_event=on_event)
+        status.update({r["job"]["id"]: r for r in results})
+        report(len(jobs), len(jobs))
+    finally:
+        table.close()
+        progress.close()
     write_json_atomic(ws.sweep_results, results)
     return results
 
 
-def _pairs_progress():
-    """A progress artifact for pair generation, updated at most every 5% (each update is an API call)."""
-    artifact = create_progress_artifact(progress=0.0, key="pairs-progress", description="Prompts paired")
-    shown = [0.0]
-
-    def update(done: int, total: int) -> None:
-        pct = 100.0 * done / max(total, 1)
-        if pct - shown[0] >= 5.0 or done == total:
-            shown[0] = pct
-            # Called from the generator's event loop, where Prefect's sync API would hand back an
-            # un-awaited coroutine: update from a plain thread carrying this run's context.
-            worker = threading.Thread(target=contextvars.copy_context().run,
-                                      args=(update_progress_artifact, artifact, pct), kwargs={"_sync": True})
-            worker.start()
-            worker.join()
-
-    return update
+def _pairs(spec: RunSpec, ws: Workspace, inspection: dict) -> dict:
+    if inspection["format"] != "prompts":
+        return pairs_phase(spec, ws, inspection, None)
+    progress, report = _progress("pairs-progress", "Prompts paired")
+    try:
+        return pairs_phase(spec, ws, inspection, report)
+    finally:
+        progress.close()
 
 
-def _sweep_table(results: list[dict]) -> None:
-    rows = []
-    for r in results:
-        s = r.get("summary") or {}
-        rows.append({"job": r["job"]["id"], "status": r["status"], "beta": r["job"]["beta"],
-                     "loss": r["job"]["loss_label"], "train_loss": s.get("train_loss"),
-                     "eval_loss": s.get("eval_loss"), "eval_reward_accuracy": s.get("eval_reward_accuracy"),
-                     "samples_per_s": s.get("train_samples_per_second"), "ref_cache": s.get("ref_cache")})
-    create_table_artifact(table=rows, key="sweep-results", description="Every sweep job and its metrics")
+def _evaluate(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
+    progress, report = _progress("evaluation-progress", "Evaluation: completions generated and scored")
+    try:
+        return evaluate_phase(spec, ws, evaluator_kind, jobs, report)
+    finally:
+        progress.close()
+
+
+def _sweep_table(rows: list[dict]) -> None:
+    create_table_artifact(table=rows, key="sweep-results", _sync=True,
+                          description="Every sweep job: running ones with their latest step and training loss")
+
+
+def _no_workspace_failure(reason: str, message: str) -> State:
+    """A run that fails before it has a workspace (the instruction gave no usable dataset or value):
+    the one line in the log and as the state's message; the outcome rides on the error (run_outcome)."""
+    get_run_logger().error("%s", message)
+    return Failed(message=message, data=RunEnded("failed", reason, {"status": "failed", "reason": reason,
+                                                                     "workspace": None}))
 
 
 @flow(name="preference-learning", log_prints=True, persist_result=False)
@@ -130,17 +209,15 @@ def preference_learning(spec: RunSpec) -> State:
 
     A spec with an `instruction` not yet resolved (the UI form) is resolved first: the fields the form
     changed from their defaults win over it."""
+    _one_line_user_errors()
     if spec.instruction and spec.instruction_plan is None:
         try:
             spec = instruction_phase(spec.instruction, explicit_fields(spec), planner=spec.planner)
         except UserError as err:  # a value the sentence gives is out of bounds: one line, as the CLI says it
-            get_run_logger().error("%s", err)
-            return Failed(message=f"failed: {err}", data={"status": "failed", "reason": str(err), "workspace": None})
+            return _no_workspace_failure(str(err), f"failed: {err}")
     if not spec.dataset:
         reason = (spec.instruction_plan or {}).get("unresolved", {}).get("dataset") or "the instruction names no dataset"
-        get_run_logger().error("no dataset: %s", reason)
-        return Failed(message=f"failed: no dataset ({reason}); fill in the dataset field",
-                      data={"status": "failed", "reason": reason, "workspace": None})
+        return _no_workspace_failure(reason, f"failed: no dataset ({reason}); fill in the dataset field")
     ws = Workspace(spec.workspace_path())
     holder = {"pid": os.getpid(), "flow_run_id": str(runtime.flow_run.id or ""),
               "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -150,7 +227,8 @@ def preference_learning(spec: RunSpec) -> State:
     except LockHeld as held:  # another live run owns this workspace: touch none of its files
         reason = in_use_message(ws.root, held.holder)
         get_run_logger().error(reason)
-        return Cancelled(message=reason, data={"status": "refused", "reason": reason, "workspace": str(ws.root)})
+        refused = {"status": "refused", "reason": reason, "workspace": str(ws.root)}
+        return Cancelled(message=reason, data=RunEnded("refused", reason, refused))
 
 
 def _owned_run(spec: RunSpec, ws: Workspace) -> State:
@@ -163,11 +241,20 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
         write_json_atomic(ws.outcome, outcome)
         get_run_logger().warning("run ended: %s (%s)", end.status, end.reason)
         state = Failed if end.status == "failed" else Cancelled
-        return state(message=f"{end.status}: {end.reason}", data=outcome)
+        end.outcome = outcome  # the state's data is the error itself (preftune.errors.run_outcome)
+        return state(message=f"{end.status}: {end.reason}", data=end)
+    except UserError as err:  # bad input: the one line the CLI prints, no traceback (`preftune run` exits 2)
+        outcome = {"status": "failed", "reason": str(err), "user_error": True, "workspace": str(ws.root)}
+        write_json_atomic(ws.outcome, outcome)
+        get_run_logger().error("%s", err)
+        # The error itself as the state's data: the engine of a deployment run re-raises it after the
+        # flow (a dict there is a TypeError with a traceback); _OneLine logs it as its one line.
+        return Failed(message=str(err), data=err)
     return Completed(message="completed", data=outcome)
 
 
 def _run(spec: RunSpec, ws: Workspace) -> dict:
+    validate_files(spec.dataset, spec.test_dataset)  # bad data: one line before any question is asked
     unresolved = (spec.instruction_plan or {}).get("unresolved", {})
     open_ = {k: v for k, v in unresolved.items() if k not in ("base_models", "evaluator")}
     if open_:  # no question of the run can settle these (the CLI refuses them before a run starts)
@@ -195,14 +282,14 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
         lambda kept: with_approved(spec, inspection, plan, kept, evaluator_kind, throughput))
     write_json_atomic(ws.plan, plan)
     # ---- nothing above this line spends; everything below does ----
-    data = pairs_phase(spec, ws, inspection, _pairs_progress() if inspection["format"] == "prompts" else None)
+    data = _pairs(spec, ws, inspection)
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
     results = _sweep(spec, ws, jobs, evaluator_kind)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:
         raise RunEnded("failed", "no training job finished; see jobs/*/train.log")
-    scores = evaluate_phase(spec, ws, evaluator_kind, finished)
+    scores = _evaluate(spec, ws, evaluator_kind, finished)
     unrated = sorted(m for m, e in scores["models"].items() if selection.rated(e) <= 0)
     if unrated:
         raise RunEnded("failed", f"evaluation rated nothing (n = 0) for {', '.join(unrated)}: no held-out prompt "

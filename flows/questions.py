@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from prefect import get_run_logger
+from pydantic import ValidationError
 
 from preftune.endpoint import Endpoint
-from preftune.errors import RunEnded
+from preftune.errors import RunEnded, UserError
 from preftune.flows.approvals import (
     CatalogueChoice,
     CatalogueDecision,
     EvaluatorChoice,
+    EvaluatorKind,
     PlanDecision,
     PromotionDecision,
     YieldChoice,
@@ -64,19 +68,45 @@ def resolve_base_models(spec: RunSpec, ws: Workspace, hint: str = "") -> list[st
 
 
 def _evaluator_problem(answer: EvaluatorChoice) -> str | None:
+    """What is wrong with an evaluator answer (None: it can be used): the chosen kind's fields must be
+    filled, a Python evaluator must import, a judge endpoint must parse."""
     from preftune.judges.evaluators import load_function, parse_evaluator_id
 
-    if answer.evaluator:
+    if answer.decision is EvaluatorKind.stop:
+        return None
+    if answer.decision is EvaluatorKind.evaluator:
+        if not answer.evaluator:
+            return "'a Python evaluator' needs its id in 'evaluator' (`package.module:function` or `file.py:function`)"
         try:
             load_function(parse_evaluator_id(answer.evaluator))
+        except UserError as err:  # names the evaluator already
+            return str(err)
         except (LookupError, ValueError) as err:
             return f"evaluator {answer.evaluator!r}: {err}"
         return None
     if not answer.judge_model:
-        return None  # neither: the run stops (rejected)
-    if not answer.judge_base_url and not Endpoint(model=answer.judge_model).is_local:
-        return "a judge model needs its base URL"
+        return "'an LLM judge' needs 'judge_model'"
+    try:
+        judge = _judge(answer)
+    except ValidationError as err:
+        first = err.errors()[0]
+        return f"judge_{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    if judge.base_url is not None and not judge.base_url.startswith(("http://", "https://")):
+        return f"judge_base_url {judge.base_url!r}: expected an http(s):// URL, e.g. https://api.openai.com/v1"
+    if judge.is_local and not Path(judge.model).is_dir():
+        return f"judge_model {judge.model!r}: no such local model folder; a remote judge needs judge_base_url"
+    if judge.api_key_env and not _ENV_NAME.fullmatch(judge.api_key_env):
+        return (f"judge_api_key_env: {judge.api_key_env!r} is not an environment variable NAME "
+                "(letters, digits, _; never the key itself)")
     return None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _judge(answer: EvaluatorChoice) -> Endpoint:
+    return Endpoint(model=answer.judge_model.strip(), base_url=(answer.judge_base_url or "").strip().rstrip("/") or None,
+                    api_key_env=answer.judge_api_key_env or None, api_key_block=answer.judge_api_key_block or None)
 
 
 def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[RunSpec, str]:
@@ -85,17 +115,15 @@ def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[Run
         return spec, "evaluator"
     if spec.judge is not None:
         return spec, "rubric" if spec.rubric else "auto"
-    answer = ask(ws, "evaluator", _hinted(hint, "No evaluator id and no judge endpoint were given. Name a Python "
-                 "evaluator (`package.module:function`), or a judge endpoint (model + base URL + the NAME of the env "
-                 "var or Prefect Secret block holding its key)."), EvaluatorChoice, context={"spec": spec.digest()},
-                 check=_evaluator_problem, **_timing(spec))
-    if answer.evaluator:
-        return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
-    if not answer.judge_model:
+    answer = ask(ws, "evaluator", _hinted(hint, "No evaluator id and no judge endpoint were given. Choose a "
+                 "Python evaluator (`package.module:function`, it must import), or an LLM judge (model + base URL + "
+                 "the NAME of the env var or Prefect Secret block holding its key), or stop."), EvaluatorChoice,
+                 context={"spec": spec.digest()}, check=_evaluator_problem, **_timing(spec))
+    if answer.decision is EvaluatorKind.stop:
         raise RunEnded("rejected", "no evaluator and no judge given")
-    judge = Endpoint(model=answer.judge_model, base_url=answer.judge_base_url or None,
-                     api_key_env=answer.judge_api_key_env, api_key_block=answer.judge_api_key_block)
-    spec = spec.model_copy(update={"judge": judge, "rubric": answer.rubric or spec.rubric})
+    if answer.decision is EvaluatorKind.evaluator:
+        return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
+    spec = spec.model_copy(update={"judge": _judge(answer), "rubric": answer.rubric or spec.rubric})
     return spec, "rubric" if spec.rubric else "auto"
 
 

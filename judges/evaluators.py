@@ -149,7 +149,9 @@ class _Worker:
     def __init__(self, ref: EvaluatorRef):
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
-        code = "from judges.evaluators import _worker_entry; _worker_entry()"
+        # The installed name: `judges` is a top-level folder only in a checkout's working directory (a
+        # run started from the UI runs in whatever folder `preftune up` was started in).
+        code = "from preftune.judges.evaluators import _worker_entry; _worker_entry()"
         self.proc = popen([sys.executable, "-c", code, str(child.fileno()), json.dumps(asdict(ref))],
                           pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL,
                           stdout=_stderr_fd())  # user prints must not pollute --json stdout

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,10 +111,16 @@ async def judge_item(client: ChatLike, rubric: str, item: PairItem, *,
 
 
 async def judge_items(client: ChatLike, rubric: str, items: Sequence[PairItem], *,
-                      max_tokens: int = JUDGE_MAX_TOKENS) -> list[dict]:
-    """Judge all comparisons concurrently (the client caps in-flight requests); input order kept."""
-    return list(await asyncio.gather(*(judge_item(client, rubric, it, max_tokens=max_tokens)
-                                       for it in items)))
+                      max_tokens: int = JUDGE_MAX_TOKENS, on_done: Callable[[], None] | None = None) -> list[dict]:
+    """Judge all comparisons concurrently (the client caps in-flight requests); input order kept.
+    `on_done` is called as each comparison is judged (progress)."""
+    async def one(item: PairItem) -> dict:
+        record = await judge_item(client, rubric, item, max_tokens=max_tokens)
+        if on_done is not None:
+            on_done()
+        return record
+
+    return list(await asyncio.gather(*(one(it) for it in items)))
 
 
 def position_summary(records: Sequence[dict]) -> dict:

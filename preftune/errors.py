@@ -30,6 +30,16 @@ class RunEnded(Exception):
     """The run stops here on purpose (a rejection, too little to go on): not a crash. `status` is
     what outcome.json records ("rejected", "failed"), `reason` the one line a person reads."""
 
-    def __init__(self, status: str, reason: str):
+    def __init__(self, status: str, reason: str, outcome: dict | None = None):
         super().__init__(reason)
         self.status, self.reason = status, reason
+        self.outcome = outcome  # what outcome.json holds, once the flow has written it
+
+
+def run_outcome(result: object) -> object:
+    """The outcome dict of a flow's result: a run that ended on purpose carries it on its RunEnded
+    (the state's data must be an exception: Prefect's engine re-raises a Failed or Cancelled state's
+    data after a deployment run, and a dict there is a TypeError with a traceback)."""
+    if isinstance(result, RunEnded) and result.outcome is not None:
+        return result.outcome
+    return result

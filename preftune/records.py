@@ -436,3 +436,12 @@ def prompt_hash(messages: list[dict], tools: list | None = None) -> str:
              "tools": tools or []}
     text = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def validate_files(*paths: str | Path | None) -> None:
+    """Read every line of each dataset once (None skipped): a missing file or a bad line is one
+    UserError before anything else happens (`preftune run` exits 2; a run started from the UI fails
+    with that line before it asks a person anything). Only reads."""
+    for path in filter(None, paths):
+        for _ in iter_records(path, min_examples=3):
+            pass

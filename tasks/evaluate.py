@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
 from preftune.judges import stats
-from preftune.judges.completions import cached_completions, model_key
+from preftune.judges.completions import CHUNK, cached_completions, model_key
 from preftune.judges.evaluators import EvalItem, run_evaluator
 from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
 from preftune.judges.rubric import auto_rubric
@@ -169,9 +170,33 @@ def _models(cfg: EvalConfig) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]],
-                 warnings: list[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+class Ticks:
+    """Evaluation progress in items (each completion generated or found cached, each one scored),
+    reported to a plain `report(done, total)` callback."""
+
+    def __init__(self, report: Callable[[int, int], None] | None = None, total: int = 0):
+        self.report, self.done, self.total = report, 0, total
+
+    def add(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.done += n
+        if self.report is not None:
+            self.report(self.done, max(self.total, self.done))
+
+
+def _counted(generate: Callable[[list[list[dict]]], list[str | None]], ticks: Ticks):
+    def run(batch: list[list[dict]]) -> list[str | None]:
+        outs = generate(batch)
+        ticks.add(len(batch))
+        return outs
+    return run
+
+
+def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]], warnings: list[str],
+                 ticks: Ticks | None = None) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Completions per model (cached), and where each model's cache file is."""
+    ticks = ticks or Ticks()
     completions: dict[str, list[str]] = {}
     info: dict[str, Any] = {}
     for name, model, adapter in _models(cfg):
@@ -179,7 +204,11 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]],
                     "adapter": tree_fingerprint(adapter) if adapter else None,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": 0.0}
         path = cfg.out_dir / "completions" / f"{model_key(name, identity)}.jsonl"
-        texts, generated = cached_completions(path, prompts, _generator(cfg, model, adapter, warnings, name))
+        # A local model reports progress per generation batch; an endpoint per chunk of requests.
+        chunk = CHUNK if _is_endpoint(model) else cfg.batch_size
+        texts, generated = cached_completions(path, prompts, _counted(_generator(cfg, model, adapter, warnings, name),
+                                                                      ticks), chunk=chunk)
+        ticks.add(len(prompts) - generated)  # found in the cache
         completions[name] = texts
         info[name] = {"model": model, "adapter": adapter, "completions": str(path), "generated": generated}
         empty = sum(1 for t in texts if not t.strip())
@@ -209,13 +238,14 @@ def _mean_length(texts: list[str]) -> float:
 
 
 def score_with_evaluator(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]],
-                         completions: dict[str, list[str]], warnings: list[str]) -> dict:
+                         completions: dict[str, list[str]], warnings: list[str], ticks: Ticks | None = None) -> dict:
     assert cfg.evaluator is not None
     items = [EvalItem(f"{name}:{h}", m, texts[i])
              for name, texts in completions.items() for i, (h, m) in enumerate(prompts)]
     results = run_evaluator(cfg.evaluator, items, timeout=cfg.evaluator_timeout_s,
                             workers=cfg.evaluator_workers)
     write_jsonl_atomic(cfg.out_dir / "evaluator_scores.jsonl", results)
+    (ticks or Ticks()).add(len(items))
     n = len(prompts)
     per_model = {name: [r["score"] for r in results[k * n:(k + 1) * n]] for k, name in enumerate(completions)}
     models: dict[str, dict] = {}
@@ -274,7 +304,8 @@ def _candidate_stats(cfg: EvalConfig, records: list[dict], texts: list[str], bas
 
 
 async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: list[tuple[str, list[dict]]],
-                    labelled: list[dict], completions: dict[str, list[str]], warnings: list[str]) -> dict:
+                    labelled: list[dict], completions: dict[str, list[str]], warnings: list[str],
+                    ticks: Ticks | None = None) -> dict:
     """Rubric, then every candidate-vs-base comparison and the validity pairs, concurrently."""
     try:
         rubric, source = await _rubric(cfg, client, mode, warnings)
@@ -282,8 +313,9 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
         jobs = [[PairItem(h, m, completions[n][i], completions[BASE][i]) for i, (h, m) in enumerate(prompts)]
                 for n in names]
         jobs.append([PairItem(p["key"], p["messages"], p["preferred"], p["non_preferred"]) for p in labelled])
-        judged = await asyncio.gather(*(judge_items(client, rubric, items, max_tokens=cfg.judge_max_tokens)
-                                        for items in jobs))
+        tick = (ticks or Ticks()).add
+        judged = await asyncio.gather(*(judge_items(client, rubric, items, max_tokens=cfg.judge_max_tokens,
+                                                    on_done=tick) for items in jobs))
     finally:
         await client.aclose()
     models: dict[str, dict] = {}
@@ -311,34 +343,40 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
 
 
 def score_with_judge(cfg: EvalConfig, mode: str, prompts: list[tuple[str, list[dict]]],
-                     labelled: list[dict], completions: dict[str, list[str]], warnings: list[str]) -> dict:
+                     labelled: list[dict], completions: dict[str, list[str]], warnings: list[str],
+                     ticks: Ticks | None = None) -> dict:
     assert cfg.judge is not None
     # A judge preftune serves itself gets what its server batches (Endpoint.concurrency).
     client = ChatClient(cfg.judge, concurrency=cfg.judge.concurrency or cfg.judge_concurrency,
                         timeout=cfg.judge_timeout_s,
                         cache_dir=_cache_dir(cfg), ledger=_ledger(cfg, "evaluation"))
     result = asyncio.run(judge_all(cfg, client, mode, prompts, labelled[:cfg.validity_pairs],
-                                   completions, warnings))
+                                   completions, warnings, ticks))
     result["judge"] = str(cfg.judge)
     result["judge_usage"] = client.usage_report()
     return result
 
 
-def run_evaluation(cfg: EvalConfig) -> dict:
-    """Phase 5 end to end (module docstring); returns the contents of ``scores.json``."""
+def run_evaluation(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Phase 5 end to end (module docstring); returns the contents of ``scores.json``.
+    `on_progress(done, total)`: items done so far (completions, then scores), as they happen."""
     mode = evaluation_mode(cfg)
     if mode == "evaluator":
         run_evaluator(cfg.evaluator or "", [])  # a bad id fails now, before any generation
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     prompts, labelled = load_test(cfg.test_data, cfg.max_prompts)
-    completions, info = generate_all(cfg, prompts, warnings)
+    n_models = 1 + len(cfg.candidates)
+    scored_items = (n_models * len(prompts) if mode == "evaluator"
+                    else (n_models - 1) * len(prompts) + len(labelled[:cfg.validity_pairs]))
+    ticks = Ticks(on_progress, n_models * len(prompts) + scored_items)
+    completions, info = generate_all(cfg, prompts, warnings, ticks)
     if mode == "evaluator":
-        scored = score_with_evaluator(cfg, prompts, completions, warnings)
+        scored = score_with_evaluator(cfg, prompts, completions, warnings, ticks)
         scored.update(judge=None, judge_usage=None, judge_agreement=None, position_consistency=None,
                       judge_validity=None, rubric=None)
     else:
-        scored = score_with_judge(cfg, mode, prompts, labelled, completions, warnings)
+        scored = score_with_judge(cfg, mode, prompts, labelled, completions, warnings, ticks)
     scores = {"mode": mode, "evaluator": cfg.evaluator, "n_prompts": len(prompts),
               "test_data": str(cfg.test_data), "models_info": info, "seed": cfg.seed,
               "bootstrap_resamples": cfg.bootstrap_resamples, **scored, "warnings": warnings}

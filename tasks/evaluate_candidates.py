@@ -8,6 +8,7 @@ eval/scores.json, that the selection rules (judges/selection.py) and the report 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from preftune.client import AuthError
@@ -55,17 +56,26 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
         merged["rubric"] = scores["rubric"]
 
 
-def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
+def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict],
+                        on_progress: Callable[[float, float], None] | None = None) -> dict:
     """Each candidate against its own base model, merged into eval/scores.json. Every paid judge
     request goes to the workspace's cost ledger when it is paid, so an early-stop evaluation during
-    the sweep and the final one (answered from the cache) are each counted once."""
+    the sweep and the final one (answered from the cache) are each counted once. `on_progress(done,
+    total)` reports the share done, in base-model groups (each group's items are its fraction)."""
     try:
-        return _evaluate_candidates(spec, ws, evaluator_kind, jobs)
+        return _evaluate_candidates(spec, ws, evaluator_kind, jobs, on_progress)
     except AuthError as err:  # the judge refused the key: the run ends with that one line
         raise RunEnded("failed", str(err)) from None
 
 
-def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
+def _group_progress(report: Callable[[float, float], None] | None, index: int, groups: int):
+    if report is None:
+        return None
+    return lambda done, total: report(index + done / max(total, 1), groups)
+
+
+def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict],
+                         on_progress: Callable[[float, float], None] | None) -> dict:
     data = run_data(ws)
     groups: dict[str, list[dict]] = {}
     for job in jobs:
@@ -74,14 +84,14 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
     with contextlib.ExitStack() as stack:
         use_judge = spec.judge is not None and evaluator_kind != "evaluator"
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
-        for base, group in groups.items():
+        for index, (base, group) in enumerate(groups.items()):
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
                              max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
-            _merge(merged, base, run_evaluation(cfg))
+            _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
     merged["clear_winner"] = clear_winner(merged["models"])
     if merged.get("rubric"):
         (ws.eval_dir / "rubric.md").write_text(Path(merged["rubric"]["path"]).read_text(), encoding="utf-8")

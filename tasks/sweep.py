@@ -117,3 +117,36 @@ def trained_weights(ws: Workspace, job_id: str) -> str:
     """The job's LoRA adapter folder, or its full model folder after full fine-tuning."""
     summary = read_json(ws.job_summary(job_id))
     return summary.get("adapter_dir") or summary["model_dir"]
+
+
+def latest_metrics(ws: Workspace, job_id: str) -> dict | None:
+    """The last complete line of a job's metrics.jsonl (None before its first logging step); a line
+    being written (torn) is skipped."""
+    path = ws.job_dir(job_id) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list[dict]:
+    """One row per job for the sweep table: queued, running (its latest step and loss from
+    metrics.jsonl), finished (its summary's metrics), failed or not started. `status` maps a job id to
+    its result record so far ({"status", "summary"?}), or {"status": "running"}."""
+    rows = []
+    for job in jobs:
+        record = status.get(job["id"], {"status": "queued"})
+        summary = record.get("summary") or {}
+        latest = latest_metrics(ws, job["id"]) if record["status"] == "running" else None
+        rows.append({"job": job["id"], "status": record["status"], "beta": job["beta"], "loss": job["loss_label"],
+                     "step": (latest or {}).get("step", summary.get("steps")),
+                     "train_loss": (latest or {}).get("loss", summary.get("train_loss")),
+                     "eval_loss": summary.get("eval_loss"), "eval_reward_accuracy": summary.get("eval_reward_accuracy"),
+                     "samples_per_s": summary.get("train_samples_per_second"), "ref_cache": summary.get("ref_cache")})
+    return rows

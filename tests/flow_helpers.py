@@ -14,6 +14,7 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input.actions import read_flow_run_input
 from prefect.input.run_input import keyset_from_paused_state
 
+from preftune.errors import run_outcome
 from preftune.spec import RunSpec
 
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flow-under-test")
@@ -26,7 +27,7 @@ def start_flow(spec: RunSpec) -> Future:
     def run() -> dict:
         # The run's outcome, whatever its state: a failed or rejected run returns a Failed or
         # Cancelled state carrying the outcome (a crash raises, as it should).
-        outcome = preference_learning(spec, return_state=True).result(raise_on_failure=False)
+        outcome = run_outcome(preference_learning(spec, return_state=True).result(raise_on_failure=False))
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome

@@ -183,8 +183,11 @@ def test_run_evaluation_with_endpoints_prompts_only(tmp_path) -> None:
                          candidates={"cand": f"cand@{srv.base_url}"}, out_dir=tmp_path / "eval",
                          rubric="Prefer the more thorough answer.", judge=Endpoint.parse(f"judge@{srv.base_url}"),
                          bootstrap_resamples=1000)
-        scores = run_evaluation(cfg)
+        seen: list[tuple[int, int]] = []
+        scores = run_evaluation(cfg, on_progress=lambda done, total: seen.append((done, total)))
         n_requests = len(srv.requests)
+        # progress as it happens: 12 completions (one chunk per model), then each of 6 comparisons
+        assert seen == [(6, 18), (12, 18)] + [(12 + k, 18) for k in range(1, 7)]
         assert n_requests == 6 + 6 + 6 * 2  # base and cand completions, then 6 comparisons × 2 orders
         assert run_evaluation(cfg)["models"] == scores["models"]
         # completions and valid verdicts cached; the one reply without a verdict is not final: asked again

@@ -132,6 +132,7 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
             embedded.splitlines(), published[0].splitlines(), "final_report.md, figures embedded", "the artifact",
             lineterm="", n=1))[:4000]
         assert artifact_data("sweep-progress") == [100.0]
+        assert artifact_data("evaluation-progress")[0] == 100.0  # this run's, the newest
         # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
         logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
         for r in sweep:

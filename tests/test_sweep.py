@@ -8,7 +8,7 @@ import time
 from preftune.job import LossOptions
 from preftune.spec import RunSpec
 from preftune.tasks.plan import job_grid
-from preftune.tasks.sweep import run_sweep, write_job_config
+from preftune.tasks.sweep import run_sweep, sweep_rows, write_job_config
 from preftune.workspace import Workspace
 
 
@@ -86,3 +86,21 @@ def test_grid_and_job_config_file(tmp_path):
     assert (str(cfg.model), str(cfg.data), str(cfg.eval_data)) == ("/models/tiny-llama", "t.jsonl", "e.jsonl")
     args = build_parser().parse_args(["train", "--config", str(path), "--beta", "0.3"])
     assert config_from_args(args, progress=False) == cfg.model_copy(update={"beta": 0.3})
+
+
+def test_the_sweep_table_shows_running_jobs_with_their_latest_loss(tmp_path):
+    """Queued, running (latest step and loss from metrics.jsonl; a torn last line skipped),
+    finished (its summary), failed."""
+    ws = Workspace(tmp_path)
+    jobs = [{"id": f"j{i}", "beta": 0.1, "loss_label": "dpo"} for i in range(4)]
+    metrics = ws.job_dir("j1") / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"loss": 0.69, "step": 1}\n{"loss": 0.61, "step": 2}\n{"loss": 0.5')
+    status = {"j1": {"status": "running"}, "j2": {"status": "finished", "summary": {"train_loss": 0.4, "steps": 8,
+                                                                                     "eval_loss": 0.45}},
+              "j3": {"status": "failed", "error": "boom"}}
+    rows = {r["job"]: r for r in sweep_rows(ws, jobs, status)}
+    assert [rows[j]["status"] for j in ("j0", "j1", "j2", "j3")] == ["queued", "running", "finished", "failed"]
+    assert (rows["j1"]["step"], rows["j1"]["train_loss"]) == (2, 0.61)
+    assert (rows["j2"]["step"], rows["j2"]["train_loss"], rows["j2"]["eval_loss"]) == (8, 0.4, 0.45)
+    assert rows["j0"]["train_loss"] is None and rows["j3"]["train_loss"] is None

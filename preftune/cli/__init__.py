@@ -18,7 +18,7 @@ import warnings
 
 from preftune.errors import UserError
 
-COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "approve", "deploy"]
+COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "up", "approve", "deploy"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _quiet_library_warnings() -> None:
 # whatever still hangs then (a worker thread blocked in a request) is cut off at this deadline.
 # Every child preftune starts dies with it (preftune.procs), so a hard exit leaves nothing behind.
 EXIT_DEADLINE_S = 7.0
-PREFECT_COMMANDS = {"run", "demo", "approve", "serve"}
+PREFECT_COMMANDS = {"run", "demo", "approve", "serve", "up"}
 _signalled: list[int] = []
 
 

@@ -115,12 +115,13 @@ def check_resolved(spec) -> None:
 
 def run_flow(spec, *, as_json: bool) -> int:
     from preftune.cli.common import print_json
+    from preftune.errors import run_outcome
     from preftune.flows.pipeline import preference_learning
 
     check_workspace_free(spec)
     state = preference_learning(spec, return_state=True)
-    outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, BaseException):  # a crash, not an outcome the run decided
+    outcome = run_outcome(state.result(raise_on_failure=False))
+    if isinstance(outcome, BaseException):  # a crash, or bad input (a UserError: one line, exit 2)
         raise outcome
     if outcome["status"] == "refused":  # another live run holds the workspace (it got there first)
         raise UserError(outcome["reason"])
@@ -170,20 +171,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def precheck(spec) -> None:
-    """Validate the data before any flow starts, so bad input is one line and exit 2 — not a
-    failed flow run with a traceback. (The flow validates again; this only reads.)"""
-    from preftune.records import iter_records
-
-    for path in filter(None, (spec.dataset, spec.test_dataset)):
-        for _ in iter_records(path, min_examples=3):
-            pass
-
-
 def run(args: argparse.Namespace) -> int:
+    from preftune.records import validate_files
+
     spec = spec_from_args(args)
     check_resolved(spec)
-    precheck(spec)
+    validate_files(spec.dataset, spec.test_dataset)  # bad data is one line and exit 2 before any flow run exists
     if not spec.base_models:
         print("no --base-model given: the run will ask to confirm a sweep over the catalogue", file=sys.stderr)
     return run_flow(spec, as_json=args.json)

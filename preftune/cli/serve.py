@@ -30,14 +30,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def start_serve_loop(job_limit: int, env: dict | None = None):
+    """Prefect's serve loop in a child that dies with us (`run` below says why a child)."""
     import signal
-    import subprocess
     import sys
 
-    from prefect.settings import PREFECT_API_URL
-
     from preftune.procs import popen
+
+    return popen([sys.executable, "-m", "preftune.cli.serve", str(job_limit)], env=env, death_signal=signal.SIGTERM)
+
+
+def run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise UserError("no Prefect API: start one with `prefect server start` and set PREFECT_API_URL "
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # Prefect's serve loop sits in a child: it installs signal handlers of its own and, once its API
     # has gone, its graceful shutdown waits on that API for ever. This process keeps preftune's
     # handlers, so Ctrl-C or SIGTERM ends the command within its deadline, and the child with it.
-    child = popen([sys.executable, "-m", "preftune.cli.serve", str(args.job_limit)], death_signal=signal.SIGTERM)
+    child = start_serve_loop(args.job_limit)
     try:
         return child.wait()
     except KeyboardInterrupt:

@@ -1,0 +1,246 @@
+"""The Prefect UI journey in a real browser: `preftune up` (a real Prefect server and the served
+deployments), headless Debian Chromium driven by playwright. A person's path: the deployment's
+custom-run form starts a run, the plan question is answered in the UI (and every later one), the run
+ends Completed, and the final-report artifact renders: every image loaded, every section there.
+
+Screenshots of each step are kept under the test's tmp folder (the path is printed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from preftune.paths import EXAMPLES_DIR
+from tests.test_signals import PREFTUNE, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+# Flags measured to work here (docs: /work/shared/ENVIRONMENT.md "Browsers"); a fresh profile per test.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+# What to answer at each question the run asks, by the field that holds its decision.
+ANSWERS = {"Decision": {"approve", "deploy it", "continue"}, "Deploy": {"recommended"}}
+RUN_TIMEOUT_S = 900  # only a guard against a hang: the run takes a few minutes on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """`preftune up` on a free port with its own SQLite home (one for this module's tests)."""
+    from preftune.server import free_port
+
+    tmp_path = tmp_path_factory.mktemp("up")
+    api = f"http://127.0.0.1:{free_port()}/api"
+    log = tmp_path / "up.log"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(PREFTUNE + ["up", "--home", str(tmp_path / "prefect-home")], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "being served" in log.read_text() or proc.poll() is not None, 900, "preftune up")
+        assert proc.poll() is None, log.read_text()
+        yield api
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(  # a fresh profile: its own --user-data-dir
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            page.set_default_timeout(120_000)  # a guard only: the machine may be loaded
+            yield page
+        finally:
+            context.close()
+
+
+class Shots:
+    """Numbered screenshots of each step, beside the test's other output."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.n = folder, 0
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"\nscreenshots: {folder}")
+
+    def __call__(self, page, name: str) -> None:
+        self.n += 1
+        page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"))
+
+
+def _spec(zoo: dict, tmp_path: Path) -> dict:
+    """Tiny and quick: 40 of the bundled pairs, one tiny zoo model, one beta, the bundled evaluator."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines()[:40]) + "\n")
+    return {"dataset": str(pairs), "workspace": str(tmp_path / "ws"), "base_models": [zoo["models"]["tiny-llama"]],
+            "betas": [0.1], "evaluator": "preftune.judges.builtin:answer_quality", "epochs": 1, "batch_size": 8,
+            "max_length": 128, "eval_max_new_tokens": 16, "max_eval_prompts": 8, "target_win_rate": None,
+            "deploy": False, "approval_poll_s": 1}
+
+
+def _deployment_id(api: str) -> str:
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
+    return next(d["id"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
+                if d["name"] == "preftune" and flows.get(d["flow_id"]) == "preference-learning")
+
+
+def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shots) -> str:
+    deployment = _deployment_id(api)
+    page.goto(f"{ui_url}/deployments/deployment/{deployment}", wait_until="networkidle")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).first.click()
+    page.wait_for_url(re.compile(r".*/deployment/[0-9a-f-]+/run(\?.*)?$"))
+    page.get_by_text("Dataset", exact=True).first.wait_for()
+    shot(page, "custom-run-form")
+    page.locator(".flow-run-create-form-v2__header button").click()  # the Parameters menu
+    page.get_by_text("Use JSON input").click()
+    page.locator("textarea.p-code-input__textarea").fill(json.dumps({"spec": spec}, indent=2))
+    shot(page, "custom-run-json")
+    before = _runs(api, deployment)
+    page.get_by_role("button", name="Submit").click()
+    new = wait_for(lambda: _runs(api, deployment) - before, 120, "the run the form submits")
+    assert len(new) == 1, new
+    page.get_by_text("scheduled to start").first.wait_for()  # the UI's own confirmation
+    shot(page, "custom-run-submitted")
+    return new.pop()
+
+
+def _runs(api: str, deployment: str) -> set[str]:
+    return {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", timeout=60, json={
+        "deployments": {"id": {"any_": [deployment]}}, "limit": 50, "sort": "START_TIME_DESC"}).json()}
+
+
+def _state(api: str, run_id: str) -> dict:
+    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60).json()["state"]
+
+
+def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
+    """Open the paused run, press Resume, choose this question's decision in its dropdown, submit."""
+    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.get_by_role("button", name="Resume").first.click()
+    submit = page.get_by_role("button", name="Submit", exact=True)
+    submit.wait_for()
+    page.locator(".schema-form-property__label").first.wait_for()  # the form inside the modal
+    for label, options in ANSWERS.items():
+        field = page.locator(".schema-form-property").filter(
+            has=page.locator(f".schema-form-property__label:text-is('{label}')"))
+        if not field.count():
+            continue
+        control = field.locator(".p-select-button__control").first
+        control.click()
+        control.press("ArrowDown")  # opens the list where the click alone did not (inside the modal)
+        page.get_by_role("option").first.wait_for()
+        offered = {t.strip() for t in page.get_by_role("option").all_inner_texts()}
+        chosen = next(iter(offered & options), None)
+        assert chosen, f"{label}: the dropdown offers {sorted(offered)}, none of {sorted(options)}"
+        page.get_by_role("option", name=chosen, exact=True).click()
+        shot(page, f"question-{label.lower()}-{chosen.replace(' ', '-')}")
+        submit.click()
+        return chosen
+    shot(page, "unexpected-question")
+    raise AssertionError("a question without a known decision field: see the screenshot")
+
+
+def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> tuple[dict, list[str]]:
+    answered: list[str] = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = _state(api, run_id)
+        if state["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+            return state, answered
+        if state["type"] == "PAUSED" and (state["state_details"] or {}).get("run_input_keyset"):
+            answered.append(_answer_in_the_ui(page, ui_url, run_id, shot))
+            wait_for(lambda: _state(api, run_id)["type"] != "PAUSED", 60, "the run to resume")
+        time.sleep(1)
+    raise AssertionError(f"the run did not end within {RUN_TIMEOUT_S} s (answered {answered})")
+
+
+def _end(api: str, run_id: str) -> dict:
+    wait_for(lambda: _state(api, run_id)["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"), RUN_TIMEOUT_S,
+             "the run to end")
+    return _state(api, run_id)
+
+
+def test_bad_input_from_the_form_fails_the_run_with_the_cli_line_and_no_traceback(ui, tmp_path):
+    """A dataset path that does not exist: the run is Failed with the one line `preftune run` prints
+    for the same spec, that line is the run's error log, and no log of the run holds a traceback."""
+    missing = tmp_path / "no-such-pairs.jsonl"
+    cli = subprocess.run(PREFTUNE + ["run", "--dataset", str(missing), "--workspace", str(tmp_path / "cli-ws")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert cli.returncode == 2, cli.stderr
+    line = cli.stderr.strip().removeprefix("preftune run: error: ")
+    assert str(missing) in line and "\n" not in line
+
+    api = ui
+    run = httpx.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", timeout=60, json={
+        "parameters": {"spec": {"dataset": str(missing), "workspace": str(tmp_path / "ws")}}}).json()
+    state = _end(api, run["id"])
+    assert (state["type"], state["message"]) == ("FAILED", line)
+
+    def logs() -> list[dict]:
+        return httpx.post(f"{api}/logs/filter", timeout=60, json={
+            "logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}).json()
+
+    # the run's logs reach the server in batches, after its state: wait for its error line, then for
+    # the engine's last words (it exits a few seconds after the state is set)
+    wait_for(lambda: any(g["message"] == line for g in logs()), 120, "the run's error line in its logs")
+    time.sleep(10)
+    every = [(g["level"], g["message"]) for g in logs()]
+    assert not [m for _, m in every if "Traceback" in m], every
+    errors = [m for level, m in every if level >= 40]
+    assert line in errors and all("\n" not in m for m in errors), every
+    outcome = json.loads((tmp_path / "ws" / "outcome.json").read_text())
+    assert outcome == {"status": "failed", "reason": line, "user_error": True, "workspace": str(tmp_path / "ws")}
+
+
+def _report_artifact(api: str, run_id: str) -> str:
+    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+        "artifacts": {"key": {"any_": ["final-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
+    assert rows, "no final-report artifact"
+    return rows[0]["id"]
+
+
+def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
+    api, shot = ui, Shots(tmp_path / "screenshots")
+    ui_url = api.removesuffix("/api")
+    run_id = _start_run_from_the_form(page, ui_url, api, _spec(zoo, tmp_path), shot)
+    state, answered = _wait_for_the_end(page, ui_url, api, run_id, shot)
+    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
+    shot(page, "run-ended")
+    assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}"
+    assert answered[0] == "approve" and "recommended" in answered, answered  # the plan, then the comparison
+
+    page.goto(f"{ui_url}/artifacts/artifact/{_report_artifact(api, run_id)}", wait_until="networkidle")
+    report = (tmp_path / "ws" / "final_report.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## (.+)$", report, flags=re.M)
+    assert len(sections) >= 5, sections
+    page.get_by_role("heading", name=sections[-1].strip()).first.wait_for()
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    shot(page, "final-report")
+    images = page.evaluate("Array.from(document.querySelectorAll('.markdown-renderer img, article img'))"
+                           ".map(i => ({src: i.src.slice(0, 60), width: i.naturalWidth}))")
+    assert images, "the report shows no figure"
+    assert all(i["width"] > 0 for i in images), f"images that did not load: {images}"
+    page.locator("article img, .markdown-renderer img").first.scroll_into_view_if_needed()
+    shot(page, "final-report-figure")
+    headings = {h.strip() for h in page.locator("h2").all_inner_texts()}
+    missing = [s for s in sections if s.strip() not in headings]
+    assert not missing, f"sections not rendered: {missing} (page has {sorted(headings)})"

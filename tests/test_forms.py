@@ -1,0 +1,123 @@
+"""Forms a person cannot get wrong: every field of every pause form and of the RunSpec deployment
+form has a description, every choice is an inline enum (the Prefect UI's resume form shows an empty
+dropdown for an enum behind a `$ref`), defaults keep their descriptions and bounds, and the evaluator
+question checks its answer before it is recorded. Schemas are built as Prefect builds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect._internal.pydantic.v2_schema import create_v2_schema
+from prefect.utilities.callables import parameter_schema
+
+from preftune.flows.approvals import (
+    CatalogueChoice,
+    EvaluatorChoice,
+    PlanDecision,
+    PromotionDecision,
+    YieldDecision,
+    _shown_form,
+    comparison_form,
+)
+from preftune.flows.pipeline import preference_learning
+from preftune.flows.questions import _evaluator_problem
+from preftune.paths import EXAMPLES_DIR
+from tests.flow_helpers import answer, question_text, start_flow, wait_for_question
+from tests.test_integrity import _approvals, _spec
+
+FORMS = [PlanDecision, CatalogueChoice, EvaluatorChoice, PromotionDecision, YieldDecision,
+         comparison_form(["tiny-llama-dpo-b0.1"], "tiny-llama-dpo-b0.1")]
+
+
+def _saved_schema(form) -> dict:
+    """What `pause_flow_run` saves for the UI (prefect.input.run_input.RunInput.save_schema)."""
+    defaults = {"budget_usd": 12.5} if form is PlanDecision else {}
+    return create_v2_schema(form.__name__, model_base=_shown_form(form, "the question", defaults))
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.__name__)
+def test_every_pause_form_field_is_described_and_every_choice_inline(form):
+    schema = _saved_schema(form)
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), f"{form.__name__}.{name} has no description"
+        assert "$ref" not in json.dumps(prop), f"{form.__name__}.{name} hides its options behind a $ref"
+    required = [n for n in schema.get("required", []) if "enum" in schema["properties"][n]]
+    assert required in (["decision"], ["deploy"]), f"{form.__name__}: its one decision is a required choice"
+    choice = schema["properties"][required[0]]
+    assert choice["type"] == "string" and len(choice["enum"]) >= 2 and "default" not in choice
+
+
+def test_a_default_keeps_its_description_and_bounds():
+    """Prefect's `with_initial_data` rebuilt a defaulted field from its bare type: the budget lost its
+    description and its lower bound in the UI."""
+    prop = _saved_schema(PlanDecision)["properties"]["budget_usd"]
+    assert prop["default"] == 12.5
+    assert prop["description"] == "Optional budget cap in USD for this run."
+    assert {"minimum": 0, "type": "number"} in prop["anyOf"]
+
+
+def test_the_comparison_offers_exactly_the_finished_jobs_and_the_three_words():
+    prop = _saved_schema(comparison_form(["b-job", "a-job"], None))["properties"]["deploy"]
+    assert prop["enum"] == ["b-job", "a-job", "recommended", "base", "none"]
+    assert "'recommended' deploys nothing" in prop["description"]
+
+
+def test_every_runspec_form_field_is_described():
+    schema = parameter_schema(preference_learning).model_dump()
+    described = 0
+    for model, definition in schema["definitions"].items():
+        for name, prop in definition.get("properties", {}).items():
+            assert prop.get("description"), f"{model}.{name} has no description on the RunSpec form"
+            described += 1
+    assert described > 50  # RunSpec, Endpoint and LossOptions
+
+
+@pytest.mark.parametrize(("values", "problem"), [
+    ({"decision": "a Python evaluator"}, "'a Python evaluator' needs its id in 'evaluator'"),
+    ({"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"},
+     "evaluator 'no_such_pkg.mod:fn': module not found (no_such_pkg)"),
+    ({"decision": "a Python evaluator", "evaluator": "just-a-name"}, "expected package.module:function"),
+    ({"decision": "an LLM judge"}, "'an LLM judge' needs 'judge_model'"),
+    ({"decision": "an LLM judge", "judge_model": "gpt-4o-mini"},
+     "judge_model 'gpt-4o-mini': no such local model folder; a remote judge needs judge_base_url"),
+    ({"decision": "an LLM judge", "judge_model": "gpt-4o-mini", "judge_base_url": "api.openai.com/v1"},
+     "judge_base_url 'api.openai.com/v1': expected an http(s):// URL"),
+    ({"decision": "an LLM judge", "judge_model": "gpt-4o-mini", "judge_base_url": "https://api.openai.com/v1",
+      "judge_api_key_env": "sk-live-123"}, "judge_api_key_env: 'sk-live-123' is not an environment variable NAME"),
+])
+def test_an_evaluator_answer_that_cannot_work_is_named(values, problem):
+    found = _evaluator_problem(EvaluatorChoice(**values))
+    assert found is not None and problem in found, found
+
+
+@pytest.mark.parametrize("values", [
+    {"decision": "a Python evaluator", "evaluator": "preftune.judges.builtin:answer_quality"},
+    {"decision": "an LLM judge", "judge_model": "gpt-4o-mini", "judge_base_url": "https://api.openai.com/v1/",
+     "judge_api_key_env": "OPENAI_API_KEY"},
+    {"decision": "stop"},
+])
+def test_an_evaluator_answer_that_works_passes(values):
+    assert _evaluator_problem(EvaluatorChoice(**values)) is None
+
+
+def test_the_evaluator_question_asks_again_until_the_evaluator_imports(zoo, tmp_path, prefect_api):
+    """No evaluator, no judge: the run asks; an evaluator that does not import is not recorded and the
+    question comes back with the problem on top; a working one is recorded and the run goes on."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines()[:40]) + "\n")
+    ws = tmp_path / "ws"
+    fut = start_flow(_spec(zoo, pairs, ws, evaluator=None))
+    answer(ws, fut, "judge_model", {"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"})
+    run_id, schema = wait_for_question(ws, fut)
+    assert "judge_model" in schema["properties"]
+    assert question_text(run_id).startswith("> **Your last answer was not used:** evaluator 'no_such_pkg.mod:fn': "
+                                            "module not found (no_such_pkg)")
+    assert _approvals(ws) == []
+    good = "preftune.judges.builtin:answer_quality"
+    answer(ws, fut, "judge_model", {"decision": "a Python evaluator", "evaluator": good})
+    answer(ws, fut, "decision", {"decision": "reject", "note": "enough"})  # the plan: nothing is spent
+    assert fut.result(timeout=300)["status"] == "rejected"
+    assert [(a["kind"], a["values"].get("evaluator")) for a in _approvals(ws)] == [("evaluator", good), ("plan", None)]
+    assert Path(ws / "plan.json").exists()

@@ -1,0 +1,90 @@
+"""`preftune up`: a real Prefect server started (or found), the deployments served, and Ctrl-C
+stopping exactly what the command started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import httpx
+import psutil
+
+from tests.test_signals import PREFTUNE, all_gone, wait_for
+
+DEPLOYMENTS = {("preference-learning", "preftune"), ("train-job", "preftune-train-job")}
+
+
+def _deployments(api: str) -> set[tuple[str, str]]:
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
+    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
+    return {(flows.get(d["flow_id"]), d["name"]) for d in rows}
+
+
+def _up(tmp_path, api: str) -> tuple[subprocess.Popen, object]:
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(PREFTUNE + ["up", "--home", str(tmp_path / "home")], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
+    return proc, log
+
+
+def _stop_with_sigint(proc: subprocess.Popen) -> tuple[list[psutil.Process], list[list[str]]]:
+    """SIGINT to the command alone (what Ctrl-C sends it); its descendants and their command lines."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    cmdlines = [c.cmdline() for c in children]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    return children, cmdlines
+
+
+def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
+    from preftune.server import free_port
+
+    api = f"http://127.0.0.1:{free_port()}/api"
+    proc, log = _up(tmp_path, api)
+    try:
+        wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
+        text = log.read_text()
+        assert f"starting a Prefect server at {api}" in text
+        assert f"Prefect UI: {api.removesuffix('/api')}" in text
+        assert httpx.get(f"{api}/health", timeout=60).json() is True
+        # the UI in the browser talks to this server, not to the default port
+        assert httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=60).json()["api_url"] == api
+        assert DEPLOYMENTS <= _deployments(api)
+        assert (tmp_path / "home" / "prefect.db").exists()  # SQLite in --home
+        children, cmdlines = _stop_with_sigint(proc)
+        assert any(c[1:5] == ["-m", "prefect", "server", "start"] for c in cmdlines), cmdlines
+        assert any("preftune.cli.serve" in c for c in cmdlines), cmdlines
+        assert all_gone(children, 10.0), [c for c in children if c.is_running()]
+        assert proc.returncode == 128 + signal.SIGINT
+        try:
+            httpx.get(f"{api}/health", timeout=2)
+            raise AssertionError("the server still answers after Ctrl-C")
+        except httpx.HTTPError:
+            pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_up_leaves_a_server_it_found_running(tmp_path, prefect_api):
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    proc, log = _up(tmp_path, api)
+    try:
+        wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
+        assert f"using the Prefect server already running at {api}" in log.read_text()
+        assert not (tmp_path / "home").exists()  # nothing started, nothing written
+        assert DEPLOYMENTS <= _deployments(api)
+        children, cmdlines = _stop_with_sigint(proc)
+        assert not any("server" in c for c in cmdlines), cmdlines
+        assert children and all_gone(children, 10.0)
+        assert httpx.get(f"{api}/health", timeout=60).json() is True
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
