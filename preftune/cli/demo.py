@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workspace", help="Where the run writes (default: ./workspaces/demo, or demo-real).")
     p.add_argument("--real", action="store_true",
                    help="Run on the real instruct model SmolLM2-135M-Instruct (base and strong generator; the "
-                   "weak generator is a tiny zoo model). About 20 minutes on two CPU cores.")
+                   "weak generator is a tiny zoo model). About 2 minutes on two CPU cores (1 min 51 s measured under load).")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
