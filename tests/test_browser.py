@@ -108,7 +108,8 @@ def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shot
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run", exact=True).first.click()
     page.wait_for_url(re.compile(r".*/deployment/[0-9a-f-]+/run(\?.*)?$"))
-    page.get_by_text("Dataset", exact=True).first.wait_for()
+    # "Dataset (Optional)": an instruction that names the dataset may stand in for it
+    page.get_by_text(re.compile(r"^Dataset( \(Optional\))?$")).first.wait_for()
     shot(page, "custom-run-form")
     page.locator(".flow-run-create-form-v2__header button").click()  # the Parameters menu
     page.get_by_text("Use JSON input").click()

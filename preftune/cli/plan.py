@@ -62,12 +62,12 @@ def build_dry_plan(spec) -> tuple[dict, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from preftune.cli.common import print_json
-    from preftune.cli.run import precheck
+    from preftune.records import validate_files
     from preftune.tasks.plan import plan_markdown
 
     spec = spec_from_args(args)
     check_resolved(spec)
-    precheck(spec)
+    validate_files(spec.dataset, spec.test_dataset)  # bad data: one line, exit 2
     plan, questions = build_dry_plan(spec)
     resolution = spec.instruction_plan or {}
     if args.json:
