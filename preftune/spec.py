@@ -27,11 +27,21 @@ _NOT_DIGESTED = {"workspace", "approval_timeout_s", "approval_poll_s", "auto_app
 _HOW_WRITTEN = {"instruction", "planner", "instruction_plan"}
 
 
+def _run_fields_first(schema: dict, cls: type) -> None:
+    """The form shows the run's own fields (instruction, dataset, models, ...) before the training
+    and LoRA options it inherits: pydantic lists a parent's fields first, and the Prefect UI renders
+    the properties in schema order."""
+    inherited = set(TrainingOptions.model_fields) | set(LoraOptions.model_fields)
+    props = schema.get("properties", {})
+    schema["properties"] = {k: v for k, v in props.items() if k not in inherited} | \
+        {k: v for k, v in props.items() if k in inherited}
+
+
 class RunSpec(TrainingOptions, LoraOptions):
     """Everything one preference-learning run needs. Empty lists mean 'use the defaults'.
     Every job of the sweep gets the training and LoRA fields inherited from preftune.job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_run_fields_first)
 
     instruction: str | None = Field(
         None, description="Say what you want in one sentence, e.g. 'Run DPO on prefs.jsonl using Qwen3 32B with beta "

@@ -74,6 +74,15 @@ def test_every_runspec_form_field_is_described():
     assert described > 50  # RunSpec, Endpoint and LossOptions
 
 
+def test_the_runspec_form_opens_with_the_run_fields_and_ends_with_the_training_options():
+    from preftune.job import LoraOptions, TrainingOptions
+
+    order = list(parameter_schema(preference_learning).model_dump()["definitions"]["RunSpec"]["properties"])
+    assert order[:3] == ["instruction", "planner", "dataset"]
+    inherited = set(TrainingOptions.model_fields) | set(LoraOptions.model_fields)
+    assert set(order[-len(inherited):]) == inherited and len(order) > len(inherited)
+
+
 @pytest.mark.parametrize(("values", "problem"), [
     ({"decision": "a Python evaluator"}, "'a Python evaluator' needs its id in 'evaluator'"),
     ({"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"},
