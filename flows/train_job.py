@@ -15,7 +15,7 @@ from preftune.errors import UserError
 from preftune.files import read_json
 from preftune.job import TrainConfig
 from preftune.spec import RunSpec
-from preftune.tasks.sweep import write_job_config
+from preftune.tasks.sweep import run_job_processes, write_job_config
 from preftune.workspace import Workspace
 
 DEPLOYMENT = "train-job/preftune-train-job"
@@ -23,14 +23,17 @@ DEPLOYMENT = "train-job/preftune-train-job"
 
 @flow(name="train-job", persist_result=False)
 def train_job(config: str) -> dict:
-    """Train the job described by the file `config` and return its summary."""
-    from preftune.tasks.training import run_training
-
+    """Train the job described by the file `config` and return its summary (a job of several
+    processes runs as `preftune train`, which launches them)."""
     try:
         cfg = TrainConfig.load(config)
     except FileNotFoundError:
         raise UserError("job file not found on this worker: is the workspace on shared storage?",
                         path=config) from None
+    if cfg.processes > 1:
+        return run_job_processes(config)
+    from preftune.tasks.training import run_training
+
     return run_training(cfg)
 
 
