@@ -24,10 +24,15 @@ def postgres_api(tmp_path_factory):
 
 
 def test_two_runs_at_once_with_approvals_on_postgres(postgres_api, zoo, tmp_path):
+    import transformers
     from prefect.client.orchestration import get_client
 
     from preftune.flows.pipeline import preference_learning
 
+    # Two flows in one process (threads, here) must not be the first to import transformers' lazy
+    # classes at the same moment: that raises ImportError ("cannot import name 'AutoTokenizer'", seen
+    # here). A served or deployed run has a process of its own.
+    _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.PreTrainedTokenizerFast)
     lines = (EXAMPLES_DIR / "pairs.jsonl").read_text(encoding="utf-8").splitlines()[:30]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -5,8 +5,14 @@ pipeline with `work_pool` set. Everything is checked through the API and the sha
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -124,3 +130,88 @@ def test_a_worker_that_cannot_see_the_workspace_fails_the_job_in_one_line(pool, 
     message = run.state.message
     assert "\n" not in message
     assert message.endswith(f"{missing}: job file not found on this worker: is the workspace on shared storage?")
+
+
+DRIVER = ("import sys; from preftune.spec import RunSpec; from preftune.flows.pipeline import preference_learning; "
+          "preference_learning(RunSpec.model_validate_json(open(sys.argv[1]).read()))")
+
+
+def _wait_until(check, what: str, timeout: float = FLOW_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 a process and everything under it, as a lost machine would."""
+    import psutil
+
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.usefixtures("api")
+def test_a_lost_worker_fails_its_job_and_a_killed_sweep_resumes(pool, zoo, tmp_path):
+    """kill -9 a worker with its job: the run is marked Crashed (no heartbeat) and the sweep reports
+    that job failed and goes on. kill -9 the sweep: the re-run trains only what is not finished,
+    waits on the runs still live instead of starting them twice, and completes."""
+    ws = tmp_path / "ws"
+    spec = RunSpec(dataset=str(_pairs(tmp_path)), workspace=str(ws), base_models=[zoo["models"]["tiny-llama"]],
+                   betas=[0.02, 0.2, 0.4, 0.8], evaluator=EVALUATOR, epochs=1, batch_size=8, max_length=96,
+                   eval_max_new_tokens=8, max_eval_prompts=4, target_win_rate=None, deploy=False,
+                   work_pool=POOL, max_concurrent_jobs=4, auto_approve_max_usd=100.0, approval_poll_s=1)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    env = pool["env"]
+
+    def sweep(log: Path) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            return subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file)], env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def mine() -> list[dict]:
+        return [r for r in _train_job_runs() if r["parameters"]["config"].startswith(str(ws.resolve()))]
+
+    first = sweep(tmp_path / "first.log")
+    running = _wait_until(lambda: [r for r in mine() if r["state_type"] == "RUNNING"], "a running job")[0]
+    started = f"Flow run '{running['name']}' submitted to infrastructure"
+    victim = _wait_until(lambda: [i for i, log in enumerate(pool["logs"]) if started in log.read_text(errors="replace")],
+                         "the worker running it")[0]
+    _kill_tree(pool["workers"][victim])  # the worker and the job it runs
+
+    def state_of(run_id: str) -> str:
+        return next(r["state_type"] for r in mine() if r["id"] == run_id)
+
+    _wait_until(lambda: state_of(running["id"]) == "CRASHED", "the lost job to be marked Crashed")
+    job_id = Path(running["parameters"]["config"]).parent.name
+    _wait_until(lambda: f"job {job_id} failed" in (tmp_path / "first.log").read_text(errors="replace"),
+                "the sweep to report the lost job failed")
+    finished = _wait_until(lambda: sorted(p.parent.name for p in ws.glob("jobs/*/summary.json")),
+                           "a job to finish after the loss")
+    assert job_id not in finished and first.poll() is None  # the sweep went on
+    _kill_tree(first)
+    stamps = {j: (ws / "jobs" / j / "summary.json").stat().st_mtime_ns for j in finished}
+
+    second = sweep(tmp_path / "second.log")
+    assert second.wait(timeout=FLOW_TIMEOUT_S) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    sweep_file = json.loads((ws / "jobs/sweep.json").read_text())
+    assert [s["status"] for s in sweep_file] == ["finished"] * 4
+    assert (ws / "final_report.md").is_file()
+    runs_per_job: dict[str, list[dict]] = {}
+    for r in sorted(mine(), key=lambda r: r["expected_start_time"]):
+        runs_per_job.setdefault(Path(r["parameters"]["config"]).parent.name, []).append(r)
+    assert sorted(runs_per_job) == sorted(s["job"]["id"] for s in sweep_file)
+    for job, runs in runs_per_job.items():
+        if job == job_id:  # lost once, then trained again by the re-run
+            assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"]
+        else:  # finished or live when the sweep was killed: one run, never started twice
+            assert [r["state_type"] for r in runs] == ["COMPLETED"], (job, [r["state_type"] for r in runs])
+    for job, stamp in stamps.items():
+        assert (ws / "jobs" / job / "summary.json").stat().st_mtime_ns == stamp  # not redone
