@@ -5,6 +5,7 @@ of prefect.yaml. Each is started the way a user starts it, with the `prefect` CL
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -131,3 +132,33 @@ def postgres_server():
     finally:
         run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+# The pipeline in a process of its own, as `preftune run` and a served run have: two flows in
+# threads of one process race on transformers' first imports and model loading (seen here:
+# "cannot import name 'AutoTokenizer'", "Cannot copy out of meta tensor").
+_DRIVER = ("import sys; from preftune.spec import RunSpec; from preftune.flows.pipeline import preference_learning; "
+           "preference_learning(RunSpec.model_validate_json(open(sys.argv[1]).read()))")
+
+
+class FlowProcess:
+    """The pipeline flow of `spec` in a child process (its log in `log`), with the `done()` /
+    `result()` that tests/flow_helpers.py waits on: the result is the run's outcome.json."""
+
+    def __init__(self, spec, env: dict, log: Path) -> None:
+        self.workspace = Path(spec.workspace)
+        spec_file = log.with_suffix(".spec.json")
+        spec_file.write_text(spec.model_dump_json())
+        self.log = log
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(spec_file)], env=env, stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self, timeout: float | None = None) -> dict:
+        self.proc.wait(timeout=timeout)
+        outcome = self.workspace / "outcome.json"
+        assert outcome.exists(), self.log.read_text(errors="replace")[-3000:]
+        return json.loads(outcome.read_text())

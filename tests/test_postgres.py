@@ -1,5 +1,6 @@
 """The Prefect server on PostgreSQL (what a team moves to from SQLite): two runs of the pipeline at
-once, each pausing for its approvals, against a server whose database is a real PostgreSQL 15."""
+once, each in its own process as `preftune run` would be, each pausing for its approvals, against a
+server whose database is a real PostgreSQL 15."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 
 from preftune.paths import EXAMPLES_DIR
 from preftune.spec import RunSpec
-from tests.flow_helpers import answer, start_flow, wait_for_end, wait_for_question
-from tests.prefect_processes import postgres_server, prefect_server
+from tests.flow_helpers import answer, wait_for_end, wait_for_question
+from tests.prefect_processes import FlowProcess, postgres_server, prefect_server
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,9 @@ def postgres_api(tmp_path_factory):
 
 
 def test_two_runs_at_once_with_approvals_on_postgres(postgres_api, zoo, tmp_path):
-    import transformers
     from prefect.client.orchestration import get_client
 
     from preftune.flows.pipeline import preference_learning
-
-    # Two flows in one process (threads, here) must not be the first to import transformers' lazy
-    # classes at the same moment: that raises ImportError ("cannot import name 'AutoTokenizer'", seen
-    # here). A served or deployed run has a process of its own.
-    _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.PreTrainedTokenizerFast)
     lines = (EXAMPLES_DIR / "pairs.jsonl").read_text(encoding="utf-8").splitlines()[:30]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -43,7 +38,7 @@ def test_two_runs_at_once_with_approvals_on_postgres(postgres_api, zoo, tmp_path
                        betas=[beta], evaluator="preftune.judges.builtin:answer_quality", epochs=1, batch_size=8,
                        max_length=96, eval_max_new_tokens=8, max_eval_prompts=4, target_win_rate=None,
                        deploy=False, max_concurrent_jobs=1, approval_poll_s=1, approval_timeout_s=900)
-        runs[name] = (ws, start_flow(spec))
+        runs[name] = (ws, FlowProcess(spec, postgres_api, tmp_path / f"{name}.log"))
     # both runs are paused for their plan approval at the same time
     paused = {name: wait_for_question(ws, fut)[0] for name, (ws, fut) in runs.items()}
     with get_client(sync_client=True) as client:
