@@ -85,13 +85,19 @@ def start_worker(env: dict, pool: str, name: str, log_path: Path) -> subprocess.
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def deploy_train_job(env: dict, pool: str) -> None:
-    """Deploy prefect.yaml's train-job deployment onto `pool` (its pull step: this checkout)."""
+def deploy_train_job(env: dict, pool: str, max_runs: int | None = None) -> None:
+    """Deploy prefect.yaml's train-job deployment onto `pool` (its pull step: this checkout), with
+    at most `max_runs` runs at once if given (the deployment's limit, enforced by the server)."""
     out = prefect("deploy", "--name", "preftune-train-job", check=False,
                   env={**env, "PREFTUNE_HOME": str(REPO), "PREFTUNE_GPU_POOL": pool, "PREFTUNE_POOL": pool})
     # Prefect 3.8.8's `deploy` creates the deployment, then lists the pool's workers with a request
     # its own server answers with HTTP 422 (null limit/offset) and exits 1: the deployment is made.
     assert "Deployment 'train-job/preftune-train-job' successfully created" in out, out[-3000:]
+    if max_runs is not None:
+        deployment = httpx.get(f"{env['PREFECT_API_URL']}/deployments/name/train-job/preftune-train-job",
+                               timeout=60).json()
+        httpx.patch(f"{env['PREFECT_API_URL']}/deployments/{deployment['id']}",
+                    json={"concurrency_limit": max_runs}, timeout=60).raise_for_status()
 
 
 # Debian's `postgresql` package (15 on bookworm; the Makefile installs it): its newest server

@@ -45,7 +45,7 @@ def pool(tmp_path_factory):
                                                   {"PREFECT_API_DATABASE_CONNECTION_URL": url}) as env:
         prefect("work-pool", "create", POOL, "--type", "process", env=env)
         prefect("work-pool", "set-concurrency-limit", POOL, "2", env=env)
-        deploy_train_job(env, POOL)
+        deploy_train_job(env, POOL, max_runs=2)
         logs = [root / f"worker-{i}.log" for i in (1, 2)]
         workers = [start_worker(env, POOL, f"worker-{i}", log) for i, log in zip((1, 2), logs, strict=True)]
         try:
