@@ -55,7 +55,8 @@ def ensure_crash_detection() -> None:
 
     A run whose process dies with its worker (a lost machine, `kill -9`) is Running for ever:
     nothing is left to report its end. Its heartbeats stop, though; Prefect's way to catch that is
-    a proactive trigger: no heartbeat and no final state within SILENT_AFTER of the last heartbeat."""
+    a proactive trigger: no heartbeat and no final state within SILENT_AFTER of the run starting or
+    of its last heartbeat. (A run lost before it starts stays Pending: not caught.)"""
     from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
     from prefect.client.schemas.objects import StateType
 
@@ -70,7 +71,9 @@ def ensure_crash_detection() -> None:
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": "train-job"},
-            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+            # armed by Running too: a run killed before its first heartbeat is caught as well
+            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *ends},
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=SILENT_AFTER),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {SILENT_AFTER.seconds} s: its worker is gone")],

@@ -163,6 +163,12 @@ class FlowProcess:
     def done(self) -> bool:
         return self.proc.poll() is not None
 
+    def kill(self) -> None:
+        """kill -9 the flow's process (its children die with it: preftune.procs)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def result(self, timeout: float | None = None) -> dict:
         self.proc.wait(timeout=timeout)
         outcome = self.workspace / "outcome.json"
