@@ -56,7 +56,8 @@ def ensure_crash_detection() -> None:
     A run whose process dies with its worker (a lost machine, `kill -9`) is Running for ever:
     nothing is left to report its end. Its heartbeats stop, though; Prefect's way to catch that is
     a proactive trigger: no heartbeat and no final state within SILENT_AFTER of the run starting or
-    of its last heartbeat. (A run lost before it starts stays Pending: not caught.)"""
+    of its last heartbeat. (A run lost before it starts stays Pending: a re-run of the sweep
+    cancels and replaces it.)"""
     from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
     from prefect.client.schemas.objects import StateType
 
@@ -102,6 +103,14 @@ def _live_run(config: str):
     return next((r for r in runs if r.parameters.get("config") == config), None)
 
 
+def _cancel(run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelled(message="replaced by a re-run of the sweep"), force=True)
+
+
 def _wait(run_id):
     from prefect.client.orchestration import get_client
 
@@ -127,9 +136,11 @@ def deployment_launcher(spec: RunSpec, ws: Workspace) -> Callable[[dict], dict]:
             return read_json(summary_path)  # finished by an earlier sweep: not submitted again
         config = str(write_job_config(spec, ws, job, threads=None).resolve())  # threads: the worker decides
         live = _live_run(config)
-        if live is not None:
-            run = _wait(live.id)
+        if live is not None and live.state.is_running():
+            run = _wait(live.id)  # the heartbeat automation ends it if its worker is gone
         else:
+            if live is not None:  # not started: maybe lost with its worker, which nothing would report
+                _cancel(live.id)
             run = run_deployment(DEPLOYMENT, parameters={"config": config}, timeout=None, as_subflow=True)
         if run.state is None or not run.state.is_completed():
             state = f"{run.state.name}: {run.state.message}" if run.state else "without a state"
