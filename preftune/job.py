@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -148,6 +149,9 @@ class TrainingOptions(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0, le=1e6, description="Gradient clipping norm; 0 = no clipping.")
     seed: int = Field(0, ge=0, description="Random seed: data split, LoRA init, batch order, sampling.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    processes: int = Field(
+        1, ge=1, le=1024, description="Data-parallel processes per job (one per GPU; gloo on CPU). The global "
+        "batch is batch_size × grad_accum × processes; `preftune train` launches them with torchrun.")
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -191,12 +195,22 @@ class TrainConfig(LossSettings, LoraOptions, TrainingOptions):
         fields["data"] = file_sha256(self.data)
         fields["eval_data"] = file_sha256(self.eval_data) if self.eval_data else None
         fields["trainer_version"] = TRAINER_VERSION
+        if fields["processes"] == 1:  # one process hashes as before the field existed: old jobs stay finished
+            del fields["processes"]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def train_command(config: str | Path, processes: int = 1, as_json: bool = True) -> list[str]:
+    """The command that runs the job file `config` on this machine: `preftune train --config`, under
+    torchrun (one node, a free rendezvous port, so concurrent jobs never collide) for several processes."""
+    launcher = ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"] if processes > 1 else []
+    return [sys.executable, "-m", *launcher, "preftune.cli", "train", "--config", str(config),
+            *(["--json"] if as_json else [])]
 
 
 def shared_fields(model: type[BaseModel]) -> set[str]:

@@ -44,6 +44,20 @@ def death_signal_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None
     return preexec
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Make this process receive ``sig`` when its parent dies (Linux; elsewhere a no-op).
+
+    For processes started by a launcher preftune does not control: torchrun starts each trainer in
+    a session of its own, so a ``kill -9`` of torchrun (or of the worker above it) would leave the
+    trainers running and writing into the job folder."""
+    if _LIBC is None:
+        return
+    parent = os.getppid()
+    _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), int(sig))
+
+
 _REQUESTS: queue.Queue = queue.Queue()
 _SPAWNER: threading.Thread | None = None
 _SPAWNER_LOCK = threading.Lock()

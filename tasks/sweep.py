@@ -15,14 +15,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from preftune.files import read_json, write_text_atomic
-from preftune.job import TrainConfig, shared_fields
+from preftune.job import TrainConfig, shared_fields, train_command
 from preftune.procs import popen
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
@@ -43,27 +42,36 @@ def write_job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | Non
     return path
 
 
+def run_job_processes(config: Path, env: dict | None = None) -> dict:
+    """Run the job file `config` as a `preftune train` child process (a crash in the job never
+    takes the caller down, the OS reclaims its memory, and a job of several processes is launched
+    by it); its log goes to train.log beside the file. Returns its summary."""
+    config = Path(config)
+    log_path = config.parent / "train.log"
+    with open(log_path, "ab") as log:  # the job dies with the caller's process, even on kill -9
+        proc = popen(train_command(config), stdout=subprocess.PIPE, stderr=log, env=env,
+                     death_signal=signal.SIGTERM)
+        try:
+            stdout, _ = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"job {config.parent.name} exited with {proc.returncode}: " + " | ".join(tail))
+    return json.loads(stdout)
+
+
 def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict], dict]:
-    """Run each job as a `preftune train --config` child process (a crash in one job never takes
-    the flow down, and the OS reclaims its memory); its log goes to jobs/<id>/train.log."""
+    """Run each job as a `preftune train --config` child process (`run_job_processes`), the
+    machine's threads shared between the jobs at once and each job's processes."""
+    per_process = max(1, threads // spec.processes)
 
     def launch(job: dict) -> dict:
-        config = write_job_config(spec, ws, job, threads)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "preftune.cli", "train", "--config", str(config), "--json"]
-        log_path = ws.job_dir(job["id"]) / "train.log"
-        with open(log_path, "ab") as log:  # the job dies with the flow's process, even on kill -9
-            proc = popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, death_signal=signal.SIGTERM)
-            try:
-                stdout, _ = proc.communicate()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-        if proc.returncode != 0:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"job {job['id']} exited with {proc.returncode}: " + " | ".join(tail))
-        return json.loads(stdout)
+        config = write_job_config(spec, ws, job, per_process)
+        env = {**os.environ, "OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false"}
+        return run_job_processes(config, env)
 
     return launch
 

@@ -8,6 +8,7 @@ all come from the model). A sweep writes each job as `jobs/<id>/job.json` and ru
 from __future__ import annotations
 
 import argparse
+import os
 
 # Operational fields that are set by the flags below (or by the sweep), not by hand-made options.
 _SKIP = {"progress"}
@@ -55,9 +56,17 @@ def run(args: argparse.Namespace) -> int:
     for path in filter(None, (cfg.data, cfg.eval_data)):
         if path.is_file():
             load_pairs(path)
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_processes(cfg, args.json)  # does not return
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # one of torchrun's processes: never outlive it
+        from preftune.procs import die_with_parent
+
+        die_with_parent()
     from preftune.tasks.training import run_training
 
     summary = run_training(cfg)
+    if os.environ.get("RANK", "0") != "0":  # launched on several processes: the first one reports
+        return 0
     if args.json:
         print_json(summary)
     else:
@@ -66,3 +75,19 @@ def run(args: argparse.Namespace) -> int:
               + (f", eval reward accuracy {acc:.3f}" if acc is not None else "")
               + f"; wrote {summary['adapter_dir'] or summary['model_dir']}")
     return 0
+
+
+def _launch_processes(cfg, as_json: bool) -> None:
+    """Re-run this job on `cfg.processes` processes: torchrun takes this process's place (same pid,
+    so whoever waits on it, or kills it, has the whole job). The resolved config goes to a file."""
+    import sys
+
+    from preftune.files import write_text_atomic
+    from preftune.job import train_command
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path = cfg.out / "launch.json"
+    write_text_atomic(path, cfg.model_dump_json(indent=2) + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, train_command(path, cfg.processes, as_json))

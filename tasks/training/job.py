@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import sys
 import time
@@ -87,7 +88,8 @@ def _references(cfg, acc, module, tokenizer, datasets: dict, precision: str) -> 
             with reference_mode(module.lm), acc.autocast():
                 return dataset_logps(module, pairs, cfg.batch_size * 2, pad_id(tokenizer), acc.device)
 
-        refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute)
+        with acc.main_process_first():  # DDP: the main process computes, the others read its file
+            refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute)
         statuses.append(status)
     return refs, "hit" if all(s == "hit" for s in statuses) else "miss"
 
@@ -143,6 +145,16 @@ def _preflight(cfg: TrainConfig) -> tuple[str, dict | None, dict | None]:
     return config_hash, None, ckpt
 
 
+def _accelerator(mixed: str) -> Accelerator:
+    """The job's Accelerator. Without CUDA it must be told `cpu=True`, or accelerate does not see a
+    torchrun launch and every process would train the whole job alone (gloo DDP on CPU)."""
+    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate sees {acc.num_processes}")
+    return acc
+
+
 def _optimizer(cfg: TrainConfig, module, n_pairs: int, world: int):
     """(trainable params, AdamW, warm-up + decay scheduler, total optimizer steps)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -186,7 +198,10 @@ def run_training(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
 
     mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=mixed)
+    acc = _accelerator(mixed)
+    if acc.num_processes != cfg.processes:
+        raise UserError(f"the job is for {cfg.processes} process(es) but runs on {acc.num_processes}: "
+                        "start it with `preftune train`, which launches them", path=cfg.out)
     tokenizer = load_tokenizer(cfg.model)
     pairs, truncated = _tokenized(cfg.data, tokenizer, cfg)
     eval_pairs, eval_truncated = _tokenized(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else ([], 0)
@@ -202,7 +217,8 @@ def run_training(cfg: TrainConfig) -> dict:
     state = TrainState()
     if ckpt is not None:
         state = restore_checkpoint(ckpt, module, optimizer, scheduler)
-        _metrics_upto(out, state.step)
+        if acc.is_main_process:
+            _metrics_upto(out, state.step)
     elif acc.is_main_process:
         (out / METRICS).unlink(missing_ok=True)
     resumed_from, ckpt = state.step, None
@@ -216,16 +232,16 @@ def run_training(cfg: TrainConfig) -> dict:
         bar.close()
 
     ev = {"eval_loss": None, "eval_reward_accuracy": None, "eval_reward_margin": None, "eval_pairs": 0}
-    if eval_pairs:
-        with acc.autocast():
-            ev = evaluate(wrapped, settings, eval_pairs, refs.get("eval"), cfg.batch_size * 2,
-                          pad_id(tokenizer), acc.device)
-
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc.is_main_process:  # the main process evaluates (on the unwrapped model: no collectives) and writes
+        if eval_pairs:
+            with acc.autocast():
+                ev = evaluate(module, settings, eval_pairs, refs.get("eval"), cfg.batch_size * 2,
+                              pad_id(tokenizer), acc.device)
         folder = save_trained(acc.unwrap_model(wrapped).lm, tokenizer, out, cfg.full)
         summary = _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder,
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
+        summary["processes"] = acc.num_processes
         write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()

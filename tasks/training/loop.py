@@ -1,7 +1,8 @@
 """The training loop, top to bottom: micro-batches → loss → backward → clip → AdamW step → log.
 
 Plain torch under ``accelerate`` (device placement, bf16 autocast on GPU, DDP when launched on
-several processes). Batches are planned per epoch from (seed, epoch), so a resumed job replays
+several processes: ``torchrun`` / ``accelerate launch``, gloo on CPU). Under DDP each process
+trains on its shard of every step's batches and the logged statistics are summed over all of them. Batches are planned per epoch from (seed, epoch), so a resumed job replays
 exactly the batches a never-interrupted one would have seen.
 
 On a CPU, a micro-batch of B pairs is run PAIRS_PER_FORWARD pairs at a time (forward, loss,
@@ -116,7 +117,7 @@ def evaluate(module, settings: LossSettings, pairs: list[TokenizedPair], ref: di
 
 
 class Window:
-    """Sums of batch statistics between two metrics.jsonl lines."""
+    """Sums of batch statistics between two metrics.jsonl lines (over every process's pairs)."""
 
     KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected")
@@ -125,19 +126,33 @@ class Window:
         self.sums = dict.fromkeys(self.KEYS, 0.0)
         self.pairs, self.tokens, self.seconds, self.grad_norm, self.lr = 0, 0, 0.0, 0.0, 0.0
 
-    def add(self, losses, out, policy: SeqLogps) -> None:
+    @classmethod
+    def part_sums(cls, out, policy: SeqLogps) -> torch.Tensor:
+        """(len(KEYS),) sums of one forward's per-pair statistics, in KEYS order."""
         margins = out.chosen_rewards - out.rejected_rewards
-        for key, value in zip(self.KEYS, (losses, out.chosen_rewards, out.rejected_rewards, margins,
-                                          (margins > 0).float(), policy.chosen, policy.rejected),
-                              strict=True):
-            self.sums[key] += value.detach().float().sum().item()
-        self.pairs += losses.numel()
+        values = (out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).float(),
+                  policy.chosen, policy.rejected)
+        return torch.stack([v.detach().float().sum() for v in values]).cpu()  # one device sync
+
+    def add(self, sums: torch.Tensor, pairs: int, tokens: int) -> None:
+        for key, value in zip(self.KEYS, sums.tolist(), strict=True):
+            self.sums[key] += value
+        self.pairs += pairs
+        self.tokens += tokens
 
     def row(self, state: TrainState, epoch_progress: float) -> dict:
         row = {k: v / max(1, self.pairs) for k, v in self.sums.items()}
         row.update({"lr": self.lr, "grad_norm": self.grad_norm, "tokens/s": self.tokens / max(self.seconds, 1e-9),
                     "step": state.step, "epoch": round(epoch_progress, 4)})
         return row
+
+
+def _global_sums(acc, local: torch.Tensor) -> torch.Tensor:
+    """Sum a step's statistics over every process (DDP), so each process logs and checkpoints the
+    same global figures, not its own shard's."""
+    if acc.num_processes == 1:
+        return local
+    return acc.reduce(local.to(acc.device), reduction="sum").cpu()
 
 
 def train_step(ctx, group: list[list[int]], window: Window, state: TrainState) -> None:
@@ -147,21 +162,26 @@ def train_step(ctx, group: list[list[int]], window: Window, state: TrainState) -
     # (pair indices of one forward, number of pairs of the micro-batch it belongs to)
     step = PAIRS_PER_FORWARD.get(acc.device.type) or max(len(idx) for idx in group)
     parts = [(idx[k:k + step], len(idx)) for idx in group for k in range(0, len(idx), step)]
+    # the step's statistics: Window.KEYS sums, then pairs and real tokens
+    local = torch.zeros(len(Window.KEYS) + 2, dtype=torch.float64)
     for i, (idx, micro_pairs) in enumerate(parts):
         batch = collate([ctx.pairs[j] for j in idx], idx, ctx.pad_id)
         last = i == len(parts) - 1  # DDP: gradients are synchronised on the group's last backward
         with nullcontext() if last else acc.no_sync(module):
             policy = seq_logps(module, batch, acc.device)
             out = preference_loss(ctx.settings, policy, reference_of(ctx.ref, policy, batch.index))
-            # this part's share of (mean over its micro-batch's pairs) / micro-batches per step
+            # this part's share of (mean over its micro-batch's pairs) / micro-batches per step;
+            # DDP then averages over processes: the mean of every micro-batch mean of the step
             acc.backward(out.losses.sum() / (micro_pairs * len(group)))
-        window.add(out.losses, out, policy)
-        loss_sum = out.losses.detach().float().sum().item()
-        state.epoch_loss_sum += loss_sum
-        state.epoch_pairs += batch.pairs
-        state.samples += batch.pairs
-        state.tokens += batch.real_tokens
-        window.tokens += batch.real_tokens
+        local[:len(Window.KEYS)] += Window.part_sums(out, policy).double()
+        local[-2:] += torch.tensor([batch.pairs, batch.real_tokens], dtype=torch.float64)
+    sums = _global_sums(acc, local)
+    pairs, tokens = int(sums[-2]), int(sums[-1])
+    window.add(sums[:len(Window.KEYS)], pairs, tokens)
+    state.epoch_loss_sum += float(sums[0])
+    state.epoch_pairs += pairs
+    state.samples += pairs
+    state.tokens += tokens
     max_norm = ctx.cfg.max_grad_norm if ctx.cfg.max_grad_norm > 0 else float("inf")
     window.grad_norm = float(acc.clip_grad_norm_(ctx.params, max_norm))
     window.lr = ctx.optimizer.param_groups[0]["lr"]  # the lr this step used
@@ -182,7 +202,10 @@ def train_loop(ctx, state: TrainState, on_log: Callable[[dict], None],
     lengths = [p.length for p in ctx.pairs]
     while state.epoch < cfg.epochs:
         batches = plan_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)
-        if acc.num_processes > 1:  # every process gets the same number of batches
+        if acc.num_processes > 1:
+            # Process r takes batches r, r+W, r+2W… so optimizer step s of W processes covers the
+            # same contiguous batches as step s of one process with grad_accum × W: the same
+            # global batch, the same losses. Every process gets the same number of batches.
             usable = len(batches) // acc.num_processes * acc.num_processes
             batches = batches[:usable][acc.process_index::acc.num_processes]
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
