@@ -120,10 +120,11 @@ def _quotes(block: str) -> list[str]:
     return out
 
 
-def _check_layout(markdown: str) -> None:
-    """Tables narrow enough for a 1280 px window, with a real header; blocks that do not run together."""
+def _check_layout(markdown: str, with_tables: bool = True) -> None:
+    """Tables narrow enough for a 1280 px window, with a real header; blocks that do not run together.
+    ``with_tables=False``: a text that must have none (the approval modal is too narrow for one)."""
     tables = _tables(markdown)
-    assert tables
+    assert bool(tables) is with_tables
     for table in tables:
         header = _cells(table[0])
         assert set(table[1].replace("|", "").replace("-", "")) <= {""}, table[:2]  # the delimiter row
@@ -187,7 +188,7 @@ def test_tables_fit_and_blocks_do_not_run_together(run):
     assert len(sweep) == 2 and all(len(t) == 2 + 2 for t in sweep)  # both tables: one row per approved job
     evaluation = _tables(_section(report, "Evaluation"))
     assert len(evaluation) == 1 and len(evaluation[0]) == 2 + 3  # the base and its 2 candidates
-    _check_layout(run["comparison"])
+    _check_layout(run["comparison"], with_tables=False)
 
 
 def test_what_changed_shows_five_prompts_with_both_answers_and_the_scores(run):
@@ -284,15 +285,15 @@ def test_judge_verdicts_and_the_warning_follow_who_won(run, tmp_path, prefer):
                 f"`{tokens[0]}`, with the base answer as A: `{tokens[1]}`.") in block
     assert {r["outcome"] for r in judged.values()} == {"win" if won else "loss"}
     comparison = comparison_markdown(scores, selection.recommended(scores))
-    _check_layout(comparison)
+    _check_layout(comparison, with_tables=False)
     if won:  # both candidates won every prompt: a recommendation, named the same way everywhere
         rec = selection.recommended(scores)
         assert rec in scores["models"] and f"**Recommended: deploy `{rec}`** (★)" in comparison
-        assert f"| `{rec}` ★ |" in comparison and f"- `recommended`: deploy `{rec}`" in comparison
+        assert f"- `{rec}` ★: win rate vs base" in comparison and f"- `recommended`: deploy `{rec}`" in comparison
     else:
         assert "**Recommended: deploy nothing.**" in comparison and "★" not in comparison
         assert "- `recommended`: deploy nothing (the same as `none`)" in comparison
-    assert "| **base `tiny-llama`** | 0.5 (reference) |" in comparison
+    assert "- **base `tiny-llama`**: win rate 0.5 (the reference)" in comparison
 
 
 def test_comparison_question_shows_the_base_scores_and_names_the_recommendation(run):
@@ -300,9 +301,10 @@ def test_comparison_question_shows_the_base_scores_and_names_the_recommendation(
     scores = json.loads((ws / "eval/scores.json").read_text())
     assert text == comparison_markdown(scores, selection.recommended(scores))
     base = scores["bases"]["tiny-llama"]
-    assert f"| **base `tiny-llama`** | {base['mean_score']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}] |" in text
+    assert f"- **base `tiny-llama`**: mean score {base['mean_score']:.3f} [{base['ci_low']:.3f}, {base['ci_high']:.3f}]\n" in text
     for name, m in scores["models"].items():
-        assert f"| `{name}` | {m['mean_score']:.3f} [" in text  # no star: nothing is recommended here
+        assert f"- `{name}`: mean score {m['mean_score']:.3f} [" in text  # no star: nothing is recommended here
+    assert "|" not in text  # no table: the approval modal is narrow
     assert selection.recommended(scores) is None  # both candidates lost in this run
     assert "**Recommended: deploy nothing.**" in text and "- `recommended`: deploy nothing" in text
     assert "every other candidate's upper bound.\n\n**Recommended: deploy nothing.** No candidate" in text
