@@ -129,6 +129,14 @@ def _runs(api: str, deployment: str) -> set[str]:
         "deployments": {"id": {"any_": [deployment]}}, "limit": 50, "sort": "START_TIME_DESC"}).json()}
 
 
+# Every visible table whose right edge passes its container's (or the window's): cut off, or only
+# readable by scrolling sideways.
+CUT_TABLES_JS = """Array.from(document.querySelectorAll('table')).filter(t => t.offsetParent !== null).map(t => {
+  const r = t.getBoundingClientRect(), p = t.parentElement.getBoundingClientRect();
+  return {head: t.innerText.slice(0, 60), right: Math.round(r.right), limit: Math.round(Math.min(p.right, innerWidth))};
+}).filter(x => x.right > x.limit + 1)"""
+
+
 def _state(api: str, run_id: str) -> dict:
     return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60).json()["state"]
 
@@ -154,6 +162,8 @@ def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
         assert chosen, f"{label}: the dropdown offers {sorted(offered)}, none of {sorted(options)}"
         page.get_by_role("option", name=chosen, exact=True).click()
         shot(page, f"question-{label.lower()}-{chosen.replace(' ', '-')}")
+        cut = page.evaluate(CUT_TABLES_JS)
+        assert not cut, f"{label} question: tables cut off at a 1280 px window: {cut}"
         submit.click()
         return chosen
     shot(page, "unexpected-question")
@@ -245,3 +255,6 @@ def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
     headings = {h.strip() for h in page.locator("h2").all_inner_texts()}
     missing = [s for s in sections if s.strip() not in headings]
     assert not missing, f"sections not rendered: {missing} (page has {sorted(headings)})"
+    assert page.locator("table").count() >= 3  # summary, sweep, evaluation...
+    cut = page.evaluate(CUT_TABLES_JS)
+    assert not cut, f"report tables cut off at a 1280 px window: {cut}"

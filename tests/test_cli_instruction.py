@@ -64,8 +64,8 @@ def test_plan_resolves_and_shows_sources_without_sending_a_request(place, zoo):
     assert [j["id"] for j in plan["jobs"]] == ["tiny-llama-dpo-lnorm-b0.05"]
     assert plan["pairs"]["strong"] == "s" and plan["estimate"]["unpriced"]  # remote and unpriced: cost unknown
     assert text.returncode == 0, text.stderr
-    assert "| betas | 0.05 | explicit | betas 0.1 and 0.3 |" in text.stdout
-    assert "| budget_usd | 20.0 | instruction | $20 |" in text.stdout
+    assert "| betas | 0.05 | explicit: “betas 0.1 and 0.3” |" in text.stdout
+    assert "| budget_usd | 20.0 | instruction: “$20” |" in text.stdout
     assert "Nothing was run" in text.stdout
 
 
@@ -87,7 +87,7 @@ def test_plan_shows_the_questions_the_run_will_ask(place, zoo):
     assert proc.returncode == 0, proc.stderr
     assert "The run will ask:" in proc.stdout
     assert "- base_models: the instruction names 'Llama 3.1 8B', which match no model" in proc.stdout
-    assert "| base_models | none given: the run asks (sweep the catalogue?) | asked |" in proc.stdout
+    assert "| base_models | none given: the run asks (sweep the catalogue?) | asked: “Llama 3.1 8B” |" in proc.stdout
 
 
 @pytest.mark.parametrize(("argv", "line"), [
