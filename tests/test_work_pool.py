@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tests.prefect_processes import (
     start_worker,
     stop,
 )
+from tests.test_signals import wait_for
 
 POOL = "preftune-test-pool"
 EVALUATOR = "preftune.judges.builtin:answer_quality"
@@ -142,16 +142,6 @@ def test_a_worker_that_cannot_see_the_workspace_fails_the_job_in_one_line(pool, 
     assert message.endswith(f"{missing}: job file not found on this worker: is the workspace on shared storage?")
 
 
-def _wait_until(check, what: str, timeout: float = FLOW_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """kill -9 a process and everything under it, as a lost machine would."""
     import psutil
@@ -179,21 +169,18 @@ def test_a_lost_worker_fails_its_job_and_a_killed_sweep_resumes(pool, zoo, tmp_p
     first = second = None
     try:
         first = FlowProcess(spec, pool["env"], tmp_path / "first.log")
-        running = _wait_until(lambda: [r for r in mine() if r["state_type"] == "RUNNING"], "a running job")[0]
+        running = wait_for(lambda: [r for r in mine() if r["state_type"] == "RUNNING"], FLOW_TIMEOUT_S, "a running job")[0]
         started = f"Flow run '{running['name']}' submitted to infrastructure"
-        victim = _wait_until(lambda: [i for i, log in enumerate(pool["logs"]) if started in log.read_text(errors="replace")],
-                             "the worker running it")[0]
+        victim = wait_for(lambda: [i for i, log in enumerate(pool["logs"]) if started in log.read_text(errors="replace")], FLOW_TIMEOUT_S, "the worker running it")[0]
         _kill_tree(pool["workers"][victim])  # the worker and the job it runs
 
         def state_of(run_id: str) -> str:
             return next(r["state_type"] for r in mine() if r["id"] == run_id)
 
-        _wait_until(lambda: state_of(running["id"]) == "CRASHED", "the lost job to be marked Crashed")
+        wait_for(lambda: state_of(running["id"]) == "CRASHED", FLOW_TIMEOUT_S, "the lost job to be marked Crashed")
         job_id = Path(running["parameters"]["config"]).parent.name
-        _wait_until(lambda: f"job {job_id} failed" in (tmp_path / "first.log").read_text(errors="replace"),
-                    "the sweep to report the lost job failed")
-        finished = _wait_until(lambda: sorted(p.parent.name for p in ws.glob("jobs/*/summary.json")),
-                               "a job to finish after the loss")
+        wait_for(lambda: f"job {job_id} failed" in (tmp_path / "first.log").read_text(errors="replace"), FLOW_TIMEOUT_S, "the sweep to report the lost job failed")
+        finished = wait_for(lambda: sorted(p.parent.name for p in ws.glob("jobs/*/summary.json")), FLOW_TIMEOUT_S, "a job to finish after the loss")
         assert job_id not in finished and not first.done()  # the sweep went on
         first.kill()
         stamps = {j: (ws / "jobs" / j / "summary.json").stat().st_mtime_ns for j in finished}
