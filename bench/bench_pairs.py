@@ -19,7 +19,9 @@ Client overhead is measured two ways:
 model, ``preftune zoo``) served by ``transformers serve`` as preftune serves it (continuous
 batching) as the strong side, the tiny zoo model ``tiny-weak`` as the weak side; pair generation
 at concurrency 32 against concurrency 1, in completion tokens/s of both sides together (target:
-LOCAL_TARGETS). Each measurement starts from a fresh response cache. Concurrency 1 is a steady
+LOCAL_TARGETS); the strong side's own tokens/s over the same wall time is printed beside it.
+Concurrency C is what the run asks for; each client sends at most what its server batches (the
+tiny one-at-a-time weak server gets 2), as a pair run does. Each measurement starts from a fresh response cache. Concurrency 1 is a steady
 rate whatever the number of prompts, so it is timed on the first C1_PROMPTS only (one at a time
 it takes minutes per few prompts on a loaded 2-core machine).
 
@@ -74,7 +76,7 @@ def local_main(args: argparse.Namespace) -> int:
     max_tokens = 24 if args.quick else 48
     print_targets(LOCAL_TARGETS)
     strong_dir, weak_dir = build_real_model()["path"], build_zoo()["models"]["tiny-weak"]
-    rows, measured = [], {}
+    rows, measured, strong_rate = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         prompts = work / "prompts.jsonl"
@@ -96,15 +98,21 @@ def local_main(args: argparse.Namespace) -> int:
             tokens = sum(prov["usage"][side]["completion_tokens"] for side in ("strong", "weak"))
             failed = prov["counts"]["by_reason"]["failed"]
             measured[conc] = tokens / prov["wall_time_s"]
-            rows.append((conc, prov["wall_time_s"], tokens, measured[conc], failed))
-    print(f"{'concurrency':>11}  {'prompts':>7}  {'wall s':>8}  {'tokens':>7}  {'tokens/s':>9}  failed")
-    for conc, wall, tokens, rate, failed in rows:
-        print(f"{conc:>11}  {min(n, C1_PROMPTS) if conc == 1 else n:>7}  {wall:>8.1f}  {tokens:>7}  {rate:>9.1f}  "
-              f"{failed}")
+            strong_rate[conc] = prov["usage"]["strong"]["completion_tokens"] / prov["wall_time_s"]
+            sent = prov["sampling"]["concurrency"]  # what each client really kept in flight
+            rows.append((conc, f"{sent['strong']}/{sent['weak']}", prov["wall_time_s"], tokens, measured[conc],
+                         strong_rate[conc], failed))
+    # tokens/s: both sides' completion tokens; strong tok/s: the real model's alone over the same wall
+    print(f"{'concurrency':>11}  {'strong/weak':>11}  {'prompts':>7}  {'wall s':>8}  {'tokens':>7}  {'tokens/s':>9}  "
+          f"{'strong tok/s':>12}  failed")
+    for conc, sent, wall, tokens, rate, strong_only, failed in rows:
+        print(f"{conc:>11}  {sent:>11}  {min(n, C1_PROMPTS) if conc == 1 else n:>7}  {wall:>8.1f}  {tokens:>7}  "
+              f"{rate:>9.1f}  {strong_only:>12.1f}  {failed}")
     speedup = measured[32] / measured[1]
     code, targets = verdict(LOCAL_TARGETS, {LOCAL_SPEEDUP: speedup})
     print(json.dumps({"bench": "pairs-local", "prompts": n, "max_tokens": max_tokens, "quick": args.quick,
                       "tokens_per_s": {str(k): round(v, 1) for k, v in measured.items()},
+                      "strong_tokens_per_s": {str(k): round(v, 1) for k, v in strong_rate.items()},
                       "speedup": round(speedup, 2), "targets": targets, "passed": code == 0}))
     return code
 

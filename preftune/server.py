@@ -451,6 +451,13 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))
+    if not batching:
+        # A pair phase runs a batching server and a one-at-a-time one side by side. The latter
+        # computes each request in a thread of its own, whose OpenMP threads spin while idle and take
+        # the cores the batching server needs: pairs at concurrency 32 on 2 cores (bench_pairs
+        # --local) ran at 82 tokens/s with it spinning, 222 with it waiting passively (and 191 with
+        # both servers passive, which also slowed concurrency 1 from 39 to 26). A user's setting wins.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _install_exit_handlers()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())

@@ -291,3 +291,31 @@ def test_local_server_queue_longer_than_the_timeout_is_waited_on_not_stormed(tmp
     assert received <= 1.05 * 2 * n
     for side in ("strong", "weak"):
         assert prov["usage"][side]["succeeded"] == n and prov["usage"][side]["failed"] == 0
+
+
+def test_a_local_servers_batch_size_caps_the_runs_concurrency(tmp_path):
+    """A run asking for 16 requests in flight sends a local server no more than it batches
+    (``Endpoint.concurrency``): a one-at-a-time ``transformers serve`` starts a thread per request,
+    and 16 of them starve the batching server beside it. A remote endpoint gets the 16."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                               for i in range(24)))
+    live: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    async def slow(req: StubRequest) -> Reply:
+        model = req.body["model"]
+        live[model] = live.get(model, 0) + 1
+        peak[model] = max(peak.get(model, 0), live[model])
+        await asyncio.sleep(0.05)
+        live[model] -= 1
+        return Reply(text=f"{model} answers {req.last_user}", prompt_tokens=3, completion_tokens=3)
+
+    with StubServer(slow) as srv:
+        served = Endpoint(model="small", base_url=srv.base_url, server_pid=os.getpid(), concurrency=2)
+        remote = Endpoint(model="big", base_url=srv.base_url)
+        prov = generate_pairs(prompts, remote, served, tmp_path / "pairs", max_tokens=8, concurrency=16,
+                              progress=False)
+    assert prov["counts"]["pairs"] == 24
+    assert prov["sampling"]["concurrency"] == {"strong": 16, "weak": 2}
+    assert peak["small"] == 2 and peak["big"] == 16

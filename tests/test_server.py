@@ -112,6 +112,9 @@ def test_real_server_is_reused_in_process_not_by_another_process(real_server, zo
     assert "--continuous-batching" not in handle.log_path.read_text().splitlines()[0]
     ep = handle.endpoint()
     assert (ep.server_pid, ep.concurrency) == (handle.pid, SERIAL_CONCURRENCY)
+    # ... and its idle OpenMP threads wait passively instead of spinning on the cores (server.py)
+    environ = dict(v.split("=", 1) for v in Path(f"/proc/{handle.pid}/environ").read_text().split("\0") if "=" in v)
+    assert environ.get("OMP_WAIT_POLICY") == "PASSIVE"
 
     child = run_child("""
         import sys

@@ -53,6 +53,7 @@ class Batch:
     seq_ids: torch.Tensor  # (N,) row (0..2B-1) each completion token belongs to
     n_tokens: torch.Tensor  # (2B,) completion tokens per row
     lengths: torch.Tensor  # (2B,) real (non-pad) tokens per row
+    prompt_lengths: torch.Tensor  # (B,) prompt tokens of each pair (both its rows start with them)
     index: torch.Tensor  # (B,) dataset index of each pair (for reference log-prob lookup)
     real_tokens: int  # non-pad tokens in input_ids
 
@@ -154,6 +155,7 @@ def collate(pairs: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
         seq_ids=torch.tensor(seq_ids, dtype=torch.long),
         n_tokens=torch.tensor(n_tokens, dtype=torch.long),
         lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
+        prompt_lengths=torch.tensor([len(p.prompt) for p in pairs], dtype=torch.long),
         index=torch.tensor(index, dtype=torch.long),
         real_tokens=sum(len(r) for r in rows),
     )

@@ -12,10 +12,13 @@ from preftune.tasks.training import logps as logps_mod
 from preftune.tasks.training.logps import target_logps
 
 
+@pytest.mark.parametrize("saved", [True, False], ids=["softmax-kept", "recomputed"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("bias", [False, True])
-def test_target_logps_equal_log_softmax_gather_with_gradients(monkeypatch, softcap, bias):
+def test_target_logps_equal_log_softmax_gather_with_gradients(monkeypatch, softcap, bias, saved):
     monkeypatch.setattr(logps_mod, "CHUNK", 7)  # several chunks and a ragged last one (N = 30)
+    # kept: the forward's (N, V) softmax serves the backward (soft-capping always recomputes)
+    monkeypatch.setattr(logps_mod, "SAVED_PROBS_BYTES", 2**30 if saved else 0)
     gen = torch.Generator().manual_seed(0)
     n, h, v = 30, 16, 50
     head = nn.Linear(h, v, bias=bias).double()
@@ -38,6 +41,8 @@ def test_target_logps_equal_log_softmax_gather_with_gradients(monkeypatch, softc
     # float64 in, float32 out (the log-probs are always float32): compare at float32 precision
     got = target_logps(hidden, head, targets, softcap)
     assert got.dtype == torch.float32 and got.shape == (n,)
+    kept = got.grad_fn.saved_tensors[-1]  # the (N, V) softmax, or None when the backward recomputes it
+    assert (kept is not None) == (saved and not softcap)
     grads = torch.autograd.grad((got * upstream.float()).sum(), [hidden, *head.parameters()])
     assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
     for g, e in zip(grads, grads_expected, strict=True):
@@ -53,25 +58,35 @@ def test_target_logps_under_no_grad_needs_no_backward_state():
     assert_close(out, F.log_softmax(head(hidden), -1)[:, 0])
 
 
-def test_rows_without_padding_equal_the_padded_batch(base_model, marker_data):
-    """On CPU each row runs alone without its pads: same log-probs and gradients as the padded batch."""
+def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_model, marker_data):
+    """On CPU each row runs alone without its pads, and each pair's prompt runs once for both rows:
+    the same log-probs and gradients as the padded batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
-    from preftune.tasks.training.logps import SequenceLogps
+    from preftune.tasks.training.logps import SequenceLogps, _plain_cache
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    assert _plain_cache(model.config)  # so the prompt-sharing path is the one tested below
     pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:3], tokenizer, max_length=512)
     batch = collate(pairs, [0, 1, 2], pad_id=tokenizer.pad_token_id)
     assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: some are padded
+    assert batch.prompt_lengths.min() > 1  # prompts worth sharing
     module = SequenceLogps(model)
     params = [p for p in model.parameters() if p.requires_grad]
     args = (batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
     padded = module(*args)
     grads_padded = torch.autograd.grad(padded.sum(), params)
-    unpadded = module(*args, batch.lengths)
-    grads_unpadded = torch.autograd.grad(unpadded.sum(), params)
-    assert_close(unpadded, padded, rtol=1e-5, atol=1e-4)
-    for a, b in zip(grads_unpadded, grads_padded, strict=True):
-        assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    fed = []  # tokens the decoder body is given per call
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                          with_kwargs=True)
+    every_row, prompts_once = batch.lengths.sum().item(), batch.lengths.sum().item() - batch.prompt_lengths.sum().item()
+    for extra, tokens in (((batch.lengths,), every_row), ((batch.lengths, batch.prompt_lengths), prompts_once)):
+        fed.clear()
+        unpadded = module(*args, *extra)
+        assert sum(fed) == tokens
+        grads_unpadded = torch.autograd.grad(unpadded.sum(), params)
+        assert_close(unpadded, padded, rtol=1e-5, atol=1e-4)
+        for a, b in zip(grads_unpadded, grads_padded, strict=True):
+            assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
