@@ -131,7 +131,11 @@ class SequenceLogps(nn.Module):
         body = getattr(base, base.base_model_prefix)
         head = base.get_output_embeddings()
         if lengths is not None and input_ids.device.type == "cpu" and input_ids.size(0) > 1:
-            rows = _shared_prompt_rows if prompt_lengths is not None and _plain_cache(base.config) else _unpadded_rows
+            # Gradient checkpointing drops the KV cache in training (transformers' layers set
+            # past_key_values to None there): the rejected completion would not see its prompt.
+            share = prompt_lengths is not None and not getattr(base, "is_gradient_checkpointing", False) \
+                and _plain_cache(base.config)
+            rows = _shared_prompt_rows if share else _unpadded_rows
             hidden, starts = rows(body, input_ids, lengths, prompt_lengths)
             width = input_ids.size(1)
             row, col = gather_pos // width, gather_pos % width  # gather_pos indexes the padded (2B*T) layout
@@ -202,6 +206,8 @@ def _shared_prompt_rows(body: nn.Module, input_ids: torch.Tensor, lengths: torch
         cache = DynamicCache(config=body.config)
         chosen_h.append(body(input_ids=input_ids[i:i + 1, :n_c], past_key_values=cache,
                              use_cache=True).last_hidden_state[0])  # (n_c, H)
+        if cache.get_seq_length() != n_c:  # the body kept no cache: never score a prompt-less row
+            raise RuntimeError(f"the decoder kept {cache.get_seq_length()} of {n_c} positions in its KV cache")
         prompt_kv = [(k[:, :, :p], v[:, :, :p]) for k, v, _ in cache]
         tail = body(input_ids=input_ids[pairs + i:pairs + i + 1, p:n_r],
                     past_key_values=DynamicCache(prompt_kv, config=body.config),

@@ -90,3 +90,28 @@ def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_mod
         assert_close(unpadded, padded, rtol=1e-5, atol=1e-4)
         for a, b in zip(grads_unpadded, grads_padded, strict=True):
             assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_gradient_checkpointing_runs_every_row_whole(base_model, marker_data):
+    """Under gradient checkpointing transformers drops the KV cache in training, so the prompt is not
+    shared there: every row runs whole, and the log-probs equal the padded batch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
+    from preftune.tasks.training.logps import SequenceLogps
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:2], tokenizer, max_length=512)
+    batch = collate(pairs, [0, 1], pad_id=tokenizer.pad_token_id)
+    module = SequenceLogps(model)
+    fed = []
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                          with_kwargs=True)
+    got = module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens,
+                 batch.lengths, batch.prompt_lengths)
+    assert sum(fed) == batch.lengths.sum().item()  # whole rows, prompts included
+    padded = module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+    assert_close(got, padded, rtol=1e-5, atol=1e-4)
