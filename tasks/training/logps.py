@@ -82,13 +82,13 @@ class _TargetLogps(torch.autograd.Function):
         for s in range(0, hidden.size(0), CHUNK):
             h, g = hidden[s:s + CHUNK], grad_out[s:s + CHUNK, None].float()  # (c, H), (c, 1)
             # d log p(t) / d logit = onehot(t) − softmax; times the upstream gradient of each row
-            logits = None if probs is not None else _chunk_logits(h, weight, bias, None)  # (c, V), uncapped
             if probs is not None:
-                d = probs[s:s + CHUNK] * -g
-            elif ctx.softcap:
-                d = torch.softmax(torch.tanh(logits / ctx.softcap) * ctx.softcap, dim=-1).mul_(-g)
+                logits, d = None, probs[s:s + CHUNK] * -g
             else:
-                d = torch.softmax(logits, dim=-1).mul_(-g)
+                logits = _chunk_logits(h, weight, bias, None)  # (c, V), before soft-capping
+                capped = torch.tanh(logits / ctx.softcap) * ctx.softcap if ctx.softcap else logits
+                d = torch.softmax(capped, dim=-1).mul_(-g)
+                del capped
             d.scatter_add_(1, targets[s:s + CHUNK, None], g)
             if ctx.softcap:  # d cap·tanh(x/cap) / dx = 1 − tanh²(x/cap)
                 d.mul_(1.0 - torch.tanh(logits / ctx.softcap) ** 2)
@@ -123,6 +123,7 @@ class SequenceLogps(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self._cache_is_plain: bool | None = None  # the model's cache kind, looked up on the first CPU forward
 
     def forward(self, input_ids: torch.Tensor, gather_pos: torch.Tensor, targets: torch.Tensor,
                 seq_ids: torch.Tensor, n_tokens: torch.Tensor, lengths: torch.Tensor | None = None,
@@ -133,8 +134,10 @@ class SequenceLogps(nn.Module):
         if lengths is not None and input_ids.device.type == "cpu" and input_ids.size(0) > 1:
             # Gradient checkpointing drops the KV cache in training (transformers' layers set
             # past_key_values to None there): the rejected completion would not see its prompt.
-            share = prompt_lengths is not None and not getattr(base, "is_gradient_checkpointing", False) \
-                and _plain_cache(base.config)
+            if self._cache_is_plain is None:
+                self._cache_is_plain = _plain_cache(base.config)
+            share = prompt_lengths is not None and self._cache_is_plain \
+                and not getattr(base, "is_gradient_checkpointing", False)
             rows = _shared_prompt_rows if share else _unpadded_rows
             hidden, starts = rows(body, input_ids, lengths, prompt_lengths)
             width = input_ids.size(1)
