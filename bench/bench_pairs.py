@@ -21,9 +21,10 @@ batching) as the strong side, the tiny zoo model ``tiny-weak`` as the weak side;
 at concurrency 32 against concurrency 1, in completion tokens/s of both sides together (target:
 LOCAL_TARGETS); the strong side's own tokens/s over the same wall time is printed beside it.
 Concurrency C is what the run asks for; each client sends at most what its server batches (the
-tiny one-at-a-time weak server gets 2), as a pair run does. Each measurement starts from a fresh response cache. Concurrency 1 is a steady
-rate whatever the number of prompts, so it is timed on the first C1_PROMPTS only (one at a time
-it takes minutes per few prompts on a loaded 2-core machine).
+tiny one-at-a-time weak server gets 2), as a pair run does. Each measurement starts from a fresh
+response cache. Concurrency 1 is a steady rate whatever the number of prompts, so it is timed on
+the first C1_PROMPTS only (one at a time it takes minutes per few prompts on a loaded 2-core
+machine).
 
     .venv/bin/python bench/bench_pairs.py --local            # 64 prompts, 48 tokens
     .venv/bin/python bench/bench_pairs.py --local --quick    # 32 prompts, 24 tokens

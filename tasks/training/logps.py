@@ -132,14 +132,14 @@ class SequenceLogps(nn.Module):
         body = getattr(base, base.base_model_prefix)
         head = base.get_output_embeddings()
         if lengths is not None and input_ids.device.type == "cpu" and input_ids.size(0) > 1:
-            # Gradient checkpointing drops the KV cache in training (transformers' layers set
-            # past_key_values to None there): the rejected completion would not see its prompt.
             if self._cache_is_plain is None:
                 self._cache_is_plain = _plain_cache(base.config)
+            # Not under gradient checkpointing: transformers' layers drop the KV cache there in
+            # training, so the rejected completion would not see its prompt.
             share = prompt_lengths is not None and self._cache_is_plain \
                 and not getattr(base, "is_gradient_checkpointing", False)
-            rows = _shared_prompt_rows if share else _unpadded_rows
-            hidden, starts = rows(body, input_ids, lengths, prompt_lengths)
+            hidden, starts = _shared_prompt_rows(body, input_ids, lengths, prompt_lengths) if share \
+                else _unpadded_rows(body, input_ids, lengths)
             width = input_ids.size(1)
             row, col = gather_pos // width, gather_pos % width  # gather_pos indexes the padded (2B*T) layout
             picked = hidden.index_select(0, starts[row] + col)  # (N, H)
@@ -161,8 +161,7 @@ def _row_starts(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *lengths[:-1]]).cumsum(0)
 
 
-def _unpadded_rows(body: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                   prompt_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _unpadded_rows(body: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU: the body on each row alone, without its padding → (Σ lengths, H) hidden states, (2B,) row starts.
 
     A pair's chosen and rejected rows differ in length (on the public pairs at max length

@@ -58,29 +58,37 @@ def test_target_logps_under_no_grad_needs_no_backward_state():
     assert_close(out, F.log_softmax(head(hidden), -1)[:, 0])
 
 
-def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_model, marker_data):
-    """On CPU each row runs alone without its pads, and each pair's prompt runs once for both rows:
-    the same log-probs and gradients as the padded batch."""
+def _tiny_pair_batch(base_model, marker_data, n: int):
+    """The tiny zoo model, a SequenceLogps over it, a batch of its first n marker pairs, and a list
+    that collects the tokens the decoder body is given per call."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
-    from preftune.tasks.training.logps import SequenceLogps, _plain_cache
+    from preftune.tasks.training.logps import SequenceLogps
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:n], tokenizer, max_length=512)
+    batch = collate(pairs, list(range(n)), pad_id=tokenizer.pad_token_id)
+    fed: list[int] = []
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()),
+                                          with_kwargs=True)
+    return model, SequenceLogps(model), batch, fed
+
+
+def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_model, marker_data):
+    """On CPU each row runs alone without its pads, and each pair's prompt runs once for both rows:
+    the same log-probs and gradients as the padded batch."""
+    from preftune.tasks.training.logps import _plain_cache
+
+    model, module, batch, fed = _tiny_pair_batch(base_model, marker_data, 3)
     assert _plain_cache(model.config)  # so the prompt-sharing path is the one tested below
-    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:3], tokenizer, max_length=512)
-    batch = collate(pairs, [0, 1, 2], pad_id=tokenizer.pad_token_id)
     assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: some are padded
     assert batch.prompt_lengths.min() > 1  # prompts worth sharing
-    module = SequenceLogps(model)
     params = [p for p in model.parameters() if p.requires_grad]
     args = (batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
     padded = module(*args)
     grads_padded = torch.autograd.grad(padded.sum(), params)
-    fed = []  # tokens the decoder body is given per call
-    model.model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()),
-                                          with_kwargs=True)
     every_row, prompts_once = batch.lengths.sum().item(), batch.lengths.sum().item() - batch.prompt_lengths.sum().item()
     for extra, tokens in (((batch.lengths,), every_row), ((batch.lengths, batch.prompt_lengths), prompts_once)):
         fed.clear()
@@ -95,23 +103,10 @@ def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_mod
 def test_gradient_checkpointing_runs_every_row_whole(base_model, marker_data):
     """Under gradient checkpointing transformers drops the KV cache in training, so the prompt is not
     shared there: every row runs whole, and the log-probs equal the padded batch's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from preftune.tasks.training.data import collate, load_pair_records, tokenize_pairs
-    from preftune.tasks.training.logps import SequenceLogps
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    model, module, batch, fed = _tiny_pair_batch(base_model, marker_data, 2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    pairs = tokenize_pairs(load_pair_records(marker_data["small"])[:2], tokenizer, max_length=512)
-    batch = collate(pairs, [0, 1], pad_id=tokenizer.pad_token_id)
-    module = SequenceLogps(model)
-    fed = []
-    model.model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()),
-                                          with_kwargs=True)
-    got = module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens,
-                 batch.lengths, batch.prompt_lengths)
+    args = (batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
+    got = module(*args, batch.lengths, batch.prompt_lengths)
     assert sum(fed) == batch.lengths.sum().item()  # whole rows, prompts included
-    padded = module(batch.input_ids, batch.gather_pos, batch.targets, batch.seq_ids, batch.n_tokens)
-    assert_close(got, padded, rtol=1e-5, atol=1e-4)
+    assert_close(got, module(*args), rtol=1e-5, atol=1e-4)
