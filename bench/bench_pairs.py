@@ -15,16 +15,17 @@ Client overhead is measured two ways:
     .venv/bin/python bench/bench_pairs.py            # 512 prompts (about a minute)
     .venv/bin/python bench/bench_pairs.py --quick    # 128 prompts (the speed-up target is skipped)
 
-``--local``: local generation on the real model instead. SmolLM2-135M-Instruct (the zoo's real
-model, ``preftune zoo``) served by ``transformers serve`` as preftune serves it (continuous
-batching) as the strong side, the tiny zoo model ``tiny-weak`` as the weak side; pair generation
-at concurrency 32 against concurrency 1, in completion tokens/s of both sides together (target:
-LOCAL_TARGETS); the strong side's own tokens/s over the same wall time is printed beside it.
-Concurrency C is what the run asks for; each client sends at most what its server batches (the
-tiny one-at-a-time weak server gets 2), as a pair run does. Each measurement starts from a fresh
-response cache. Concurrency 1 is a steady rate whatever the number of prompts, so it is timed on
-the first C1_PROMPTS only (one at a time it takes minutes per few prompts on a loaded 2-core
-machine).
+``--local``: local generation on the real model instead, side by side on two servers. The strong
+side is SmolLM2-135M-Instruct (the zoo's real model, ``preftune zoo``), the weak side the tiny zoo
+model ``tiny-weak``, both served as a run serves them: by preftune's continuous batching server
+(``preftune/batchserve.py``; the target is its), then by ``transformers serve`` (the reference:
+``--continuous-batching`` for the real model, one request at a time for the tiny one, as preftune
+served them before). Pair generation at concurrency 32 against concurrency 1, in completion tokens/s
+of both sides together (target: LOCAL_TARGETS); the strong side's own tokens/s over the same wall
+time is printed beside it. Concurrency C is what the run asks for; each client sends at most what
+its server batches, as a pair run does. Each measurement starts from a fresh response cache.
+Concurrency 1 is a steady rate whatever the number of prompts, so it is timed on the first
+C1_PROMPTS only.
 
     .venv/bin/python bench/bench_pairs.py --local            # 64 prompts, 48 tokens
     .venv/bin/python bench/bench_pairs.py --local --quick    # 32 prompts, 24 tokens
@@ -61,22 +62,55 @@ TARGETS = [  # issue 4
 LOCAL_SPEEDUP = "local speed-up, concurrency 32 vs 1"
 C1_PROMPTS = 8
 LOCAL_TARGETS = [  # issue 12
-    Target(LOCAL_SPEEDUP, ">=", 8, "x", note="tokens/s of pair generation, SmolLM2-135M served on CPU"),
+    Target(LOCAL_SPEEDUP, ">=", 8, "x", note="tokens/s of pair generation, SmolLM2-135M served by preftune on CPU"),
 ]
+LOCAL_SERVERS = ("preftune", "transformers")  # the target is preftune's; transformers serve is the reference
 
 
 def local_main(args: argparse.Namespace) -> int:
-    """Pair generation through transformers serve on the real model (module docstring)."""
-    import contextlib
+    """Pair generation on the real model: preftune's server, then transformers serve (module
+    docstring)."""
+    import os
 
     from preftune.realmodel import build_real_model
-    from preftune.server import resolve_endpoints
     from preftune.zoo import build_zoo
 
     n = args.prompts or (32 if args.quick else 64)
     max_tokens = 24 if args.quick else 48
     print_targets(LOCAL_TARGETS)
     strong_dir, weak_dir = build_real_model()["path"], build_zoo()["models"]["tiny-weak"]
+    results = {}
+    for server in LOCAL_SERVERS:
+        os.environ["PREFTUNE_LOCAL_SERVER"] = server  # which server the run's folders get (server.py)
+        results[server] = local_run(strong_dir, weak_dir, n, max_tokens)
+    del os.environ["PREFTUNE_LOCAL_SERVER"]
+    # tokens/s: both sides' completion tokens; strong tok/s: the real model's alone over the same wall
+    print(f"{'server':>12}  {'concurrency':>11}  {'strong/weak':>11}  {'prompts':>7}  {'wall s':>8}  {'tokens':>7}  "
+          f"{'tokens/s':>9}  {'strong tok/s':>12}  failed")
+    for server, res in results.items():
+        for conc, sent, wall, tokens, rate, strong_only, failed in res["rows"]:
+            print(f"{server:>12}  {conc:>11}  {sent:>11}  {min(n, C1_PROMPTS) if conc == 1 else n:>7}  "
+                  f"{wall:>8.1f}  {tokens:>7}  {rate:>9.1f}  {strong_only:>12.1f}  {failed}")
+        print(f"{server:>12}  speed-up, concurrency 32 vs 1: {res['speedup']:.2f}x")
+    ours, ref = results["preftune"], results["transformers"]
+    print(f"preftune / transformers serve, tokens/s at concurrency 32: "
+          f"{ours['tokens_per_s'][32] / ref['tokens_per_s'][32]:.2f}x "
+          f"(at 1: {ours['tokens_per_s'][1] / ref['tokens_per_s'][1]:.2f}x)")
+    code, targets = verdict(LOCAL_TARGETS, {LOCAL_SPEEDUP: ours["speedup"]})
+    print(json.dumps({"bench": "pairs-local", "prompts": n, "max_tokens": max_tokens, "quick": args.quick,
+                      **{server: {"tokens_per_s": {str(k): round(v, 1) for k, v in res["tokens_per_s"].items()},
+                                  "strong_tokens_per_s": {str(k): round(v, 1) for k, v in res["strong"].items()},
+                                  "speedup": round(res["speedup"], 2)} for server, res in results.items()},
+                      "targets": targets, "passed": code == 0}))
+    return code
+
+
+def local_run(strong_dir: str, weak_dir: str, n: int, max_tokens: int) -> dict:
+    """Concurrency 1 then 32 on freshly started servers, each from a fresh response cache."""
+    import contextlib
+
+    from preftune.server import resolve_endpoints
+
     rows, measured, strong_rate = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
@@ -88,34 +122,21 @@ def local_main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         strong, weak = resolve_endpoints([strong_dir, weak_dir], log_dir=work / "logs", stack=stack)
         print(f"servers up in {time.perf_counter() - t0:.1f} s; strong concurrency {strong.concurrency}, "
-              f"weak {weak.concurrency}")
+              f"weak {weak.concurrency}", flush=True)
         write_prompts(work / "warm.jsonl", 3)  # (a prompts file holds 3 at the least)
         generate_pairs(work / "warm.jsonl", strong, weak, work / "warm", max_tokens=8, progress=False)
         with open(prompts) as src, open(work / "c1.jsonl", "w") as dst:
             dst.writelines(line for _, line in zip(range(C1_PROMPTS), src, strict=False))
         for conc in (1, 32):
-            prov = generate_pairs(work / "c1.jsonl" if conc == 1 else prompts, strong, weak, work / f"c{conc}", max_tokens=max_tokens, concurrency=conc,
-                                  keep_truncated=True, progress=False)
+            prov = generate_pairs(work / "c1.jsonl" if conc == 1 else prompts, strong, weak, work / f"c{conc}",
+                                  max_tokens=max_tokens, concurrency=conc, keep_truncated=True, progress=False)
             tokens = sum(prov["usage"][side]["completion_tokens"] for side in ("strong", "weak"))
-            failed = prov["counts"]["by_reason"]["failed"]
             measured[conc] = tokens / prov["wall_time_s"]
             strong_rate[conc] = prov["usage"]["strong"]["completion_tokens"] / prov["wall_time_s"]
             sent = prov["sampling"]["concurrency"]  # what each client really kept in flight
             rows.append((conc, f"{sent['strong']}/{sent['weak']}", prov["wall_time_s"], tokens, measured[conc],
-                         strong_rate[conc], failed))
-    # tokens/s: both sides' completion tokens; strong tok/s: the real model's alone over the same wall
-    print(f"{'concurrency':>11}  {'strong/weak':>11}  {'prompts':>7}  {'wall s':>8}  {'tokens':>7}  {'tokens/s':>9}  "
-          f"{'strong tok/s':>12}  failed")
-    for conc, sent, wall, tokens, rate, strong_only, failed in rows:
-        print(f"{conc:>11}  {sent:>11}  {min(n, C1_PROMPTS) if conc == 1 else n:>7}  {wall:>8.1f}  {tokens:>7}  "
-              f"{rate:>9.1f}  {strong_only:>12.1f}  {failed}")
-    speedup = measured[32] / measured[1]
-    code, targets = verdict(LOCAL_TARGETS, {LOCAL_SPEEDUP: speedup})
-    print(json.dumps({"bench": "pairs-local", "prompts": n, "max_tokens": max_tokens, "quick": args.quick,
-                      "tokens_per_s": {str(k): round(v, 1) for k, v in measured.items()},
-                      "strong_tokens_per_s": {str(k): round(v, 1) for k, v in strong_rate.items()},
-                      "speedup": round(speedup, 2), "targets": targets, "passed": code == 0}))
-    return code
+                         strong_rate[conc], prov["counts"]["by_reason"]["failed"]))
+    return {"rows": rows, "tokens_per_s": measured, "strong": strong_rate, "speedup": measured[32] / measured[1]}
 
 
 def answer(req: StubRequest) -> Reply:
@@ -182,7 +203,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="128 prompts instead of 512")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--local", action="store_true",
-                    help="local generation: the real model served by transformers serve, concurrency 32 vs 1")
+                    help="local generation on the real model, two servers side by side, concurrency 32 vs 1")
     args = ap.parse_args()
     if args.local:
         return local_main(args)

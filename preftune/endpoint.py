@@ -21,7 +21,7 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, description="Model name sent in each request, or a local Hugging Face "
-                       "model folder (served by preftune with transformers serve).")
+                       "model folder (preftune serves it, continuously batched).")
     base_url: str | None = Field(None, description="Base URL of the OpenAI-compatible API, e.g. "
                                  "https://api.openai.com/v1. Empty: `model` is a local folder preftune serves.")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key; "

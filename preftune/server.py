@@ -1,23 +1,35 @@
-"""Local model servers: `transformers serve <folder>` as a child process on a free loopback port.
+"""Local model servers: a model folder as a child process on a free loopback port.
 
-What transformers 5.23's server does (checked by hand, tiny Llama on 2 CPU cores):
-* ``transformers serve FOLDER --port N --host 127.0.0.1 --device cpu`` pins the model: requests
-  must send ``"model": FOLDER`` exactly (anything else is HTTP 400 "Server is pinned to ...").
-* ``GET /health`` answers ``{"status": "ok"}`` once the model is loaded (~5-7 s for a tiny model).
-* ``GET /v1/models`` scans the hub cache and fails (500) when that folder is missing, so we point
-  ``HF_HUB_CACHE`` at an existing folder; even then it lists nothing for a pinned local folder, so
-  health means ``/health``.
-* Replies carry ``finish_reason`` ("stop"/"length") and ``usage`` (prompt/completion tokens).
-  ``temperature`` is ignored unless the model's generation config samples: decoding is greedy.
-* SIGTERM shuts uvicorn down in ~2 s.
-* ``--continuous-batching`` (paged attention) batches the requests in flight: SmolLM2-135M on CPU,
-  32 concurrent chat requests of <= 32 tokens, 136.5 tok/s against 24.7 without it (and 10.7 one at
-  a time). Without it the server works through requests one by one and keeps computing a request
-  whose client has gone; a non-streaming request is never cancelled either way. For the zoo's tiny
-  models (< 2M parameters) it is ~3x *slower* on CPU (scheduling dominates), so it is used from
-  ``BATCHING_MIN_PARAMS`` parameters up; the served endpoint carries the concurrency that fits
-  (``Endpoint.concurrency``) and the server's pid (``Endpoint.server_pid``: the client waits on a live
-  server instead of timing requests out and sending them again).
+Two servers, by who uses them:
+* **A run's own servers** (pair generation, the plan's calibration): ``python -m
+  preftune.batchserve FOLDER`` (preftune/batching.py), continuous batching of up to
+  ``BATCHED_CONCURRENCY`` requests over a padded KV cache, with a shared prompt prefix computed
+  once. SmolLM2-135M on 2 CPU cores, pair generation (bench_pairs --local): 361 tokens/s at
+  concurrency 32 against 45 at 1 (8.1x); transformers 5.23's own ``--continuous-batching`` reached
+  5.4x (210 against 39: its paged attention gathers the whole cache every step). The zoo's tiny
+  models batch too (2,837 tokens/s at concurrency 16 against 233 served one at a time), on one
+  thread, leaving the cores to the real model beside them. It needs a plain full-attention KV
+  cache; a model with sliding-window or hybrid layers goes to transformers serve as below.
+* **Deployments** (``preftune deploy``, detached): ``transformers serve``, the broader API
+  (streaming). What transformers 5.23's server does (checked by hand, tiny Llama on 2 CPU cores):
+
+  - ``transformers serve FOLDER --port N --host 127.0.0.1 --device cpu`` pins the model: requests
+    must send ``"model": FOLDER`` exactly (anything else is HTTP 400 "Server is pinned to ...";
+    preftune's server does the same).
+  - ``GET /health`` answers ``{"status": "ok"}`` once the model is loaded (~5-7 s for a tiny model).
+  - ``GET /v1/models`` scans the hub cache and fails (500) when that folder is missing, so we point
+    ``HF_HUB_CACHE`` at an existing folder; even then it lists nothing for a pinned local folder,
+    so health means ``/health``.
+  - Replies carry ``finish_reason`` ("stop"/"length") and ``usage`` (prompt/completion tokens, the
+    end token counted). ``temperature`` is ignored unless the model's generation config samples.
+  - SIGTERM shuts uvicorn down in ~2 s.
+  - ``--continuous-batching`` (paged attention) is used from ``BATCHING_MIN_PARAMS`` up; below, a
+    tiny model is ~3x *slower* with it on CPU (scheduling dominates) and is served one request at
+    a time, and such a server keeps computing a request whose client has gone.
+
+Either way the served endpoint carries the concurrency that fits (``Endpoint.concurrency``) and
+the server's pid (``Endpoint.server_pid``: the client waits on a live server instead of timing
+requests out and sending them again).
 
 A run's servers belong to it. Every server a process starts is its own: it is reused by later calls
 in that process (counted users), never by another process, so another process exiting (its
@@ -274,7 +286,9 @@ SERIAL_CONCURRENCY = 2  # to a one-at-a-time server: one computing, one queued b
 
 
 def continuous_batching(model_dir: str) -> bool:
-    """Whether ``transformers serve`` batches this model continuously (by its parameter count)."""
+    """Whether this model is big enough to gain from batching on many threads (by its parameter
+    count): ``transformers serve --continuous-batching`` from here up, and preftune's server gives
+    a smaller one a single thread."""
     from preftune.cost import model_params
 
     try:
@@ -322,6 +336,35 @@ def transformers_command(model_dir: str, port: int, device: str = "cpu", batchin
             "--host", "127.0.0.1", "--device", device,
             *(["--continuous-batching", "--cb-max-memory-percent", str(kv_cache_fraction(model_dir, device))]
               if batching else [])]
+
+
+def batchserve_usable(model_dir: str) -> bool:
+    """Whether ``preftune.batchserve`` can batch this model: a causal LM whose KV cache is plain full
+    attention on every layer (it pads and joins rows' caches; sliding-window or hybrid caches go to
+    transformers serve). ``PREFTUNE_LOCAL_SERVER=transformers`` sends every model there instead
+    (an escape hatch, and bench_pairs --local's comparison)."""
+    from transformers import AutoConfig
+
+    from preftune.batching import plain_cache
+
+    server = os.environ.get("PREFTUNE_LOCAL_SERVER", "preftune")
+    if server not in ("preftune", "transformers"):
+        raise UserError(f"PREFTUNE_LOCAL_SERVER must be preftune or transformers, not {server!r}")
+    if server == "transformers":
+        return False
+    try:
+        return plain_cache(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    except (OSError, ValueError):
+        return False
+
+
+def batchserve_command(model_dir: str, port: int, device: str = "cpu") -> list[str]:
+    """A run's own server for ``model_dir``: preftune's continuous batching (preftune/batchserve.py)."""
+    # A tiny model's step is Python overhead, not matmuls: one thread does it as fast, and leaves the
+    # other cores to the real model it is usually paired with (the weak side of a pair phase).
+    small = device == "cpu" and not continuous_batching(model_dir)
+    return [sys.executable, "-m", "preftune.batchserve", model_dir, "--port", str(port), "--host", "127.0.0.1",
+            "--device", device, "--rows", str(BATCHED_CONCURRENCY), *(["--threads", "1"] if small else [])]
 
 
 def _install_exit_handlers() -> None:
@@ -443,9 +486,12 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
         raise UserError(f"port {port} is in use by another process")
     port = port or free_port()
     log_path = log_dir / f"server-{Path(key).name}-{port}.log"
-    batching = command is None and continuous_batching(key)
-    argv = [a.replace("{port}", str(port)) for a in command] if command \
-        else transformers_command(key, port, device, batching)
+    ours = command is None and not detach and batchserve_usable(key)
+    batching = ours or (command is None and continuous_batching(key))
+    if command:
+        argv = [a.replace("{port}", str(port)) for a in command]
+    else:
+        argv = batchserve_command(key, port, device) if ours else transformers_command(key, port, device, batching)
     concurrency = None if command else (BATCHED_CONCURRENCY if batching else SERIAL_CONCURRENCY)
     env = {**server_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
@@ -532,7 +578,7 @@ def _runs_server_for(pid: int, key: str) -> bool:
         cmd = proc.cmdline()
     except psutil.Error:
         return False
-    return "serve" in cmd and any(key in arg for arg in cmd)
+    return ("serve" in cmd or "preftune.batchserve" in cmd) and any(key in arg for arg in cmd)
 
 
 def is_local_model(spec: str) -> bool:

@@ -150,10 +150,10 @@ def endpoint_concurrency(ep: Endpoint, given: int | None = None) -> int:
     """Requests in flight to ``ep``: the caller's figure, else what its server batches.
 
     A local server's figure (``Endpoint.concurrency``) also caps the caller's: more requests than it
-    batches only queue in it. Worse, ``transformers serve`` without continuous batching starts a
-    generation thread per request, so 32 requests to a one-at-a-time server oversubscribe the
-    cores and starve the batching server beside it (pair generation at concurrency 32 ran at 52
-    tokens/s instead of 170 on 2 cores, bench_pairs --local)."""
+    batches only queue in it. Worse, ``transformers serve`` without continuous batching (a
+    deployment, or a model preftune's server cannot batch) starts a generation thread per request,
+    so 32 requests to a one-at-a-time server oversubscribe the cores and starve a batching server
+    beside it (pair generation at concurrency 32 ran at 52 tokens/s instead of 170 on 2 cores)."""
     if given is None:
         return ep.concurrency or DEFAULT_CONCURRENCY
     return min(given, ep.concurrency) if ep.concurrency else given

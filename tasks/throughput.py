@@ -4,7 +4,7 @@ Before the plan is shown, a short calibration times the run's own generation pat
 machine, on the run's own prompts and lengths:
 
 * pairs — when the strong and the weak generator are both local folders: they are served as the
-  pairs phase serves them (transformers serve, the same concurrency) and one wave of prompts is
+  pairs phase serves them (preftune's batching server, the same concurrency) and one wave of prompts is
   completed on both at once. Local CPU time is free; a remote endpoint is never called here (its
   speed is unknown, and a call would spend before approval), so its pair time is not estimated.
   The completions go to the pairs phase's response cache, so that work is not lost.

@@ -230,8 +230,10 @@ def test_calibration_times_local_generators_once_and_never_calls_a_remote_one(tm
                    weak=Endpoint(model=models["tiny-weak"]))
     got = calibrate(spec, ws, insp, [models["tiny-llama"]])
     pairs = got["pairs"]
-    assert pairs["prompts"] == 8 and pairs["seconds"] > 0 and 0 < pairs["completion_tokens"] <= 2 * 8 * 8
-    assert len(ResponseCache(ws.pairs_dir / "cache")._index) == 16  # both sides of 8 prompts, kept
+    # one wave of what the servers batch (32 requests), so all 12 prompts
+    assert pairs["prompts"] == 12 and pairs["concurrency"] == 32
+    assert pairs["seconds"] > 0 and 0 < pairs["completion_tokens"] <= 2 * 12 * 8
+    assert len(ResponseCache(ws.pairs_dir / "cache")._index) == 24  # both sides of 12 prompts, kept
     ev = got["evaluation"][models["tiny-llama"]]
     assert ev["prompts"] == 4 and ev["seconds_per_prompt"] > 0 and ev["load_s"] > 0
     train = got["training"][models["tiny-llama"]]

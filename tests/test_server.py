@@ -1,8 +1,9 @@
-"""The local model server manager: transformers serve for real, plus a tiny stand-in for lifecycle checks.
+"""The local model server manager: real servers (preftune's batching server for a run, transformers
+serve for a deployment), plus a tiny stand-in for lifecycle checks.
 
 The stand-in (a 10-line HTTP server answering /health) is started through the same ``serve_local``
 code path via ``command=``, so the start/stop/reuse/signal logic is exercised without paying a
-model load each time; one real ``transformers serve`` (module-scoped) covers the real server.
+model load each time; one real run server (module-scoped) and one deployment cover the real ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from preftune.client import ChatClient
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.server import (
+    BATCHED_CONCURRENCY,
     SERIAL_CONCURRENCY,
     ServerError,
     healthy,
@@ -76,7 +78,7 @@ def run_child(code: str, *args: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
 
 
-# -- the real transformers serve -----------------------------------------------------------------
+# -- the real servers -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_server(zoo, tmp_path_factory, private_cache):
     handle = serve_local(zoo["models"]["tiny-llama"], tmp_path_factory.mktemp("logs"))
@@ -108,13 +110,10 @@ def test_real_server_is_reused_in_process_not_by_another_process(real_server, zo
     reg = json.loads((cache / "servers" / "registry.json").read_text())
     entry = reg[handle.model_dir]
     assert (entry["pid"], entry["port"], entry["owner"]) == (handle.pid, handle.port, os.getpid())
-    # A tiny model is served one request at a time (batching would slow it down on CPU).
-    assert "--continuous-batching" not in handle.log_path.read_text().splitlines()[0]
+    # A run's own server is preftune's batching one (tests/test_batching.py), sent what it batches.
+    assert "-m preftune.batchserve" in handle.log_path.read_text().splitlines()[0]
     ep = handle.endpoint()
-    assert (ep.server_pid, ep.concurrency) == (handle.pid, SERIAL_CONCURRENCY)
-    # ... and its idle OpenMP threads wait passively instead of spinning on the cores (server.py)
-    environ = dict(v.split("=", 1) for v in Path(f"/proc/{handle.pid}/environ").read_text().split("\0") if "=" in v)
-    assert environ.get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert (ep.server_pid, ep.concurrency) == (handle.pid, BATCHED_CONCURRENCY)
 
     child = run_child("""
         import sys
@@ -143,6 +142,25 @@ RUN_B = """
     sys.stdin.readline()  # the test stops A meanwhile
     print(repr(ask()), flush=True)
 """
+
+
+def test_a_deployment_is_transformers_serve_one_request_at_a_time(zoo, tmp_path):
+    """A detached server (``preftune deploy``) is ``transformers serve``, whose API is the broader
+    one (streaming). A tiny model there is served one request at a time, and its idle OpenMP
+    threads wait passively instead of spinning on the cores (server.py)."""
+    handle = serve_local(zoo["models"]["tiny-qwen"], tmp_path / "logs", detach=True)  # (not the run's model above)
+    try:
+        assert "-m transformers.cli.transformers serve" in handle.log_path.read_text().splitlines()[0]
+        ep = handle.endpoint()
+        assert (ep.server_pid, ep.concurrency) == (handle.pid, SERIAL_CONCURRENCY)
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{handle.pid}/environ").read_text().split("\0")
+                       if "=" in v)
+        assert environ.get("OMP_WAIT_POLICY") == "PASSIVE"
+        reply = ChatClient(ep).chat_sync([{"role": "user", "content": "Hello"}], max_tokens=4)
+        assert 0 < reply.completion_tokens <= 4
+    finally:
+        assert stop_server(handle.model_dir, pid=handle.pid)
+    assert not handle.alive()
 
 
 def test_a_run_keeps_its_server_when_another_process_using_the_folder_exits(zoo, tmp_path):

@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prompts", required=True, metavar="DATA", help="prompts-only JSONL ({\"messages\": [...]})")
     add_endpoint_flags(p, "strong", required=True,
                        help="the preferred-side model: MODEL@BASE_URL of an OpenAI-compatible API, or a local "
-                            "model folder (served automatically with transformers serve)")
+                            "model folder (served automatically, continuously batched)")
     add_endpoint_flags(p, "weak", required=True, help="the non-preferred-side model")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (e.g. WORKSPACE/pairs)")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="completion length cap (default 256)")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from preftune.batching import plain_cache
 from preftune.tasks.training.data import Batch
 
 
@@ -133,7 +134,7 @@ class SequenceLogps(nn.Module):
         head = base.get_output_embeddings()
         if lengths is not None and input_ids.device.type == "cpu" and input_ids.size(0) > 1:
             if self._cache_is_plain is None:
-                self._cache_is_plain = _plain_cache(base.config)
+                self._cache_is_plain = plain_cache(base.config)
             # Not under gradient checkpointing: transformers' layers drop the KV cache there in
             # training, so the rejected completion would not see its prompt.
             share = prompt_lengths is not None and self._cache_is_plain \
@@ -173,19 +174,6 @@ def _unpadded_rows(body: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
     hidden = torch.cat([body(input_ids=input_ids[i:i + 1, :n], use_cache=False).last_hidden_state[0]
                         for i, n in enumerate(lens)])
     return hidden, _row_starts(lens)
-
-
-def _plain_cache(config) -> bool:
-    """Whether the model's KV cache is plain full attention on every layer (no sliding window,
-    no shared or hybrid layers): then a prompt's keys and values can be reused as they are."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    try:
-        cache = DynamicCache(config=config)
-    except Exception:  # a model whose config the cache does not understand: run every row whole
-        return False
-    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _shared_prompt_rows(body: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,

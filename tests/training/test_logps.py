@@ -79,10 +79,10 @@ def _tiny_pair_batch(base_model, marker_data, n: int):
 def test_rows_without_padding_and_shared_prompts_equal_the_padded_batch(base_model, marker_data):
     """On CPU each row runs alone without its pads, and each pair's prompt runs once for both rows:
     the same log-probs and gradients as the padded batch."""
-    from preftune.tasks.training.logps import _plain_cache
+    from preftune.batching import plain_cache
 
     model, module, batch, fed = _tiny_pair_batch(base_model, marker_data, 3)
-    assert _plain_cache(model.config)  # so the prompt-sharing path is the one tested below
+    assert plain_cache(model.config)  # so the prompt-sharing path is the one tested below
     assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: some are padded
     assert batch.prompt_lengths.min() > 1  # prompts worth sharing
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,164 @@
+"""A local model folder behind an OpenAI-compatible chat endpoint, continuously batched.
+
+    python -m preftune.batchserve FOLDER --port N [--host 127.0.0.1] [--device cpu] [--rows 32]
+
+What a run's generation needs and no more: ``POST /v1/chat/completions`` (non-streaming, one
+choice; ``messages``, optional ``tools``, ``max_tokens`` / ``max_completion_tokens``,
+``temperature``, ``top_p``, ``seed``), ``GET /v1/models`` and ``GET /health``. Requests must name
+the folder as their ``model``, as with ``transformers serve``. Replies carry ``finish_reason``
+("stop" at an end token, "length" at ``max_tokens``) and ``usage``. The model is loaded before the
+port opens, so a health answer means ready. Deployments (``preftune deploy``) stay on
+``transformers serve``, whose API is broader (streaming); this server is for a run's own servers.
+
+The batching itself is ``preftune.batching.Engine``: one model thread, up to ``--rows`` requests
+advancing together, a finished row refilled from the queue at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from preftune.batching import Engine, Request
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class Model:
+    """The tokenizer, the engine and the chat template between them."""
+
+    def __init__(self, folder: str, device: str, rows: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from preftune.hf import load_tokenizer
+
+        self.name = folder
+        self.tok = load_tokenizer(folder)
+        dtype = torch.float32 if device == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()
+        eos = model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        eos_ids.add(self.tok.eos_token_id)
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.engine = Engine(model, eos_ids, max_rows=rows, pad_id=pad)
+        self.engine.start()
+
+    def request(self, body: dict[str, Any]) -> Request:
+        """The engine request for an OpenAI chat body; BadRequest names what is wrong."""
+        if body.get("stream"):
+            raise BadRequest("streaming is not supported by this server (a run's generation server)")
+        if int(body.get("n") or 1) != 1:
+            raise BadRequest("n > 1 is not supported")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
+        kwargs = {"tools": body["tools"]} if body.get("tools") else {}
+        try:
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, **kwargs)["input_ids"]
+        except Exception as err:  # a template that rejects these messages (roles, tools)
+            raise BadRequest(f"the chat template rejected the messages: {err}") from None
+        max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), 256)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(f"max_tokens must be an integer of at least 1, not {max_tokens!r}")
+        if self.context and len(ids) + max_tokens > self.context:
+            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                             f"model's context of {self.context} tokens")
+        return Request(list(ids), max_tokens, temperature=float(body.get("temperature") or 0.0),
+                       top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"))
+
+    def reply(self, req: Request) -> dict[str, Any]:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name,
+                "choices": [{"index": 0, "finish_reason": req.finish_reason,
+                             "message": {"role": "assistant",
+                                         "content": self.tok.decode(req.tokens, skip_special_tokens=True)}}],
+                "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": req.generated,
+                          "total_tokens": len(req.prompt) + req.generated}}
+
+
+def handler(model: Model) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connections
+
+        def _send(self, status: int, obj: dict[str, Any]) -> None:
+            data = json.dumps(obj, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a cancelled run)
+                self.close_connection = True
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            elif self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": model.name, "object": "model",
+                                                             "owned_by": "preftune"}]})
+            else:
+                self._error(404, f"no route {self.path}")
+
+        def do_POST(self) -> None:  # noqa: N802
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            except ValueError as err:
+                return self._error(400, f"the body is not JSON: {err}")
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self._error(404, f"no route {self.path}")
+            if body.get("model") != model.name:
+                return self._error(400, f"this server serves {model.name!r}, not {body.get('model')!r}")
+            try:
+                req = model.engine.submit(model.request(body))
+            except (BadRequest, ValueError) as err:
+                return self._error(400, str(err))
+            req.done.wait()
+            if req.error is not None:
+                return self._error(500, f"generation failed: {type(req.error).__name__}: {req.error}")
+            self._send(200, model.reply(req))
+
+        def log_message(self, format: str, *args: Any) -> None:  # one line per request, to the log file
+            sys.stderr.write(f"{self.log_date_time_string()} {format % args}\n")
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m preftune.batchserve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", type=int, default=32, help="requests batched together (default 32)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = Model(args.folder, args.device, args.rows)
+    ThreadingHTTPServer.request_queue_size = 256  # a run opens 32+ connections at once (default 5)
+    server = ThreadingHTTPServer((args.host, args.port), handler(model))
+    server.daemon_threads = True
+    print(f"serving {args.folder} on http://{args.host}:{args.port}/v1 ({args.rows} rows, {args.device})",
+          file=sys.stderr, flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
