@@ -79,11 +79,12 @@ def wall_parts(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
     if inspection["format"] == "prompts":
         pairs = measured.get("pairs")
         if pairs:
-            n = sum(prompt_quota(spec, inspection))
+            # The calibration's prompts are done already: the pairs phase reads them from its cache.
+            n = max(0, sum(prompt_quota(spec, inspection)) - pairs["prompts"])
             point = pairs["seconds_per_prompt"] * n + pairs.get("server_start_s", 0.0)
             parts["pairs"] = {"low": point * lo, "high": point * hi,
-                              "note": f"{n} prompts at {pairs['seconds_per_prompt']:.2f} s each (measured: "
-                                      f"{pairs['prompts']} prompts, {pairs['tokens_per_s']:g} tokens/s)"}
+                              "note": f"{n} more prompts at {pairs['seconds_per_prompt']:.2f} s each (measured: "
+                                      f"{pairs['prompts']} prompts, {pairs['tokens_per_s']:g} tokens/s, kept)"}
         else:
             parts["pairs"] = {"low": None, "high": None,
                               "note": "not estimated: a remote generator's speed is not measured before approval"}

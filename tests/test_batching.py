@@ -58,7 +58,8 @@ def run(engine: Engine, reqs: list[Request], *, later: list[Request] = (), after
     return steps
 
 
-def test_batched_rows_equal_each_prompt_alone(tiny):
+@pytest.mark.parametrize("rows", [4, 8])  # admission at each free row / once 2 rows are free
+def test_batched_rows_equal_each_prompt_alone(tiny, rows):
     model, tok = tiny
     eos = {tok.eos_token_id}
     shared = tok("You are a careful assistant. Answer briefly, plainly and in full sentences.")["input_ids"]
@@ -70,8 +71,8 @@ def test_batched_rows_equal_each_prompt_alone(tiny):
         [tok("Hi")["input_ids"]]  # under MIN_PREFIX tokens: no prefix of its own
     budgets = [5, 30, 12, 70, 1, 22, 9, 17, 40, 26, 11]  # 70 outgrows a cache buffer's first room
     reqs = [Request(p, n) for p, n in zip(first + second, budgets, strict=True)]
-    engine = Engine(model, eos, max_rows=4)
-    engine.admit_min = 1  # admit as soon as a row frees (the default waits for a quarter of them)
+    engine = Engine(model, eos, max_rows=rows)
+    assert engine.admit_min == rows // 4
     run(engine, reqs[:7], later=reqs[7:], after=5)
     for r in reqs:
         assert r.done.is_set() and r.error is None

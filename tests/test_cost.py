@@ -150,7 +150,8 @@ def test_max_pair_prompts_keeps_the_split_proportion(config_only_model):
 
 
 def test_wall_time_parts_from_measured_speeds(config_only_model):
-    """100 prompts (80 train / 20 test) at 0.5 s each + 4 s of server start = 54 s; two jobs, no
+    """100 prompts (80 train / 20 test), 8 of them done by the calibration: 92 at 0.5 s each + 4 s of
+    server start = 50 s; two jobs, no
     target (every job is evaluated): evaluation = 3 models x (2 s load + 20 prompts x 0.1 s) = 12 s;
     each shown as 0.75x–1.5x of that; the total adds the training part."""
     insp = _inspection(config_only_model) | {"format": "prompts", "examples": 100, "train_examples": 80,
@@ -163,13 +164,14 @@ def test_wall_time_parts_from_measured_speeds(config_only_model):
                 "evaluation": {config_only_model: {"load_s": 2.0, "prompts": 16, "seconds_per_prompt": 0.1}}}
     plan = build_plan(spec, insp, jobs, "evaluator", "cpu", throughput=measured)
     parts = plan["estimate"]["wall_parts"]
-    assert (parts["pairs"]["low"], parts["pairs"]["high"]) == (40.5, 81.0)
+    assert (parts["pairs"]["low"], parts["pairs"]["high"]) == (37.5, 75.0)
+    assert parts["pairs"]["note"].startswith("92 more prompts at 0.50 s each")
     assert (parts["evaluation"]["low"], parts["evaluation"]["high"]) == (9.0, 18.0)
     train = parts["training"]
-    assert plan["estimate"]["wall_seconds"] == {"low": pytest.approx(49.5 + train["low"], abs=0.11),
-                                                "high": pytest.approx(99.0 + train["high"], abs=0.11)}
+    assert plan["estimate"]["wall_seconds"] == {"low": pytest.approx(46.5 + train["low"], abs=0.11),
+                                                "high": pytest.approx(93.0 + train["high"], abs=0.11)}
     text = plan_markdown(plan)
-    assert "| pairs | 0.7–1.4 |" in text and "| evaluation | 0.1–0.3 |" in text and "| training |" in text
+    assert "| pairs | 0.6–1.2 |" in text and "| evaluation | 0.1–0.3 |" in text and "| training |" in text
     unmeasured = build_plan(spec, insp, jobs, "evaluator", "cpu")["estimate"]["wall_parts"]
     assert unmeasured["pairs"]["low"] is None and "not estimated" in plan_markdown(
         build_plan(spec, insp, jobs, "evaluator", "cpu"))
