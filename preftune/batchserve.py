@@ -73,8 +73,16 @@ class Model:
         if self.context and len(ids) + max_tokens > self.context:
             raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens")
-        return Request(list(ids), max_tokens, temperature=float(body.get("temperature") or 0.0),
-                       top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"))
+        # Checked here: a bad value found in the model thread would fail every request of its batch.
+        temperature, top_p, seed = body.get("temperature"), body.get("top_p"), body.get("seed")
+        if temperature is not None and (not isinstance(temperature, int | float) or temperature < 0):
+            raise BadRequest(f"temperature must be a number of at least 0, not {temperature!r}")
+        if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+            raise BadRequest(f"top_p must be a number in (0, 1], not {top_p!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise BadRequest(f"seed must be an integer, not {seed!r}")
+        return Request(list(ids), max_tokens, temperature=float(temperature or 0.0),
+                       top_p=float(1.0 if top_p is None else top_p), seed=seed)
 
     def reply(self, req: Request) -> dict[str, Any]:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

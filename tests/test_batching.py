@@ -163,6 +163,9 @@ def test_openai_client_answers_concurrently_as_one_at_a_time(served, tiny):
     ({"max_tokens": 0}, "at least 1"),
     ({"max_tokens": 10**6}, "exceeds the model's context"),
     ({"messages": []}, "non-empty list"),
+    ({"temperature": -1}, "temperature must be"),
+    ({"top_p": 0}, "top_p must be"),
+    ({"seed": "abc"}, "seed must be an integer"),
 ])
 def test_bad_requests_get_a_400_that_says_why(served, change, message):
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
