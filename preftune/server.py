@@ -4,9 +4,10 @@ Two servers, by who uses them:
 * **A run's own servers** (pair generation, the plan's calibration): ``python -m
   preftune.batchserve FOLDER`` (preftune/batching.py), continuous batching of up to
   ``BATCHED_CONCURRENCY`` requests over a padded KV cache, with a shared prompt prefix computed
-  once. SmolLM2-135M on 2 CPU cores, pair generation (bench_pairs --local): 361 tokens/s at
-  concurrency 32 against 45 at 1 (8.1x); transformers 5.23's own ``--continuous-batching`` reached
-  5.4x (210 against 39: its paged attention gathers the whole cache every step). The zoo's tiny
+  once. SmolLM2-135M on 2 CPU cores, pair generation (bench_pairs --local): 337-350 tokens/s at
+  concurrency 32 against 42 at 1 (8.1-8.3x); transformers 5.23's own ``--continuous-batching``
+  5.1-5.5x in the same runs (191-209 against 38-39: its paged attention gathers the whole cache
+  every step). The zoo's tiny
   models batch too (2,837 tokens/s at concurrency 16 against 233 served one at a time), on one
   thread, leaving the cores to the real model beside them. It needs a plain full-attention KV
   cache; a model with sliding-window or hybrid layers goes to transformers serve as below.

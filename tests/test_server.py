@@ -144,6 +144,22 @@ RUN_B = """
 """
 
 
+def test_local_server_choice_follows_the_cache_kind_and_the_environment(zoo, tmp_path, monkeypatch):
+    from preftune.server import batchserve_usable
+
+    assert batchserve_usable(zoo["models"]["tiny-llama"])  # a plain full-attention cache
+    config = json.loads((Path(zoo["models"]["tiny-llama"]) / "config.json").read_text())
+    (tmp_path / "sliding").mkdir()
+    (tmp_path / "sliding" / "config.json").write_text(json.dumps(
+        {**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4}))
+    assert not batchserve_usable(str(tmp_path / "sliding"))  # sliding-window layers: transformers serve
+    monkeypatch.setenv("PREFTUNE_LOCAL_SERVER", "transformers")
+    assert not batchserve_usable(zoo["models"]["tiny-llama"])
+    monkeypatch.setenv("PREFTUNE_LOCAL_SERVER", "vllm")
+    with pytest.raises(UserError, match="PREFTUNE_LOCAL_SERVER must be preftune or transformers"):
+        batchserve_usable(zoo["models"]["tiny-llama"])
+
+
 def test_a_deployment_is_transformers_serve_one_request_at_a_time(zoo, tmp_path):
     """A detached server (``preftune deploy``) is ``transformers serve``, whose API is the broader
     one (streaming). A tiny model there is served one request at a time, and its idle OpenMP
