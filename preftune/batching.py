@@ -95,12 +95,10 @@ class Engine:
         self.admit_min = max(1, max_rows // 4)
         self._queue: deque[Request] = deque()
         self._wake = threading.Condition()
-        self._stop = False
         self.rows: list[Request] = []
         self._cache = None  # DynamicCache over the rows, (B, H, T, D) per layer
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T): 1 = real token
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) next token to feed
-        self.steps = 0
         self._prefix: list[int] = []  # prompt tokens whose keys and values are kept (_shared_prefix)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, (1, H, P, D)
 
@@ -114,19 +112,13 @@ class Engine:
         return request
 
     def run_forever(self) -> None:
-        """The model thread: step while there is work, sleep while there is none."""
+        """The model thread (a daemon: it ends with the server): step while there is work, sleep
+        while there is none."""
         while True:
             with self._wake:
-                while not self._queue and not self.rows and not self._stop:
+                while not self._queue and not self.rows:
                     self._wake.wait()
-                if self._stop:
-                    return
             self.step()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="batching-engine", daemon=True)
@@ -152,7 +144,6 @@ class Engine:
             self.rows, self._cache = [], None
             self._mask = self._mask[:0, :0]
             self._last = self._last[:0]
-        self.steps += 1
 
     def _admit(self) -> list[Request]:
         taken: list[Request] = []

@@ -43,8 +43,8 @@ def alone(model, prompt: list[int], max_tokens: int, eos: set[int]) -> tuple[lis
     return out, "length"
 
 
-def run(engine: Engine, reqs: list[Request], *, later: list[Request] = (), after: int = 3) -> int:
-    """Drive the engine in this thread: ``reqs`` now, ``later`` after ``after`` steps; the step count."""
+def run(engine: Engine, reqs: list[Request], *, later: list[Request] = (), after: int = 3) -> None:
+    """Drive the engine in this thread: ``reqs`` now, ``later`` after ``after`` steps."""
     for r in reqs:
         engine.submit(r)
     steps = 0
@@ -55,7 +55,6 @@ def run(engine: Engine, reqs: list[Request], *, later: list[Request] = (), after
             later = []
         engine.step()
         steps += 1
-    return steps
 
 
 @pytest.mark.parametrize("rows", [4, 8])  # admission at each free row / once 2 rows are free
