@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from preftune.batching import Engine, Request
+from preftune.tasks.training.data import prompt_ids
 
 
 class BadRequest(ValueError):
@@ -35,15 +36,10 @@ class Model:
     """The tokenizer, the engine and the chat template between them."""
 
     def __init__(self, folder: str, device: str, rows: int) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from preftune.hf import load_tokenizer
+        from preftune.tasks.generate import load_causal_lm  # as phase 5 loads a model (dtype per device)
 
         self.name = folder
-        self.tok = load_tokenizer(folder)
-        dtype = torch.float32 if device == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()
+        model, self.tok = load_causal_lm(folder, device=device)
         eos = model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         eos_ids.add(self.tok.eos_token_id)
@@ -61,10 +57,8 @@ class Model:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages must be a non-empty list")
-        kwargs = {"tools": body["tools"]} if body.get("tools") else {}
         try:
-            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, **kwargs)["input_ids"]
+            ids = prompt_ids(self.tok, messages, body.get("tools"))  # as the trainer renders a prompt
         except Exception as err:  # a template that rejects these messages (roles, tools)
             raise BadRequest(f"the chat template rejected the messages: {err}") from None
         max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), 256)
@@ -81,7 +75,7 @@ class Model:
             raise BadRequest(f"top_p must be a number in (0, 1], not {top_p!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise BadRequest(f"seed must be an integer, not {seed!r}")
-        return Request(list(ids), max_tokens, temperature=float(temperature or 0.0),
+        return Request(ids, max_tokens, temperature=float(temperature or 0.0),
                        top_p=float(1.0 if top_p is None else top_p), seed=seed)
 
     def reply(self, req: Request) -> dict[str, Any]:
