@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from preftune.batching import Engine, Request
-from preftune.tasks.training.data import prompt_ids
+from preftune.hf import load_causal_lm, prompt_ids
 
 
 class BadRequest(ValueError):
@@ -36,10 +36,8 @@ class Model:
     """The tokenizer, the engine and the chat template between them."""
 
     def __init__(self, folder: str, device: str, rows: int) -> None:
-        from preftune.tasks.generate import load_causal_lm  # as phase 5 loads a model (dtype per device)
-
         self.name = folder
-        model, self.tok = load_causal_lm(folder, device=device)
+        model, self.tok = load_causal_lm(folder, device=device)  # as phase 5 loads a model
         eos = model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         eos_ids.add(self.tok.eos_token_id)

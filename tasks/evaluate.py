@@ -22,7 +22,7 @@ base per prompt), ``clear_winner``, ``judge_agreement``, ``position_consistency`
 ``judge_validity``, ``warnings``, ``judge_usage``, ``rubric``, and ``models_info`` (per model: model,
 adapter, completions file, how many completions this run generated). Non-finite numbers are null.
 
-Completions use ``tasks.generate.load_causal_lm`` + ``generate_with`` (loaded once per model, fed
+Completions use ``preftune.hf.load_causal_lm`` + ``generate_with`` (loaded once per model, fed
 in cached chunks) rather than ``generate_completions``, which would reload the model per chunk.
 """
 

@@ -11,29 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def load_causal_lm(model_path: str | Path, adapter_path: str | Path | None = None,
-                   device: str | torch.device | None = None):
-    """(model, tokenizer) in eval mode. ``adapter_path`` is a PEFT adapter folder, or a full model
-    folder written by ``preftune train --full`` (then it replaces ``model_path``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    is_full = adapter_path is not None and (Path(adapter_path) / "config.json").is_file() \
-        and not (Path(adapter_path) / "adapter_config.json").is_file()
-    weights = adapter_path if is_full else model_path
-    model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype)
-    tok_dir = adapter_path if adapter_path and (Path(adapter_path) / "tokenizer_config.json").is_file() \
-        else model_path
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    if adapter_path is not None and not is_full:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_path))
-        model = model.merge_and_unload()  # plain weights: faster decoding, same outputs
-    model.to(device).eval()
-    return model, tokenizer
+from preftune.hf import load_causal_lm
 
 
 @torch.inference_mode()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.hf import prompt_ids
+
 # Pairs per sort bucket, in batches: shuffle, then sort by length inside buckets of this many
 # batches, so batches hold similar lengths (little padding) yet the order still changes per epoch.
 BUCKET_BATCHES = 16
@@ -76,13 +78,6 @@ def load_pair_records(path: Path) -> list[dict]:
 def _last_content(messages: list[dict]) -> str:
     content = messages[-1].get("content") or ""
     return content if isinstance(content, str) else str(content)
-
-
-def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
-    """Messages through the chat template, ending with the assistant generation prompt."""
-    enc = tokenizer.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(enc["input_ids"])
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:
