@@ -70,6 +70,12 @@ CASES = [
     ("betas 0.05, 0.1, 0.3 on tiny-qwen", {"betas": [0.05, 0.1, 0.3], "base_models": [M("tiny-qwen")]}, set(), {}),
     ("use beta=0.2", {"betas": [0.2]}, set(), {}),
     ("β 0.5", {"betas": [0.5]}, set(), {}),
+    # a number with a unit after a beta is another setting, not one more beta (issue 21)
+    ("DPO with beta 0.1, 3 epochs", {"losses": [DPO], "betas": [0.1], "epochs": 3}, set(), {}),
+    ("beta 0.1 for 2 epochs", {"betas": [0.1], "epochs": 2}, set(), {}),
+    ("beta 0.1 and 3 epochs", {"betas": [0.1], "epochs": 3}, set(), {}),
+    ("betas 0.1, 0.3 and 0.5, 2 epochs", {"betas": [0.1, 0.3, 0.5], "epochs": 2}, set(), {}),
+    ("betas 0.1, 0.3, 4 jobs at a time", {"betas": [0.1, 0.3], "max_concurrent_jobs": 4}, set(), {}),
     # -- losses -----------------------------------------------------------------------------------
     ("compare DPO and IPO", {"losses": [DPO, IPO]}, set(), {}),
     ("length-normalized DPO", {"losses": [{"loss_type": "dpo", "normalize_by_length": True}]}, set(), {}),
@@ -87,6 +93,12 @@ CASES = [
     # -- targets ----------------------------------------------------------------------------------
     ("stop once the win rate reaches 0.8", {"target_win_rate": 0.8}, set(), {}),
     ("target a 60 percent win rate", {"target_win_rate": 0.6}, set(), {}),
+    # the verbs people use for "reaches" (issue 21: "passes 80%" was left at the default)
+    ("stop once the win rate passes 80%", {"target_win_rate": 0.8}, set(), {}),
+    ("stop when the win rate exceeds 75%", {"target_win_rate": 0.75}, set(), {}),
+    ("stop when the win rate is above 70 percent", {"target_win_rate": 0.7}, set(), {}),
+    ("stop when the win rate goes over 0.7", {"target_win_rate": 0.7}, set(), {}),
+    ("train until the win rate tops 65%", {"target_win_rate": 0.65}, set(), {}),
     ("run the whole grid, no early stopping", {"target_win_rate": None}, set(), {}),
     # -- pairs and generators ---------------------------------------------------------------------
     ("generate pairs with tiny-strong as the strong model and tiny-weak as the weak model",

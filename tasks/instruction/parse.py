@@ -21,7 +21,9 @@ from preftune.tasks.instruction.models import Mention, find_mentions
 
 _NUM = r"\d*\.?\d+(?:e-?\d+)?"
 _MONEY = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
-_LIST = rf"{_NUM}(?:\s*(?:,|and|or|&|/)\s*(?:beta\s*)?{_NUM})*"
+# A number followed by a unit is another setting, never one more item of a list: "beta 0.1, 3 epochs".
+_UNIT = r"(?!\d|\.\d|\s*(?:%|percent\b|epochs?\b|steps?\b|jobs?\b|prompts?\b|pairs?\b|tokens?\b|times?\b|x\b))"
+_LIST = rf"{_NUM}(?:\s*(?:,|and|or|&|/)\s*(?:beta\s*)?{_NUM}{_UNIT})*"
 
 
 @dataclass
@@ -241,7 +243,9 @@ def _target(text: str, r: Reading) -> None:
         r.put("target_win_rate", None, "no early stop")
         return
     m = (_search(rf"({_NUM})\s*(%|percent)?\s*(?:win[- ]?rate)", text)
-         or _search(rf"win[- ]?rate\s*(?:target\s*)?(?:of|≥|>=|>|=|:|above|at\s+least|reaches|reaching|hits)?\s*"
+         or _search(rf"win[- ]?rate\s*(?:target\s*)?(?:is\s+|gets\s+|goes\s+|climbs\s+|rises\s+)?(?:of|≥|>=|>|=|:|above|over|"
+                    rf"beyond|past|at\s+least|reach(?:es|ing)?|hit(?:s|ting)?|pass(?:es|ing)?|exceed(?:s|ing)?|"
+                    rf"cross(?:es|ing)?|tops?|beats?|to)?\s*"
                     rf"(?:at\s+least\s+)?({_NUM})\s*(%|percent)?", text))
     if m:
         value = float(m.group(1))
