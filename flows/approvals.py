@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
@@ -24,6 +23,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field, ValidationError, WithJsonSchema, create_model
 
+from preftune.approvals_log import read_approvals
 from preftune.files import append_jsonl
 from preftune.workspace import Workspace
 
@@ -128,17 +128,23 @@ def _log(ws: Workspace, kind: str, by: str, values: dict[str, Any], context: dic
 def previous_answer(ws: Workspace, kind: str, context: dict[str, Any]) -> dict[str, Any] | None:
     """The last logged answer to the same question (same kind and context, e.g. the same plan
     digest): a resumed run does not ask twice for what was already decided."""
-    if not ws.approvals.exists():
-        return None
     found = None
-    for line in ws.approvals.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line torn by a crash (or a full disk) mid-append: not an answer
-            continue
-        if entry["kind"] == kind and entry.get("context") == context:
+    for entry in read_approvals(ws.approvals):  # checked: a line that is not a decision is refused
+        if entry["kind"] == kind and entry["context"] == context:
             found = entry
     return found
+
+
+def spending_cap(ws: Workspace, decision: PlanDecision, spec_budget: float | None,
+                 auto_limit: float | None) -> float | None:
+    """The most the run may spend on endpoints (held by the ledger as requests are sent): the approval's
+    budget, else the spec's; when the plan was approved automatically, the auto-approval limit too."""
+    caps = [decision.budget_usd if decision.budget_usd is not None else spec_budget]
+    plan = [a for a in read_approvals(ws.approvals) if a["kind"] == "plan"]
+    if plan and plan[-1]["by"] == "auto":
+        caps.append(auto_limit)
+    given = [c for c in caps if c is not None]
+    return min(given) if given else None
 
 
 def _problem(form: type[T], values: dict[str, Any], check: Callable[[T], str | None] | None) -> tuple[T | None, str | None]:

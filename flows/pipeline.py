@@ -21,10 +21,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
+from preftune.approvals_log import read_approvals
 from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
+from preftune.flows.approvals import spending_cap
 from preftune.judges import selection
+from preftune.ledger import Ledger, read_ledger
 from preftune.records import validate_files
 from preftune.reports.build import write_report
 from preftune.server import device_name
@@ -255,6 +258,8 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
 
 def _run(spec: RunSpec, ws: Workspace) -> dict:
     validate_files(spec.dataset, spec.test_dataset)  # bad data: one line before any question is asked
+    read_approvals(ws.approvals)  # a resumed run's records are checked before anything is spent: a line
+    read_ledger(ws.ledger)  # that is not a decision or a ledger line is one line naming file:line, exit 2
     unresolved = (spec.instruction_plan or {}).get("unresolved", {})
     open_ = {k: v for k, v in unresolved.items() if k not in ("base_models", "evaluator")}
     if open_:  # no question of the run can settle these (the CLI refuses them before a run starts)
@@ -277,10 +282,11 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
                       throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
     write_json_atomic(ws.plan, plan)
+    decision = questions.approve_plan(spec, ws, plan)
     jobs, plan = questions.apply_decision(
-        spec, plan, jobs, questions.approve_plan(spec, ws, plan),
-        lambda kept: with_approved(spec, inspection, plan, kept, evaluator_kind, throughput))
+        spec, plan, jobs, decision, lambda kept: with_approved(spec, inspection, plan, kept, evaluator_kind, throughput))
     write_json_atomic(ws.plan, plan)
+    Ledger(ws.ledger, "plan").set_cap(spending_cap(ws, decision, spec.budget_usd, spec.auto_approve_max_usd))
     # ---- nothing above this line spends; everything below does ----
     data = _pairs(spec, ws, inspection)
     questions.check_pair_yield(spec, ws, data)

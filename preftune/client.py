@@ -20,8 +20,13 @@ the ``openai`` SDK's HTTP client (its aiohttp transport when installed), with th
   a reply the caller does not ``accept`` (e.g. a judge reply with no verdict) is cached as *not
   final*: a later run asks again, at most ``max_reasks`` times per request across runs (counted in
   the cache entry), so a model that never answers properly does not loop forever;
-* a cost ledger (``preftune.ledger``): each paid response (not a cache hit) is appended as one
-  line when it is paid;
+* a cost ledger (``preftune.ledger``): each request is reserved there at its worst case before it
+  leaves (refused, with nothing sent, when that would pass the run's spending cap) and settled with
+  the reply's usage; a cache hit sends and records nothing;
+* replies within bounds: a body over ``max_reply_bytes`` (read no further than that), or a ``usage``
+  that cannot be true (not a whole number, negative, non-finite, more prompt tokens than the request
+  could hold or more completion tokens than its ``max_tokens``) is a bad reply: a ``ChatError``
+  (counted, never retried, never cached), whose reservation stands at its worst case;
 * an authentication failure (HTTP 401/403) stops the endpoint at once: no further request is
   sent, and every call raises :class:`AuthError` (a ``UserError``: one line, naming where the key
   lives, never the key).
@@ -36,6 +41,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import math
 import os
 import random
 import time
@@ -53,6 +59,10 @@ AUTH_STATUS = frozenset({401, 403})
 MAX_REASKS = 2  # re-asks of a request whose cached reply was not accepted, across runs
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, the SDK insists on one
+MAX_REPLY_BYTES = 1_000_000  # a chat reply larger than this is a bad reply (a judge answer is a few KB)
+# Prompt tokens a request can be billed for: at most one per byte of its body (every tokenizer's token
+# covers at least a byte) plus what a chat template adds around it (system prompt, role markers, tools).
+PROMPT_ALLOWANCE = 512
 STALL_TIMEOUT = 900.0  # a local server that answers nothing for this long is stalled
 PATIENT_POLL = 1.0  # seconds between looks at a local server's process while a request waits
 _PROGRESS: dict[str, float] = {}  # base URL of a local server -> monotonic time of its last reply
@@ -109,6 +119,7 @@ class Usage:
     requests: int = 0  # HTTP requests sent, retries included
     succeeded: int = 0
     failed: int = 0  # calls that raised ChatError
+    bad_replies: int = 0  # replies too large or with impossible usage (among the failed)
     retries: int = 0
     cache_hits: int = 0
     prompt_tokens: int = 0
@@ -150,8 +161,35 @@ def parse_retry_after(headers: Any, cap: float) -> float | None:
     return min(max(when.timestamp() - time.time(), 0.0), cap)
 
 
-def _parse_completion(body: str) -> ChatResult:
-    """Pull text, finish_reason and usage out of a chat.completion body; anything else is malformed."""
+class _BadReply(Exception):
+    """A reply that cannot be believed (too large, impossible usage): not retried, never billed as received."""
+
+
+def checked_usage(usage: Any, prompt_bound: int, max_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((prompt, completion) tokens the reply reports, (prompt, completion) tokens to bill). A figure the
+    reply leaves out reports 0 and is billed at its bound; one that cannot be true raises _BadReply."""
+    if usage is None:
+        usage = {}
+    if not isinstance(usage, dict):
+        raise _BadReply(f"usage is a {type(usage).__name__}, not an object")
+    reported, billed = [], []
+    for name, bound in (("prompt_tokens", prompt_bound), ("completion_tokens", max_tokens)):
+        value = usage.get(name)
+        if value is None:
+            reported.append(0)
+            billed.append(bound)
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                or value != int(value) or not 0 <= value <= bound):
+            raise _BadReply(f"usage {name} = {str(value)[:24]} is not a token count in 0..{bound}")
+        reported.append(int(value))
+        billed.append(int(value))
+    return (reported[0], reported[1]), (billed[0], billed[1])
+
+
+def _parse_completion(body: str, prompt_bound: int, max_tokens: int) -> tuple[ChatResult, tuple[int, int]]:
+    """Text, finish_reason and usage of a chat.completion body, and the tokens to bill for it;
+    anything else is malformed."""
     try:
         data = json.loads(body)
         choice = data["choices"][0]
@@ -159,12 +197,13 @@ def _parse_completion(body: str) -> ChatResult:
         text = message.get("content")
         if text is not None and not isinstance(text, str):
             raise TypeError("content is not a string")
-        usage = data.get("usage") or {}
-        return ChatResult(text=text or "", finish_reason=choice.get("finish_reason"),
-                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                          completion_tokens=int(usage.get("completion_tokens") or 0))
+        usage = data.get("usage")
+        finish = choice.get("finish_reason")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
         raise _Retryable("malformed", f"malformed response body ({type(err).__name__})") from None
+    (prompt, completion), billed = checked_usage(usage, prompt_bound, max_tokens)
+    return ChatResult(text=text or "", finish_reason=finish, prompt_tokens=prompt,
+                      completion_tokens=completion), billed
 
 
 @dataclass(frozen=True)
@@ -205,7 +244,8 @@ class ChatClient:
     def __init__(self, endpoint: Endpoint, *, concurrency: int = 16, max_retries: int = 6,
                  timeout: float = 60.0, cache_dir: str | Path | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 30.0, retry_after_cap: float = 60.0, ledger: Ledger | None = None,
-                 max_reasks: int = MAX_REASKS, stall_timeout: float = STALL_TIMEOUT):
+                 max_reasks: int = MAX_REASKS, stall_timeout: float = STALL_TIMEOUT,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         if concurrency < 1:
             raise UserError(f"concurrency must be >= 1, got {concurrency}")
         if endpoint.is_local:  # a folder has no URL until preftune.server serves it
@@ -219,7 +259,8 @@ class ChatClient:
         self.backoff_max = backoff_max
         self.retry_after_cap = retry_after_cap
         self.cache = ResponseCache(Path(cache_dir)) if cache_dir is not None else None
-        self.ledger = ledger  # paid responses are appended here (callers may switch its phase)
+        self.ledger = ledger  # requests are reserved and settled here (callers may switch its phase)
+        self.max_reply_bytes = max_reply_bytes
         self.max_reasks = max_reasks
         # A local server preftune started: wait on it while it lives and progresses (module docstring).
         self.server_pid = endpoint.server_pid
@@ -321,6 +362,7 @@ class ChatClient:
         conn, sem = await self._state()
         payload = json.dumps({"model": self.endpoint.model, "messages": messages, **params},
                              ensure_ascii=False).encode()
+        bounds = (len(payload) + PROMPT_ALLOWANCE, int(params["max_tokens"]))  # the most it can be billed
         attempt = 0
         while True:
             attempt += 1
@@ -331,8 +373,7 @@ class ChatClient:
                     if self.server_pid is not None and not _server_alive(self.server_pid):
                         raise ChatError(f"{self.endpoint}: the local model server (pid {self.server_pid}) "
                                         "has exited", reason="server exited", attempts=attempt)
-                    self.usage.requests += 1
-                    result = await self._send_once(conn, payload)
+                    result = await self._attempt(conn, payload, bounds)
             except _Retryable as err:
                 if attempt > self.max_retries:
                     self.usage.failed += 1
@@ -351,8 +392,6 @@ class ChatClient:
             self.usage.succeeded += 1
             self.usage.prompt_tokens += result.prompt_tokens
             self.usage.completion_tokens += result.completion_tokens
-            if self.ledger is not None:  # paid: on record before anything else can go wrong
-                self.ledger.record(self.endpoint, result.prompt_tokens, result.completion_tokens)
             return ChatResult(result.text, result.finish_reason, result.prompt_tokens,
                               result.completion_tokens, cached=False, attempts=attempt)
 
@@ -363,14 +402,49 @@ class ChatClient:
             delay = max(delay, retry_after)  # the server's wish is a floor, already capped
         return delay
 
-    async def _send_once(self, conn: _Conn, payload: bytes) -> ChatResult:
+    async def _attempt(self, conn: _Conn, payload: bytes, bounds: tuple[int, int]) -> ChatResult:
+        """One HTTP request, on the ledger from before it leaves (reserved at its worst case; BudgetReached
+        at the cap, nothing sent) until its reply settles it; an HTTP error status releases it."""
+        hold = self.ledger.reserve(self.endpoint, *bounds) if self.ledger is not None else None
+        self.usage.requests += 1
+        try:
+            result, billed = await self._send_once(conn, payload, bounds)
+        except (_Retryable, ChatError) as err:
+            if hold is not None and err.status is not None:
+                hold.release(f"http {err.status}")  # the server refused it: nothing billed
+            raise  # no reply (timeout, dropped) or a bad one: the reservation stands, money possibly spent
+        except _BadReply as err:
+            self.usage.bad_replies += 1
+            raise ChatError(self._redact(f"{self.endpoint}: bad reply: {err}"), reason="bad reply",
+                            attempts=1) from None
+        if hold is not None:
+            hold.settle(self.endpoint, *billed)
+        return result
+
+    async def _read(self, conn: _Conn, payload: bytes) -> tuple[int, str, Any, bytes]:
+        """POST and read the reply: (status, reason phrase, headers, body), never more than
+        ``max_reply_bytes`` of body (_BadReply past it, the rest left unread)."""
+        limit = self.max_reply_bytes
+        async with conn.http.stream("POST", conn.url, content=payload, headers=conn.headers) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _BadReply(f"the reply is {int(declared):,} bytes, over the limit of {limit:,}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():  # decoded: a compressed bomb is counted as it expands
+                body += chunk
+                if len(body) > limit:
+                    raise _BadReply(f"the reply is over the limit of {limit:,} bytes")
+            return response.status_code, response.reason_phrase, response.headers, bytes(body)
+
+    async def _send_once(self, conn: _Conn, payload: bytes, bounds: tuple[int, int]
+                         ) -> tuple[ChatResult, tuple[int, int]]:
         http = _http()
         try:
             if self.server_pid is not None:
-                response = await self._post_patiently(conn, payload)
+                status, phrase, headers, raw = await self._post_patiently(conn, payload)
             else:
                 async with asyncio.timeout(self.timeout):
-                    response = await conn.http.post(conn.url, content=payload, headers=conn.headers)
+                    status, phrase, headers, raw = await self._read(conn, payload)
         except TimeoutError:
             raise _Retryable("timeout", f"no reply within {self.timeout:g}s") from None
         except http.TransportError as err:
@@ -379,22 +453,21 @@ class ChatClient:
             raise _Retryable("connection", f"connection failed ({type(err.__cause__ or err).__name__})") from None
         if self.server_pid is not None:
             _PROGRESS[self.endpoint.base_url] = time.monotonic()
-        text = response.content.decode("utf-8", errors="replace")
-        status = response.status_code
+        text = raw.decode("utf-8", errors="replace")
         if status >= 400:
-            detail = f"HTTP {status}: {_short(_error_text(text, response.reason_phrase))}"
+            detail = f"HTTP {status}: {_short(_error_text(text, phrase))}"
             if status in RETRY_STATUS or status >= 500:
                 raise _Retryable(f"http {status}", detail, status=status,
-                                 retry_after=parse_retry_after(response.headers, self.retry_after_cap))
+                                 retry_after=parse_retry_after(headers, self.retry_after_cap))
             raise ChatError(self._redact(f"{self.endpoint}: {detail}"), reason=f"http {status}", attempts=1,
                             status=status)
-        return _parse_completion(text)
+        return _parse_completion(text, *bounds)
 
-    async def _post_patiently(self, conn: _Conn, payload: bytes) -> Any:
+    async def _post_patiently(self, conn: _Conn, payload: bytes) -> tuple[int, str, Any, bytes]:
         """POST to a local server with no deadline of its own: wait while the server process lives
         and has answered something (this request or another) within ``stall_timeout``."""
         sent = time.monotonic()
-        task = asyncio.ensure_future(conn.http.post(conn.url, content=payload, headers=conn.headers))
+        task = asyncio.ensure_future(self._read(conn, payload))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=PATIENT_POLL)

@@ -6,11 +6,11 @@ not what the flow remembers — so it can be re-rendered for any finished or res
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 from preftune import cost
+from preftune.approvals_log import read_approvals
 from preftune.endpoint import Endpoint
 from preftune.files import read_json
 from preftune.judges import selection
@@ -25,10 +25,6 @@ def _maybe(path: Path) -> dict | list | None:
     return read_json(path) if path.exists() else None
 
 
-def _approvals(ws: Workspace) -> list[dict]:
-    if not ws.approvals.exists():
-        return []
-    return [json.loads(line) for line in ws.approvals.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -128,7 +124,7 @@ def collect(ws: Workspace) -> dict:
     return {
         "spec": spec, "plan": plan, "inspection": _maybe(ws.inspection) or {}, "rows": rows,
         "curves": curves, "scores": scores, "provenance": provenance,
-        "endpoint": _maybe(ws.endpoint), "approvals": _approvals(ws),
+        "endpoint": _maybe(ws.endpoint), "approvals": read_approvals(ws.approvals),
         "outcome": outcome,
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device,

@@ -36,6 +36,8 @@ class Reply:
     drop: bool = False  # close the connection without answering
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    usage: Any = None  # sent as the completion's `usage` as-is (e.g. Infinity, -40, "lots", a list)
+    no_length: bool = False  # no Content-Length: the body runs until the connection closes
 
 
 @dataclass
@@ -61,6 +63,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requ
 
 def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
     prompt_text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+    if reply.usage is not None:
+        return {**_completion(body, Reply(text=reply.text, finish_reason=reply.finish_reason)), "usage": reply.usage}
     return {
         "id": "chatcmpl-stub",
         "object": "chat.completion",
@@ -178,19 +182,20 @@ class StubServer:
         if reply.status != 200:
             err = {"error": {"message": reply.text or "scripted failure", "type": "stub", "code": reply.status}}
             return await self._send(writer, reply.status, err, reply.headers)
-        return await self._send(writer, 200, _completion(body, reply), reply.headers)
+        return await self._send(writer, 200, _completion(body, reply), reply.headers, length=not reply.no_length)
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, status: int, payload: Any,
-                    headers: dict[str, str] | None = None) -> bool:
+                    headers: dict[str, str] | None = None, length: bool = True) -> bool:
+        """Write one response; without `length`, no Content-Length: the body ends when the connection closes."""
         data = payload if isinstance(payload, str) else json.dumps(payload)
         blob = data.encode()
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Content-Type: application/json",
-                f"Content-Length: {len(blob)}", "Connection: keep-alive"]
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Content-Type: application/json"]
+        head += [f"Content-Length: {len(blob)}", "Connection: keep-alive"] if length else ["Connection: close"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + blob)
         await writer.drain()
-        return True
+        return length
 
 
 class _HeaderRecorder(http.server.BaseHTTPRequestHandler):

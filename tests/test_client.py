@@ -175,7 +175,7 @@ def test_usage_sums_tokens_from_responses():
         client = fast_client(srv)
         results = run(go(client))
         assert [r.completion_tokens for r in results] == [0, 1, 2, 3, 4]
-        assert client.usage.as_dict() == {"requests": 5, "succeeded": 5, "failed": 0, "retries": 0,
+        assert client.usage.as_dict() == {"requests": 5, "succeeded": 5, "failed": 0, "bad_replies": 0, "retries": 0,
                                           "cache_hits": 0, "prompt_tokens": 60, "completion_tokens": 10}
         assert "cost_usd" not in client.usage_report()  # unpriced remote: unknown, never $0
         priced = ChatClient(Endpoint(base_url=srv.base_url, model="m", price_input_per_m=2.0,
@@ -365,3 +365,87 @@ def test_local_server_that_exits_fails_the_waiting_request_at_once():
     finally:
         server.kill()
         server.wait()
+
+
+# -- replies within bounds (issue 21: Infinity -> OverflowError, negative -> "usd": -40.0, 10 MB accepted) ------
+PRICED = {"price_input_per_m": 10.0, "price_output_per_m": 30.0}
+
+
+def _priced_client(srv: StubServer, tmp_path: Path, **kw) -> ChatClient:
+    return ChatClient(Endpoint(base_url=srv.base_url, model="m", **PRICED), backoff_base=0.001,
+                      cache_dir=tmp_path / "cache", ledger=Ledger(tmp_path / "ledger.jsonl", "t"), **kw)
+
+
+def _worst_usd(srv: StubServer, text: str, max_tokens: int) -> float:
+    """The reservation of one request: prompt bound (its body's bytes + the template allowance) and max_tokens."""
+    from preftune.client import PROMPT_ALLOWANCE
+
+    body = json.dumps({"model": "m", "messages": msgs(text), "max_tokens": max_tokens, "temperature": 0.0},
+                      ensure_ascii=False).encode()
+    return ((len(body) + PROMPT_ALLOWANCE) * 10.0 + max_tokens * 30.0) / 1e6
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 5, "completion_tokens": float("inf")},  # sent as the JSON token Infinity
+    {"prompt_tokens": 5, "completion_tokens": -40},
+    {"prompt_tokens": -1_000_000, "completion_tokens": 3},
+    {"prompt_tokens": 5, "completion_tokens": 200_000},  # above the request's max_tokens (16)
+    {"prompt_tokens": 10**12, "completion_tokens": 3},  # above anything its prompt could be
+    {"prompt_tokens": 5, "completion_tokens": "lots"},
+    {"prompt_tokens": 5, "completion_tokens": 2.5},
+    {"prompt_tokens": True, "completion_tokens": 3},
+    [5, 3],
+], ids=["infinity", "negative", "negative-prompt", "over-max-tokens", "over-prompt", "junk", "fraction", "bool",
+        "list"])
+def test_impossible_usage_is_a_bad_reply_never_billed_as_received(tmp_path, usage):
+    with StubServer(lambda req: Reply(text="an answer", usage=usage)) as srv:
+        client = _priced_client(srv, tmp_path)
+        with pytest.raises(ChatError) as info:
+            run(_chat(client, "q", max_tokens=16))
+        assert len(srv.requests) == 1  # a bad reply is not asked again (each ask may be billed)
+    assert info.value.reason == "bad reply" and ("is not a token count in 0.." in str(info.value)
+                                               or "usage is a list, not an object" in str(info.value))
+    assert client.usage.bad_replies == 1 and client.usage.failed == 1 and client.usage.completion_tokens == 0
+    (entry,) = read_ledger(tmp_path / "ledger.jsonl")  # the reservation stands at its worst case: money may be gone
+    assert entry["settled"] is False and entry["usd"] == pytest.approx(_worst_usd(srv, "q", 16))
+    assert entry["completion_tokens"] == 16 and entry["usd"] > 0
+    assert '"usd": -' not in (tmp_path / "ledger.jsonl").read_text()
+    assert not list((tmp_path / "cache").rglob("*.json*"))  # nothing of it is kept
+
+
+def test_usage_within_bounds_is_settled_at_its_price(tmp_path):
+    with StubServer(lambda req: Reply(text="fine", prompt_tokens=7, completion_tokens=16)) as srv:
+        client = _priced_client(srv, tmp_path)
+        assert run(_chat(client, "q", max_tokens=16)).completion_tokens == 16  # exactly max_tokens is possible
+    (entry,) = read_ledger(tmp_path / "ledger.jsonl")
+    assert entry["settled"] is True and (entry["prompt_tokens"], entry["completion_tokens"]) == (7, 16)
+    assert entry["usd"] == pytest.approx((7 * 10.0 + 16 * 30.0) / 1e6)
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert kinds == ["reserved", "settled"]  # on record before it left, then settled
+
+
+@pytest.mark.parametrize("no_length", [False, True], ids=["content-length", "until-close"])
+def test_a_reply_over_the_size_limit_is_bad_and_nothing_of_it_is_stored(tmp_path, no_length):
+    huge = "x" * 2_000_000  # 2 MB: over the default limit of 1 MB
+    with StubServer(lambda req: Reply(text=huge, prompt_tokens=3, completion_tokens=3, no_length=no_length)) as srv:
+        client = _priced_client(srv, tmp_path)
+        with pytest.raises(ChatError) as info:
+            run(_chat(client, "q", max_tokens=16))
+        assert len(srv.requests) == 1
+    assert info.value.reason == "bad reply" and "over the limit of 1,000,000" in str(info.value)
+    assert client.usage.bad_replies == 1
+    (entry,) = read_ledger(tmp_path / "ledger.jsonl")
+    assert entry["settled"] is False  # it may have been billed: counted at its worst case
+    stored = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert stored < 2_000  # the ledger's two lines; no cache entry, no trace of the body
+    assert not list((tmp_path / "cache").rglob("*.json*"))
+
+
+def test_an_http_error_releases_its_reservation(tmp_path):
+    with StubServer(lambda req: Reply(status=400, text="bad request")) as srv:
+        client = _priced_client(srv, tmp_path)
+        with pytest.raises(ChatError):
+            run(_chat(client, "q", max_tokens=16))
+    assert read_ledger(tmp_path / "ledger.jsonl") == []  # refused by the server: nothing billed
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert kinds == ["reserved", "released"]

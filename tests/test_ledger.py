@@ -14,6 +14,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.endpoint import Endpoint
+from preftune.errors import UserError
 from preftune.ledger import read_ledger
 from preftune.reports.build import collect
 from preftune.response_cache import ResponseCache
@@ -26,7 +27,7 @@ from tests.test_pairs import write_prompts
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
              "Why is the sky blue?", "What do bees make?", "What is two plus two?"]
 # scripted usage of every answered request, and prices (USD per 1M tokens) that make it visible
-PROMPT_TOKENS, COMPLETION_TOKENS = 70, 30
+PROMPT_TOKENS, COMPLETION_TOKENS = 70, 30  # within every request's bounds (max_tokens >= 30)
 PRICES = {"big": (1000.0, 3000.0), "small": (100.0, 200.0), "judge": (500.0, 1500.0)}
 
 
@@ -106,7 +107,7 @@ def test_pairs_interrupted_then_resumed_every_paid_request_counted_once(tmp_path
         strong, weak = priced("big", srv.base_url), priced("small", srv.base_url)
 
         def run() -> dict:
-            return generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=16, concurrency=4,
+            return generate_pairs(prompts, strong, weak, ws.pairs_dir, max_tokens=32, concurrency=4,
                                   max_retries=0, timeout=5, cache_dir=ws.pairs_dir / "cache", progress=False,
                                   ledger=ws.ledger)
 
@@ -335,3 +336,65 @@ def test_in_the_flow_a_refused_key_ends_the_pairs_phase_with_that_line(tmp_path:
     assert len(read_ledger(ws.ledger)) == server.paid.get("small", 0)
     assert ledger_usd(ws, "pairs") == pytest.approx(usd("small", server.paid.get("small", 0)))
     assert not ws.pairs_done.exists()
+
+
+# ---- 4. the cap is held as requests are reserved; a line that is not a ledger line is refused --------
+def test_reservations_hold_the_cap_and_settle_once(tmp_path: Path):
+    """Plain arithmetic on the ledger file: each reservation $0.30 (10,000 + 10,000 tokens at $10/$20
+    per 1M), settled at $0.05 (2,500 + 1,250). A cap of $1: three reservations fit ($0.90), a fourth
+    would make $1.20; once one is settled ($0.65 committed) it fits, a fifth ($1.25) does not, and from
+    then on nothing leaves (the phase is ending) until a cap is set again."""
+    from preftune.ledger import BudgetReached, Ledger
+
+    ep = Endpoint(model="m", base_url="http://127.0.0.1:9/v1", price_input_per_m=10.0, price_output_per_m=20.0)
+    book = Ledger(tmp_path / "ledger.jsonl", "pairs")
+    book.set_cap(1.0)
+    holds = [book.reserve(ep, 10_000, 10_000) for _ in range(3)]
+    with pytest.raises(BudgetReached) as end:
+        book.reserve(ep, 10_000, 10_000)
+    assert end.value.status == "failed"
+    assert str(end.value) == (f"budget cap $1.00 reached: $0.90 spent or reserved ({tmp_path / 'ledger.jsonl'}); "
+                              "the next request (up to $0.3000) was not sent")
+    book.set_cap(1.0)  # a new approval of the same cap: requests that fit may leave again
+    holds[0].settle(ep, 2_500, 1_250)
+    holds[0].settle(ep, 2_500, 1_250)  # a second settlement of the same request counts once
+    assert book.totals() == (1.0, pytest.approx(0.65))
+    holds.append(book.reserve(ep, 10_000, 10_000))  # 0.65 + 0.30 = 0.95 <= 1
+    with pytest.raises(BudgetReached):
+        book.reserve(ep, 10_000, 10_000)
+    with pytest.raises(BudgetReached):  # even one that would fit: nothing more leaves at the cap
+        book.reserve(ep, 1, 1)
+    holds[1].release("http 503")  # the server refused it: nothing billed
+    entries = read_ledger(book.path)
+    assert [e["settled"] for e in entries] == [True, False, False]  # one settled, two still in flight
+    assert sum(e["usd"] for e in entries) == pytest.approx(0.05 + 0.30 + 0.30)
+    # a second process reading the same file sees the same figures (the file is the record, not memory)
+    from preftune import ledger as ledger_module
+
+    ledger_module._TALLIES.clear()
+    assert Ledger(book.path, "pairs").totals() == (1.0, pytest.approx(0.65))
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("[]", "expected a JSON object, got []"),
+    ('{"time": "t", "phase": "pairs", "endpoint": "e", "prompt_tokens": 1, "completion_tokens": 1, "usd": "free"}',
+     "usd: Input should be a valid number"),
+    ('{"time": "t", "phase": "pairs", "endpoint": "e", "prompt_tokens": 1, "completion_tokens": 1, "usd": -40.0}',
+     "usd: Input should be greater than or equal to 0"),
+    ('{"time": "t", "kind": "settled", "phase": "pairs", "endpoint": "e", "prompt_tokens": 1, "completion_tokens": 1, '
+     '"usd": 1}', "a settled line names its request"),
+    ('{"time": "t", "kind": "refund", "usd": 5}', 'kind: unknown value "refund"'),
+])
+def test_a_line_that_is_not_a_ledger_line_is_refused_naming_it(tmp_path: Path, line: str, problem: str):
+    path = tmp_path / "ledger.jsonl"
+    good = ('{"time": "t", "phase": "pairs", "endpoint": "e", "prompt_tokens": 1, "completion_tokens": 2, '
+            '"usd": 0.5}\n')
+    path.write_text(good + '{"time": "t", "phase": "pa\n' + line + "\n")  # line 2: cut short by a crash
+    before = path.read_bytes()
+    with pytest.raises(UserError) as err:
+        read_ledger(path)
+    assert str(err.value).startswith(f"{path}:3: not a valid ledger line: {problem}")
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == before  # never rewritten
+    path.write_text(good + '{"time": "t", "phase": "pa\n')  # a torn line alone is skipped, not refused
+    assert [e["usd"] for e in read_ledger(path)] == [0.5]
