@@ -1,15 +1,33 @@
-"""The budget cap is held against the jobs that run: dropping betas brings a plan under it."""
+"""The budget cap: held against the plan's estimate of the jobs that run (dropping betas brings a plan
+under it), and held while money is spent (issue 21: $195.01 spent under a $1 cap, "run completed")."""
 
 from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
 
+from preftune.cli import main
 from preftune.errors import RunEnded
 from preftune.flows.approvals import PlanDecision
 from preftune.flows.questions import apply_decision
+from preftune.ledger import phase_totals, read_ledger
+from preftune.paths import EXAMPLES_DIR
 from preftune.spec import RunSpec
 from preftune.tasks.plan import build_plan, job_grid, with_approved
+from preftune.workspace import Workspace
+from tests.flow_helpers import flow_state
+from tests.stub_server import Reply, StubRequest, StubServer
+from tests.test_ledger import report_actual
+from tests.test_pairs import write_prompts
+
+EVALUATOR = "preftune.judges.builtin:answer_quality"
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +75,134 @@ def test_rejected_or_empty_grids_end_the_run(grid):
         apply_decision(spec, plan, jobs, PlanDecision(decision="reject", note="too dear"), lambda kept: plan)
     with pytest.raises(RunEnded, match="every job was dropped"):
         _decide(grid, drop_betas=[0.1, 0.3, 0.5])
+
+
+# ---- the cap while money is spent ------------------------------------------------------------------
+def _prompts(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join((EXAMPLES_DIR / "prompts.jsonl").read_text().splitlines()[:n]) + "\n")
+    return path
+
+
+def _run_args(zoo: dict, prompts: Path, ws: Path, url: str) -> list[str]:
+    """`preftune run` headless on prompts-only data, both generators priced $10/$30 per 1M tokens."""
+    return ["run", "--dataset", str(prompts), "--workspace", str(ws), "--base-model", zoo["models"]["tiny-llama"],
+            "--evaluator", EVALUATOR, "--beta", "0.1", "--no-deploy", "--approval-poll-s", "1",
+            "--strong", f"big@{url}", "--strong-price-in", "10", "--strong-price-out", "30",
+            "--weak", f"small@{url}", "--weak-price-in", "10", "--weak-price-out", "30"]
+
+
+def worst_usd(body: dict) -> float:
+    """The reservation of one request as the server received it: (its body's bytes + the template
+    allowance) prompt tokens and max_tokens completion tokens, at $10/$30 per 1M."""
+    from preftune.client import PROMPT_ALLOWANCE
+
+    size = len(json.dumps(body, ensure_ascii=False).encode())
+    return ((size + PROMPT_ALLOWANCE) * 10.0 + body["max_tokens"] * 30.0) / 1e6
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_cap_is_held_while_money_is_spent(zoo, tmp_path, capsys):
+    """The reproduction: `--yes --max-cost-usd 1 --budget-usd 1`, an endpoint priced $10/$30 that bills
+    200,000 completion tokens per answer (128 asked). The plan's high estimate is under $1, so it is
+    approved; every reply's usage is impossible, so each request counts at its worst case (~$0.012).
+
+    Guaranteed bound: the ledger's total (settled + reserved) never exceeds the cap — a request is sent
+    only if spent + reserved + its worst case fit — and, as every reservation here stands, the run stops
+    within one request's worst case of the cap: cap - worst < total <= cap."""
+    prompts, ws = _prompts(tmp_path, 60), tmp_path / "ws"
+    with StubServer(lambda req: Reply(text=f"{req.body['model']}: {req.last_user[:30]}", prompt_tokens=20,
+                                      completion_tokens=200_000)) as srv:
+        code = main(_run_args(zoo, prompts, ws, srv.base_url) + ["--yes", "--max-cost-usd", "1", "--budget-usd", "1"])
+        sent = list(srv.requests)
+        time.sleep(1.0)
+        assert len(srv.requests) == len(sent)  # nothing leaves after the stop
+    out = capsys.readouterr().out
+    plan = json.loads((ws / "plan.json").read_text())
+    assert plan["estimate"]["total"]["high"] <= 1.0  # approved automatically: the estimate was under the cap
+    entries = read_ledger(ws / "ledger.jsonl")
+    total, worst = sum(e["usd"] for e in entries), max(worst_usd(b) for b in sent)
+    assert code == 1
+    outcome = json.loads((ws / "outcome.json").read_text())
+    assert outcome["status"] == "failed"
+    assert outcome["reason"].startswith(f"budget cap $1.00 reached: ${total:.2f} spent or reserved ({ws / 'ledger.jsonl'})")
+    assert out.splitlines()[0] == f"run failed: {outcome['reason']}"
+    state = flow_state(ws)
+    assert state.type.value == "FAILED" and state.message == f"failed: {outcome['reason']}"
+    assert 1.0 - worst < total <= 1.0
+    assert 60 < len(sent) < 120  # stopped part-way through the 120 requests the prompts need
+    # every request the server saw is on record (a request sent is money possibly spent), at its worst case
+    assert len(sent) <= len(entries) <= len(sent) + 2 * 16
+    assert all(e["settled"] is False for e in entries)
+    assert not (ws / "jobs").exists()
+
+
+def test_kill_9_with_requests_in_flight_every_request_sent_is_on_record(tmp_path):
+    """`preftune pairs` killed with SIGKILL while 8 slow requests are in flight (issue 21: the server had
+    answered 56 requests the ledger never recorded). Each was reserved before it left: the ledger holds
+    all 8 at their worst case; the re-run pays the rest, and the report's figures count every request
+    the server saw — its count equals the ledger's."""
+    prompts, ws = write_prompts(tmp_path / "prompts.jsonl", 20), Workspace(tmp_path / "ws")
+    slow = {"on": True}
+
+    def script(req: StubRequest) -> Reply:
+        return Reply(text=f"{req.body['model']} {req.last_user}", prompt_tokens=12, completion_tokens=5,
+                     delay=300.0 if slow["on"] else 0.0)
+
+    with StubServer(script) as srv:
+        cmd = [sys.executable, "-m", "preftune.cli", "pairs", "--prompts", str(prompts), "--out", str(ws.root),
+               "--concurrency", "4", "--max-tokens", "32"]
+        for role, model in (("strong", "big"), ("weak", "small")):
+            cmd += [f"--{role}", f"{model}@{srv.base_url}", f"--{role}-price-in", "10", f"--{role}-price-out", "30"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while len(srv.requests) < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        in_flight = list(srv.requests)
+        entries = read_ledger(ws.ledger)
+        assert len(in_flight) == 8 == len(entries)  # 4 per side: the concurrency
+        assert all(e["settled"] is False for e in entries)
+        assert sum(e["usd"] for e in entries) == pytest.approx(sum(worst_usd(b) for b in in_flight))
+
+        slow["on"] = False
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        seen = len(srv.requests)
+    assert seen == 8 + 40  # the killed requests were sent again: nothing was cached for them
+    entries = read_ledger(ws.ledger)
+    totals = phase_totals(entries)["pairs"]
+    assert totals["requests"] == seen and totals["unsettled"] == 8
+    paid = 40 * (12 * 10.0 + 5 * 30.0) / 1e6
+    expected = paid + sum(worst_usd(b) for b in in_flight)
+    actual = report_actual(ws, strong={"model": "big", "base_url": srv.base_url},
+                           weak={"model": "small", "base_url": srv.base_url})
+    assert actual["pair_generation"] == pytest.approx(expected, abs=1e-6)
+    assert actual["ledger"]["pairs"]["requests"] == seen
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(("name", "line", "problem"), [
+    ("approvals.jsonl", "[]", "expected a JSON object, got []"),
+    ("ledger.jsonl", '{"time": "t", "phase": "pairs", "endpoint": "e", "prompt_tokens": 1, "completion_tokens": 1, '
+     '"usd": "free"}', "usd: Input should be a valid number"),
+], ids=["approvals", "ledger"])
+def test_a_bad_approvals_or_ledger_line_stops_a_resumed_run_before_anything_is_spent(zoo, tmp_path, capsys, name,
+                                                                                     line, problem):
+    """Issue 21: these lines gave a TypeError / ValueError at the report phase, after deploying."""
+    prompts, ws = _prompts(tmp_path, 12), tmp_path / "ws"
+    ws.mkdir()
+    (ws / name).write_text(line + "\n")
+    with StubServer(lambda req: Reply(text="an answer")) as srv:
+        code = main(_run_args(zoo, prompts, ws, srv.base_url) + ["--yes", "--max-cost-usd", "1"])
+        assert srv.requests == []
+    what = name.split(".")[0].rstrip("s") if name == "ledger.jsonl" else "approvals"
+    assert code == 2
+    assert capsys.readouterr().err == (f"preftune run: error: {ws / name}:1: not a valid {what} line: {problem}; "
+                                       "preftune never rewrites this file: restore the line or move the file aside\n")
+    assert (ws / name).read_text() == line + "\n"  # never rewritten
+    assert not (ws / "plan.json").exists()  # refused at the start, before the plan
+    assert flow_state(ws).type.value == "FAILED"
