@@ -259,6 +259,8 @@ class Ledger:
 
     def set_cap(self, usd: float | None) -> None:
         """The most the requests on this ledger may cost from now on (None: no cap); written when it changes."""
+        if usd is None and not self.path.exists():
+            return  # nothing to hold and nothing spent: no file
         with self._open() as (fd, tally):
             tally.stopped = False  # a new approval: requests that fit may leave again
             if tally.book.cap != usd:

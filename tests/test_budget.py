@@ -24,7 +24,7 @@ from preftune.tasks.plan import build_plan, job_grid, with_approved
 from preftune.workspace import Workspace
 from tests.flow_helpers import flow_state
 from tests.stub_server import Reply, StubRequest, StubServer
-from tests.test_ledger import report_actual
+from tests.test_ledger import report_actual, report_rows
 from tests.test_pairs import write_prompts
 
 EVALUATOR = "preftune.judges.builtin:answer_quality"
@@ -182,6 +182,8 @@ def test_kill_9_with_requests_in_flight_every_request_sent_is_on_record(tmp_path
                            weak={"model": "small", "base_url": srv.base_url})
     assert actual["pair_generation"] == pytest.approx(expected, abs=1e-6)
     assert actual["ledger"]["pairs"]["requests"] == seen
+    assert report_rows(ws)["pair generation"] == f"${expected:.2f}"
+    assert f"- pairs: {seen} requests (8 counted at their worst case: no usable usage)" in ws.report.read_text()
 
 
 @pytest.mark.usefixtures("prefect_api")
