@@ -74,8 +74,9 @@ def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
                      "message": {"role": "assistant", "content": reply.text}}],
         "usage": {
             "prompt_tokens": reply.prompt_tokens if reply.prompt_tokens is not None else len(prompt_text.split()),
+            # a real server never generates more than the request's max_tokens: neither does the default
             "completion_tokens": (reply.completion_tokens if reply.completion_tokens is not None
-                                  else len(reply.text.split())),
+                                  else min(len(reply.text.split()), body.get("max_tokens") or len(reply.text))),
             "total_tokens": 0,
         },
     }
