@@ -21,8 +21,9 @@ from prefect import flow
 
 from preftune.errors import UserError
 from preftune.files import read_json
-from preftune.job import SUMMARY_FILE, TrainConfig
+from preftune.job import TrainConfig
 from preftune.spec import RunSpec
+from preftune.summary import verified_summary
 from preftune.tasks.sweep import job_config, run_job_processes, write_job_config
 from preftune.workspace import Workspace
 
@@ -131,9 +132,9 @@ def deployment_launcher(spec: RunSpec, ws: Workspace) -> Callable[[dict], dict]:
 
     def launch(job: dict) -> dict:
         cfg = job_config(spec, ws, job, threads=None)
-        summary_path = cfg.out / SUMMARY_FILE
-        if summary_path.exists() and read_json(summary_path).get("config_hash") == cfg.config_hash():
-            return read_json(summary_path)  # finished by an earlier sweep: not submitted again
+        done = verified_summary(cfg.out)
+        if done is not None and done.get("config_hash") == cfg.config_hash():
+            return done  # finished by an earlier sweep: not submitted again
         config = str(write_job_config(spec, ws, job, threads=None).resolve())  # threads: the worker decides
         live = _live_run(config)
         if live is not None and live.state.is_running():

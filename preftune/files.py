@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -88,8 +89,75 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+# A record a resume reads back (a job's summary, the pair phase's done.json) carries the sha256 of
+# its own canonical JSON under this key: a torn, truncated or edited file is found out, not believed.
+SEAL = "content_sha256"
+log = logging.getLogger("preftune")
+
+
+def content_digest(record: dict) -> str:
+    """sha256 of ``record``'s canonical JSON, its seal left out (what the seal is taken over)."""
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sealed(record: dict) -> dict:
+    """``record`` as it reads back from JSON, with its seal."""
+    plain = json.loads(json.dumps(record, default=str))
+    return plain | {SEAL: content_digest(plain)}
+
+
+def write_sealed_json(path: str | Path, record: dict) -> dict:
+    """Write ``record`` with its seal, atomically; returns what was written."""
+    out = sealed(record)
+    write_json_atomic(path, out)
+    return out
+
+
+def read_sealed_json(path: str | Path, action: str = "it is recomputed") -> dict | None:
+    """The sealed record at ``path``, or None when it is missing, unreadable, not a JSON object or
+    not what was sealed (torn, truncated, edited): that is logged in one line, and the caller
+    recomputes it, as it would a missing one."""
+    path = Path(path)
+    try:
+        record = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return stale(path, f"unreadable ({type(err).__name__})", action)
+    if not isinstance(record, dict) or record.get(SEAL) != content_digest(record):
+        return stale(path, "does not match its content hash (torn or edited)", action)
+    return record
+
+
+def stale(path: str | Path, problem: str, action: str = "it is recomputed") -> None:
+    """One log line for an artifact a resume will not trust (``action``: what happens instead);
+    returns None, what a missing artifact reads as."""
+    log.warning("%s: %s; %s", path, problem, action)
+    return None
+
+
+def read_jsonl_rows(path: str | Path) -> list[dict]:
+    """The JSON objects of an append-only JSONL file, in order ([] when it is missing); a line a
+    crash tore (or any line that is not an object) is skipped, as ``append_jsonl`` promises."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one line and fsync it: an appended record survives a crash right after."""
+    """Append one line and fsync it: an appended record survives a crash right after; a crash
+    during the write leaves a torn last line, which ``read_jsonl_rows`` skips."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:

@@ -9,8 +9,9 @@ its own (``seg-*.log`` — its own, so concurrent processes never interleave lin
 ``write`` per reply and no file created per reply: at 64 requests in flight, creating a file per
 reply (open + write + rename) was a large share of the client's CPU (bench/bench_pairs.py).
 Opening a cache indexes every segment (key → file, offset, length) without parsing the replies;
-``get`` reads one line back. A line torn by a crash fails its checks and reads as a miss, so a
-crash can cost one request, never a wrong reply. Caches written by earlier versions (one
+``get`` reads one line back. Each line carries the sha256 of its own record (``files.sealed``): a
+line torn by a crash, or a reply edited by hand, fails its checks and reads as a miss, so a crash
+can cost one request, never a wrong reply. Caches written by earlier versions (one
 ``??/<key>.json`` file per reply) are still read.
 
 A reply the caller rejected (a judge reply without a verdict) is stored with ``"rejected": n`` (how
@@ -27,6 +28,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from preftune.files import SEAL, content_digest, sealed
 
 if TYPE_CHECKING:
     from preftune.endpoint import Endpoint
@@ -66,7 +69,7 @@ class ResponseCache:
                     key = line[:KEY_LEN].decode("ascii", errors="replace")
                     old = self._index.get(key)
                     # a key seen twice (rare: a re-ask): parse both, keep the more final reply
-                    if old is None or _rank(_parse(line)) >= _rank(self._read(old)):
+                    if old is None or _rank(_checked(_parse(line), key)) >= _rank(_checked(self._read(old), key)):
                         self._index[key] = (seg, offset, len(line))
                 offset += len(line)
 
@@ -91,7 +94,8 @@ class ResponseCache:
     def put(self, key: str, entry: dict[str, Any]) -> None:
         if len(key) != KEY_LEN:
             raise ValueError(f"cache keys are {KEY_LEN} hex characters")
-        line = key.encode("ascii") + b"\t" + json.dumps({"key": key, **entry}, ensure_ascii=False).encode() + b"\n"
+        record = sealed({"key": key, **entry})  # an edited reply no longer matches: a miss, asked again
+        line = key.encode("ascii") + b"\t" + json.dumps(record, ensure_ascii=False).encode() + b"\n"
         if self._segment is None:
             self.root.mkdir(parents=True, exist_ok=True)
             self._segment = self.root / f"seg-{uuid.uuid4().hex}.log"
@@ -116,6 +120,8 @@ class ResponseCache:
                 entry = json.load(fh)
         except (OSError, ValueError):
             return None
+        if isinstance(entry, dict) and SEAL not in entry:  # that layout wrote each reply whole, unsealed
+            entry = sealed(entry)
         return _checked(entry, key)
 
 
@@ -136,5 +142,8 @@ def _rank(entry: dict[str, Any] | None) -> tuple[int, int]:
 
 
 def _checked(entry: Any, key: str) -> dict[str, Any] | None:
-    """The entry when it is the reply stored for ``key`` (a torn or foreign record is a miss)."""
-    return entry if isinstance(entry, dict) and entry.get("key") == key else None
+    """The entry when it is the reply stored for ``key``, as stored (a torn, foreign or edited
+    record is a miss)."""
+    if not (isinstance(entry, dict) and entry.get("key") == key and entry.get(SEAL) == content_digest(entry)):
+        return None
+    return {k: v for k, v in entry.items() if k != SEAL}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 import matplotlib
 from PIL import Image  # matplotlib's own dependency
+
+from preftune.files import read_jsonl_rows
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,9 +23,7 @@ DPI = 96  # 6.4 × 3.2 in → 614 × 307 px: readable at a 1280 px window, about
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl_rows(path)  # a line a crash tore is skipped
 
 
 def plot_curves(series: dict[str, list[dict]], out_dir: Path) -> dict[str, str]:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from preftune.templating import chat_template_errors
+
 FIELDS = ("prompt", "preferred", "non_preferred")
 BIAS_HIGH, BIAS_LOW = 0.70, 0.30  # a preferred-longer share outside this band is a length bias
 
@@ -47,6 +49,10 @@ class TokenCounter:
         self.lengths = {f: array("I") for f in (FIELDS if pairs else FIELDS[:1])}
 
     def _render(self, convs: list[list[dict]], tools: list[list | None], gen: bool) -> list[str]:
+        with chat_template_errors(self.name):  # someone else's code: one line, not a traceback
+            return self._render_all(convs, tools, gen)
+
+    def _render_all(self, convs: list[list[dict]], tools: list[list | None], gen: bool) -> list[str]:
         plain = [i for i, t in enumerate(tools) if not t]
         out: list[str] = [""] * len(convs)
         if plain:  # one batched render for the (usual) records without tools

@@ -34,7 +34,14 @@ from typing import Any, TypeVar
 
 from preftune.client import AuthError, ChatClient, ChatError, ChatResult, Endpoint
 from preftune.errors import RunEnded, UserError
-from preftune.files import read_json, write_json_atomic, write_jsonl_atomic
+from preftune.files import (
+    file_sha256,
+    read_sealed_json,
+    stale,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_sealed_json,
+)
 from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import RecordReader, iter_records, prompt_hash
 from preftune.server import resolve_run_endpoints
@@ -282,16 +289,28 @@ def _split_by_test_prompts(pairs_file: Path, ws: Workspace) -> dict:
 
 def run_data(ws: Workspace) -> dict:
     """The run's {"train", "test"} pair files: generated ones once phase 3 finished, else phase 1's split."""
-    if ws.pairs_done.exists():
-        return read_json(ws.pairs_done)
-    return {"train": str(ws.train_data), "test": str(ws.test_data)}
+    return finished_pairs(ws) or {"train": str(ws.train_data), "test": str(ws.test_data)}
+
+
+def finished_pairs(ws: Workspace) -> dict | None:
+    """Phase 3's record (pairs/done.json) when it and the pair files it names are as it wrote them;
+    else None (one log line): the phase runs again, its paid replies read back from its cache."""
+    again = "pair generation runs again (paid replies come from its cache)"
+    done = read_sealed_json(ws.pairs_done, again)
+    if done is None:
+        return None
+    for path, digest in done.get("files_sha256", {}).items():
+        if not Path(path).is_file() or file_sha256(path) != digest:
+            return stale(path, "is missing or changed since pair generation wrote it", again)
+    return done
 
 
 def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
                 on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Training and held-out pair files: phase 1's split for pairs; delta-learning pairs for prompts."""
-    if inspection["format"] == "pairs" or ws.pairs_done.exists():  # done before: a re-run does not regenerate
-        return run_data(ws)
+    done = None if inspection["format"] == "pairs" else finished_pairs(ws)
+    if inspection["format"] == "pairs" or done is not None:  # done before: a re-run does not regenerate
+        return done or run_data(ws)
     prompts = ws.data_dir / "prompts_all.jsonl"
     with open(prompts, "w", encoding="utf-8") as out:
         for path, limit in zip((ws.train_data, ws.test_data), prompt_quota(spec, inspection), strict=True):
@@ -316,5 +335,5 @@ def pairs_phase(spec: RunSpec, ws: Workspace, inspection: dict,
     pair_yield = {"prompts": c["prompts"], "pairs": c["pairs"], "share": c["pairs"] / max(c["prompts"], 1),
                   "by_reason": c["by_reason"], **split.pop("counts")}
     result = split | {"pairs_file": provenance["pairs_file"], "yield": pair_yield}
-    write_json_atomic(ws.pairs_done, result)
-    return result
+    files = (ws.train_pairs, ws.test_pairs, Path(provenance["pairs_file"]))
+    return write_sealed_json(ws.pairs_done, result | {"files_sha256": {str(p): file_sha256(p) for p in files}})

@@ -20,10 +20,12 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preftune.files import read_json, write_text_atomic
+from preftune.errors import UserError
+from preftune.files import write_text_atomic
 from preftune.job import TrainConfig, shared_fields, train_command
 from preftune.procs import popen
 from preftune.spec import RunSpec
+from preftune.summary import verified_summary, weights_dir
 from preftune.workspace import Workspace
 
 
@@ -122,9 +124,13 @@ def job_threads(max_concurrent: int, n_jobs: int) -> int:
 
 
 def trained_weights(ws: Workspace, job_id: str) -> str:
-    """The job's LoRA adapter folder, or its full model folder after full fine-tuning."""
-    summary = read_json(ws.job_summary(job_id))
-    return summary.get("adapter_dir") or summary["model_dir"]
+    """The job's LoRA adapter folder, or its full model folder after full fine-tuning: always inside
+    the job's folder, and only once its summary is verified (preftune.summary)."""
+    summary = verified_summary(ws.job_dir(job_id))
+    if summary is None:
+        raise UserError("missing or not to be trusted (see the log line above): re-run to train the job again",
+                        path=ws.job_summary(job_id))
+    return str(weights_dir(ws.job_dir(job_id), bool(summary.get("full"))))
 
 
 def latest_metrics(ws: Workspace, job_id: str) -> dict | None:

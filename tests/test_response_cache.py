@@ -64,3 +64,17 @@ def test_replies_cached_by_the_one_file_per_reply_layout_are_still_read(tmp_path
     (tmp_path / k[:2]).mkdir()
     (tmp_path / k[:2] / f"{k}.json").write_text(json.dumps({"key": k, "text": "from before"}))
     assert ResponseCache(tmp_path).get(k)["text"] == "from before"
+
+
+def test_a_reply_edited_in_the_cache_is_a_miss(tmp_path: Path) -> None:
+    """Before: an edited reply text was served from the cache (issue 21: an edited pair-cache text
+    was used after pairs/done.json was removed). The line's own sha256 no longer matches."""
+    cache = ResponseCache(tmp_path)
+    cache.put(key("a"), {"text": "the model's answer"})
+    cache.put(key("b"), {"text": "another answer"})
+    cache.close()
+    seg = next(tmp_path.glob("seg-*.log"))
+    seg.write_text(seg.read_text().replace("the model's answer", "an answer someone wrote"))
+    again = ResponseCache(tmp_path)
+    assert again.get(key("a")) is None
+    assert again.get(key("b")) == {"key": key("b"), "text": "another answer"}

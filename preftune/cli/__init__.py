@@ -125,15 +125,28 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
 
 
-def _disk_full(err: BaseException) -> str | None:
-    """The file a "no space left on device" error was writing ("" when unnamed); None for any other
-    error. Looks through the chain: the error can arrive wrapped (a worker thread, an event loop)."""
+def _ran_out(err: BaseException) -> str | None:
+    """What a resource error ran out of, as the CLI's one line ("disk full writing X", "file size
+    limit...", "out of memory..."); None for any other error. Looks through the chain: the error can
+    arrive wrapped (a worker thread, an event loop)."""
     seen = 0
     while err is not None and seen < 10:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return str(err.filename or "")
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            what, fix = {errno.ENOSPC: ("disk full", "free some space"),
+                         errno.EFBIG: ("file size limit reached", "raise it (ulimit -f)"),
+                         errno.EDQUOT: ("disk quota exceeded", "free some space")}[err.errno]
+            return what + (f" writing {err.filename}" if err.filename else "") + f": {fix}"
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+                isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES)):
+            first = " ".join(str(err).split())[:160]
+            return "out of memory" + (f" ({first})" if first else "") + ": free memory, use smaller batches or " \
+                "a smaller model (or raise ulimit -v)"
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
+
+
+# How torch (CPU allocator, CUDA caching allocator) and C++ report a failed allocation.
+_OOM_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc", "Cannot allocate memory")
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -148,14 +161,14 @@ def _main(args: argparse.Namespace) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return _interrupted()
-    except OSError as err:
-        full = _disk_full(err)
-        if full is None:
+    except (OSError, MemoryError, RuntimeError) as err:
+        what = _ran_out(err)
+        if what is None:
             raise
         # Every output is written atomically (preftune.files) or appended line by line with torn
-        # lines skipped on reading, so a re-run after freeing space trusts nothing half-written.
-        print(f"preftune {args.command}: error: disk full{f' writing {full}' if full else ''}: free some space "
-              "and re-run (finished work is kept)", file=sys.stderr)
+        # lines skipped on reading, and a job resumes from its last checkpoint: a re-run after
+        # freeing the resource trusts nothing half-written.
+        print(f"preftune {args.command}: error: {what}; re-run to resume (finished work is kept)", file=sys.stderr)
         return 2
     if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
         return _interrupted()

@@ -3,19 +3,43 @@
 One file written to a temporary name and renamed, so a job killed at any moment leaves either
 the previous checkpoint or the new one, never half of one. With LoRA only the adapter weights
 are trainable, so the file is small; with full fine-tuning it holds the whole model.
+
+Nothing read back runs code: the file is loaded with ``weights_only=True`` (tensors, numbers,
+strings and containers only). Its sha256 is written beside it (``checkpoint.sha256``) before it is
+renamed into place, as the list [new, previous], so a crash between the two renames still leaves a
+pair that matches. A checkpoint that is missing, torn, edited or not loadable is one log line and
+treated as absent: the job trains from the start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
 import torch
 
-from preftune.files import atomic_output
+from preftune.files import atomic_output, file_sha256, read_json, stale, write_json_atomic
 from preftune.tasks.training.loop import TrainState
 
 CHECKPOINT = "checkpoint.pt"
+DIGESTS = "checkpoint.sha256"
+_RESTART = "the job trains from step 0"
+_KEYS = ("config_hash", "state", "weights", "optimizer", "scheduler", "rng")
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (torch.save needs only ``write``)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,16 +69,36 @@ def save_checkpoint(out: Path, config_hash: str, module, optimizer, scheduler, s
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
     }
-    with atomic_output(Path(out) / CHECKPOINT, "wb") as fh:
-        torch.save(blob, fh)
+    out = Path(out)
+    with atomic_output(out / CHECKPOINT, "wb") as fh:
+        sink = _Hashing(fh)
+        torch.save(blob, sink)
+        write_json_atomic(out / DIGESTS, [sink.digest.hexdigest(), *_digests(out)[:1]])
+
+
+def _digests(out: Path) -> list:
+    try:
+        found = read_json(out / DIGESTS)
+    except (OSError, ValueError):
+        return []
+    return found if isinstance(found, list) else []
 
 
 def peek_checkpoint(out: Path) -> dict | None:
-    """The checkpoint's config hash and state, or None when there is none."""
+    """The checkpoint (config hash, state, weights...), or None when there is none or it cannot be
+    trusted (one log line): a job then trains from the start."""
     path = Path(out) / CHECKPOINT
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if file_sha256(path) not in _digests(Path(out)):
+        return stale(path, "does not match its recorded sha256 (torn or edited)", _RESTART)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file (a pickle that wants code included) is absent
+        return stale(path, f"not loadable as plain tensors ({type(err).__name__})", _RESTART)
+    if not isinstance(blob, dict) or any(k not in blob for k in _KEYS):
+        return stale(path, "not a preftune checkpoint", _RESTART)
+    return blob
 
 
 def restore_checkpoint(blob: dict, module, optimizer, scheduler) -> TrainState:
@@ -71,3 +115,4 @@ def restore_checkpoint(blob: dict, module, optimizer, scheduler) -> TrainState:
 
 def remove_checkpoint(out: Path) -> None:
     (Path(out) / CHECKPOINT).unlink(missing_ok=True)
+    (Path(out) / DIGESTS).unlink(missing_ok=True)

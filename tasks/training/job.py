@@ -9,7 +9,6 @@ summary with the same config hash means the job is finished and is returned with
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import sys
@@ -22,9 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from preftune.errors import UserError
-from preftune.files import append_jsonl, read_json, write_json_atomic
+from preftune.files import append_jsonl, read_json, read_jsonl_rows, write_jsonl_atomic
 from preftune.hf import load_tokenizer
 from preftune.job import SUMMARY_FILE, TrainConfig
+from preftune.summary import verified_summary, write_summary
 from preftune.tasks.training.checkpoint import (
     peek_checkpoint,
     remove_checkpoint,
@@ -57,11 +57,11 @@ def _check_inputs(cfg: TrainConfig) -> None:
 
 
 def finished_summary(out: Path, config_hash: str) -> dict | None:
-    """The summary of a finished job with this config, or None; a different config is an error."""
-    path = Path(out) / SUMMARY_FILE
-    if not path.exists():
+    """The summary of a finished job with this config, or None (none, or one not to be trusted:
+    preftune.summary); a different config is an error."""
+    summary = verified_summary(out)
+    if summary is None:
         return None
-    summary = read_json(path)
     if summary.get("config_hash") != config_hash:
         raise UserError("holds a finished job with a different configuration; choose another --out",
                         path=out)
@@ -97,10 +97,8 @@ def _references(cfg, acc, module, tokenizer, datasets: dict, precision: str) -> 
 def _metrics_upto(out: Path, step: int) -> None:
     """Drop metrics lines a killed run wrote after its last checkpoint (they will be redone)."""
     path = Path(out) / METRICS
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    if path.exists():  # a line a crash tore is dropped with the rest
+        write_jsonl_atomic(path, [r for r in read_jsonl_rows(path) if isinstance(r.get("step"), int) and r["step"] <= step])
 
 
 def _progress(cfg, acc, total: int, done: int):
@@ -242,7 +240,7 @@ def run_training(cfg: TrainConfig) -> dict:
         summary = _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder,
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
         summary["processes"] = acc.num_processes
-        write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence means "finished"
+        write_summary(out, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()
     return read_json(out / SUMMARY_FILE)

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from preftune.errors import UserError
 from preftune.files import atomic_dir
+from preftune.hf import check_model_config
 
 
 def pad_id(tokenizer) -> int:
@@ -31,6 +32,7 @@ def pad_id(tokenizer) -> int:
 
 def load_policy(cfg) -> torch.nn.Module:
     """The base causal LM, wrapped with LoRA adapters unless ``cfg.full``."""
+    check_model_config(cfg.model)  # before anything is allocated from its config
     lm = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32)
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:

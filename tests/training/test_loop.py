@@ -109,7 +109,7 @@ def test_killed_job_resumes_from_its_last_checkpoint(base_model, marker_data, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    ckpt_step = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["step"]
+    ckpt_step = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
     assert ckpt_step % 3 == 0 and 0 < ckpt_step < 32
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
