@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import UserError
+from preftune.keys import child_environ
 from preftune.procs import popen
 
 START_TIMEOUT_S = 60.0
@@ -148,7 +149,7 @@ class _Worker:
 
     def __init__(self, ref: EvaluatorRef):
         parent, child = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        env = child_environ({"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))})
         # The installed name: `judges` is a top-level folder only in a checkout's working directory (a
         # run started from the UI runs in whatever folder `preftune up` was started in).
         code = "from preftune.judges.evaluators import _worker_entry; _worker_entry()"
