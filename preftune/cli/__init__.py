@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 
+from preftune.cli.prefect_auth import use_saved_auth
 from preftune.errors import UserError
 
 COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "up", "approve", "deploy"]
@@ -111,6 +112,7 @@ def _on_signal_deadline() -> None:
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    use_saved_auth()  # the credentials of a server `preftune up` started, before Prefect reads its settings
     _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)

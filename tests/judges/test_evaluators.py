@@ -48,7 +48,8 @@ CONV = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def user_file(tmp_path):
+def user_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))  # the owner's folder of evaluators
     path = tmp_path / "my_eval.py"
     path.write_text(USER_CODE)
     return path
