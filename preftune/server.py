@@ -64,7 +64,8 @@ import psutil
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
-from preftune.files import file_lock, tree_fingerprint, write_json_atomic
+from preftune.files import file_lock, write_json_atomic
+from preftune.hf import model_fingerprint
 from preftune.keys import child_environ, note_secret_env
 from preftune.paths import cache_dir
 from preftune.procs import popen
@@ -202,17 +203,6 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, psutil.Error):
             continue
     return False
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identity of a local model folder for the response cache: its files' names, sizes, mtimes.
-
-    A re-served folder gets a new port but the same fingerprint; a retrained one a new fingerprint.
-    """
-    root = Path(model_dir)
-    if not root.is_dir():
-        return f"local:{model_dir}"
-    return "local:" + tree_fingerprint(root, content=False)[:32]
 
 
 def free_port() -> int:
