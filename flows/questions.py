@@ -111,7 +111,11 @@ def _judge(answer: EvaluatorChoice) -> Endpoint:
 
 def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[RunSpec, str]:
     """Evaluator id > rubric text > auto rubric; a judge is needed unless an evaluator id is given."""
+    from preftune.judges.evaluators import parse_evaluator_id
+
     kind = evaluator_kind(spec.evaluator, spec.judge, spec.rubric)
+    if kind == "evaluator":
+        parse_evaluator_id(spec.evaluator)  # one that may not run here is refused before anything is spent
     if kind is not None:
         return spec, kind
     answer = ask(ws, "evaluator", _hinted(hint, "No evaluator id and no judge endpoint were given. Choose a "

@@ -41,6 +41,19 @@ def test_a_form_answer_naming_a_strangers_file_is_refused_without_running_it(str
     assert not (stranger / "ran-as-owner").exists()
 
 
+def test_a_form_spec_naming_a_strangers_file_is_refused_before_the_plan(stranger, tmp_path):
+    """A RunSpec from the UI form with that evaluator ends at the run's first question, before any
+    spend (not in phase 5, after pairs and training)."""
+    from preftune.flows.questions import resolve_evaluator
+    from preftune.spec import RunSpec
+    from preftune.workspace import Workspace
+
+    spec = RunSpec(dataset="pairs.jsonl", evaluator=f"{stranger / 'theirs.py'}:score")
+    with pytest.raises(UserError, match="PREFTUNE_EVALUATOR_DIRS"):
+        resolve_evaluator(spec, Workspace(tmp_path / "ws"))
+    assert not (stranger / "ran-as-owner").exists()
+
+
 def test_a_module_id_is_located_without_importing_it(stranger, monkeypatch):
     from preftune.judges.evaluators import EvalItem, run_evaluator
 

@@ -104,10 +104,11 @@ def test_up_server_refuses_strangers_and_preftune_commands_log_in(tmp_path):
 
         wait_for(is_paused, 300, "the flow run to pause")
         stranger = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
-        wrong = subprocess.run(PREFTUNE + ["approve", run_id], env={**stranger, "PREFECT_API_AUTH_STRING": "x:y"},
-                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
-        assert "refused the credentials" in wrong.stderr and "x:y" not in wrong.stderr
+        for command in (["approve", run_id], ["serve"], ["up", "--home", str(tmp_path / "other")]):
+            wrong = subprocess.run(PREFTUNE + command, env={**stranger, "PREFECT_API_AUTH_STRING": "x:y"},
+                                   capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, (command, wrong.stderr)
+            assert "refused the credentials ($PREFECT_API_AUTH_STRING)" in wrong.stderr and "x:y" not in wrong.stderr
         ok = subprocess.run(PREFTUNE + ["approve", run_id], env=stranger, capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr

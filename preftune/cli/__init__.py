@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 
-from preftune.cli.prefect_auth import use_saved_auth
+from preftune.cli.prefect_auth import refused, refused_message, use_saved_auth
 from preftune.errors import UserError
 
 COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "up", "approve", "deploy"]
@@ -158,6 +158,12 @@ def _main(args: argparse.Namespace) -> int:
         # lines skipped on reading, so a re-run after freeing space trusts nothing half-written.
         print(f"preftune {args.command}: error: disk full{f' writing {full}' if full else ''}: free some space "
               "and re-run (finished work is kept)", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not refused(err):
+            raise
+        # A Prefect server `preftune up` started asks for its auth string: one line, never the string.
+        print(f"preftune {args.command}: error: {refused_message()}", file=sys.stderr)
         return 2
     if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
         return _interrupted()

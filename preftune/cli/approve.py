@@ -56,15 +56,8 @@ def answer(run_id: UUID, *, reject: bool, sets: list[str]) -> dict:
     from prefect.input.actions import read_flow_run_input
     from prefect.input.run_input import keyset_from_paused_state
 
-    from preftune.cli.prefect_auth import refused, refused_message
-
-    try:
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(run_id)
-    except Exception as err:
-        if refused(err):  # a server `preftune up` started asks for its auth string
-            raise UserError(refused_message()) from None
-        raise
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
     if flow_run.state is None or not flow_run.state.is_paused():
         state = flow_run.state.name if flow_run.state else "unknown"
         raise UserError(f"flow run {run_id} is not waiting for an answer (state: {state})")

@@ -20,6 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
+from preftune.errors import UserError
+
 AUTH_FILE = "api-auth"
 REGISTRY = "prefect-servers.json"
 CLIENT_SETTING = "PREFECT_API_AUTH_STRING"
@@ -102,9 +104,26 @@ def refused(err: BaseException) -> bool:
     return False
 
 
-def refused_message() -> str:
+def refused_message(api: str | None = None) -> str:
     """One line for a 401 from the Prefect API (names where credentials come from, never them)."""
-    api = os.environ.get("PREFECT_API_URL") or DEFAULT_API
+    api = api or os.environ.get("PREFECT_API_URL") or DEFAULT_API
     source = f"${CLIENT_SETTING}" if os.environ.get(CLIENT_SETTING) else "no credentials were found"
     return (f"the Prefect API at {api} refused the credentials ({source}): set {CLIENT_SETTING} to the "
             f"server's auth string (`preftune up` stores it in <its home>/{AUTH_FILE} and its commands read it)")
+
+
+def check_credentials(api_url: str) -> None:
+    """A server found running may ask for credentials this process does not have: say so in one line
+    (the serve loop would otherwise fail on its first request)."""
+    import base64
+
+    import httpx
+
+    auth = os.environ.get(CLIENT_SETTING)
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        status = httpx.get(api_url.rstrip("/") + "/admin/version", headers=headers, timeout=30).status_code
+    except httpx.HTTPError:
+        return  # not reachable: the serve loop says so itself
+    if status == 401:
+        raise UserError(refused_message(api_url))

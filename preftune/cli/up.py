@@ -7,7 +7,6 @@ already running)."""
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import signal
 import subprocess
@@ -69,24 +68,6 @@ def start_server(api_url: str, home: str, auth: str) -> subprocess.Popen:
         log.close()
 
 
-def check_credentials(api_url: str) -> None:
-    """A server found running may ask for credentials this process does not have: say so in one line
-    (the serve loop would otherwise fail on its first request)."""
-    import httpx
-
-    from preftune.cli.prefect_auth import CLIENT_SETTING
-
-    auth = os.environ.get(CLIENT_SETTING)
-    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-    try:
-        status = httpx.get(api_url.rstrip("/") + "/admin/version", headers=headers, timeout=30).status_code
-    except httpx.HTTPError:
-        return  # it answered its health check a moment ago: the serve loop reports what follows
-    if status == 401:
-        raise UserError(f"the Prefect server at {api_url} asks for credentials that {CLIENT_SETTING} "
-                        f"{'does not match' if auth else 'does not give'}: set it to the server's auth string")
-
-
 def wait_until_up(api_url: str, server: subprocess.Popen, home: str) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not answers(api_url, timeout=2.0):
@@ -128,7 +109,7 @@ def ui_url(api_url: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL
 
-    from preftune.cli.prefect_auth import CLIENT_SETTING, record_server, server_auth
+    from preftune.cli.prefect_auth import CLIENT_SETTING, check_credentials, record_server, server_auth
     from preftune.cli.serve import start_serve_loop
     from preftune.paths import cache_dir
 
