@@ -26,7 +26,7 @@ from preftune.flows.approvals import (
 )
 from preftune.judges import selection
 from preftune.reports.build import comparison_markdown
-from preftune.spec import RunSpec
+from preftune.spec import RunSpec, evaluator_kind
 from preftune.tasks.plan import plan_digest, plan_markdown
 from preftune.workspace import Workspace, short_name
 
@@ -111,10 +111,13 @@ def _judge(answer: EvaluatorChoice) -> Endpoint:
 
 def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[RunSpec, str]:
     """Evaluator id > rubric text > auto rubric; a judge is needed unless an evaluator id is given."""
-    if spec.evaluator:
-        return spec, "evaluator"
-    if spec.judge is not None:
-        return spec, "rubric" if spec.rubric else "auto"
+    from preftune.judges.evaluators import parse_evaluator_id
+
+    kind = evaluator_kind(spec.evaluator, spec.judge, spec.rubric)
+    if kind == "evaluator":
+        parse_evaluator_id(spec.evaluator)  # one that may not run here is refused before anything is spent
+    if kind is not None:
+        return spec, kind
     answer = ask(ws, "evaluator", _hinted(hint, "No evaluator id and no judge endpoint were given. Choose a "
                  "Python evaluator (`package.module:function`, it must import), or an LLM judge (model + base URL + "
                  "the NAME of the env var or Prefect Secret block holding its key), or stop."), EvaluatorChoice,
@@ -124,7 +127,7 @@ def resolve_evaluator(spec: RunSpec, ws: Workspace, hint: str = "") -> tuple[Run
     if answer.decision is EvaluatorKind.evaluator:
         return spec.model_copy(update={"evaluator": answer.evaluator}), "evaluator"
     spec = spec.model_copy(update={"judge": _judge(answer), "rubric": answer.rubric or spec.rubric})
-    return spec, "rubric" if spec.rubric else "auto"
+    return spec, evaluator_kind(None, spec.judge, spec.rubric)
 
 
 def approve_plan(spec: RunSpec, ws: Workspace, plan: dict) -> PlanDecision:

@@ -1,7 +1,11 @@
 """Python evaluators: a user's scoring function, run out of process with a per-item timeout.
 
 An evaluator id is ``package.module:function`` (importable from the current directory or the
-environment) or ``path/to/file.py:function``. The function is called as
+environment) or ``path/to/file.py:function``. Where it may come from: preftune's own
+(``preftune.judges...``) or a folder the owner lists in ``PREFTUNE_EVALUATOR_DIRS``
+(``os.pathsep``-separated) — a run started from the UI or the API runs as the owner, and #21 saw
+another local user start one with an evaluator file of their own. An id the owner typed on
+preftune's command line (``trust_command_line``) may come from anywhere. The function is called as
 ``function(messages, completion)`` — the conversation (list of ``{"role", "content"}``) and one
 completion string — and returns a score in [0, 1], or ``{"score": float, "reason": str}``.
 
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import UserError
+from preftune.keys import child_environ
 from preftune.procs import popen
 
 START_TIMEOUT_S = 60.0
@@ -54,8 +59,61 @@ class EvaluatorRef:
     is_file: bool
 
 
+EVALUATOR_DIRS_ENV = "PREFTUNE_EVALUATOR_DIRS"
+_COMMAND_LINE: set[str] = set()  # ids the owner gave on this process's command line
+
+
+def trust_command_line(evaluator_id: str | None) -> None:
+    """The CLI's own call (never reachable from a form): the owner named this evaluator, run it
+    wherever it lives."""
+    if evaluator_id:
+        _COMMAND_LINE.add(evaluator_id)
+
+
+def _allowed_dirs() -> list[Path]:
+    from preftune.paths import PACKAGE_DIR, REPO_ROOT
+
+    dirs = [PACKAGE_DIR] + ([REPO_ROOT / "judges"] if REPO_ROOT else [])  # a checkout maps judges/ in
+    extra = [Path(d).expanduser() for d in os.environ.get(EVALUATOR_DIRS_ENV, "").split(os.pathsep) if d.strip()]
+    return [d.resolve() for d in dirs + extra]
+
+
+def _module_location(module: str) -> Path | None:
+    """Where a module's top-level package lies, found without importing anything (None: not found,
+    which loading reports as such)."""
+    import importlib.machinery
+
+    top = module.split(".")[0]
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) or importlib.util.find_spec(top)
+    if spec is None:
+        return None
+    where = spec.origin if spec.origin not in (None, "built-in", "frozen") else next(
+        iter(spec.submodule_search_locations or []), None)
+    return Path(where).resolve() if where else None
+
+
+def check_source(ref: EvaluatorRef) -> None:
+    """Refuse an evaluator outside preftune and the owner's folders unless the owner named it on
+    the command line: it would run as the owner."""
+    if ref.evaluator_id in _COMMAND_LINE:
+        return
+    where = Path(ref.target) if ref.is_file else _module_location(ref.target)
+    if where is None or any(where.is_relative_to(d) for d in _allowed_dirs()):
+        return
+    raise UserError(f"evaluator '{ref.evaluator_id}': {where} is neither in preftune nor in a folder listed "
+                    f"in {EVALUATOR_DIRS_ENV} (set by the server's owner), so a run started from the UI or API "
+                    "may not run it")
+
+
 def parse_evaluator_id(evaluator_id: str) -> EvaluatorRef:
-    """Split and sanity-check an id; a file path is resolved against the current directory."""
+    """Split and sanity-check an id; a file path is resolved against the current directory.
+    An id from outside preftune and the owner's folders is refused here (``check_source``)."""
+    ref = _split_evaluator_id(evaluator_id)
+    check_source(ref)
+    return ref
+
+
+def _split_evaluator_id(evaluator_id: str) -> EvaluatorRef:
     target, sep, function = evaluator_id.rpartition(":")
     if not sep or not target or not function.isidentifier():
         raise UserError(f"evaluator '{evaluator_id}': expected package.module:function or "
@@ -148,7 +206,7 @@ class _Worker:
 
     def __init__(self, ref: EvaluatorRef):
         parent, child = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        env = child_environ({"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))})
         # The installed name: `judges` is a top-level folder only in a checkout's working directory (a
         # run started from the UI runs in whatever folder `preftune up` was started in).
         code = "from preftune.judges.evaluators import _worker_entry; _worker_entry()"

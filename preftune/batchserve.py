@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from preftune.batching import Engine, Request
-from preftune.hf import load_causal_lm, prompt_ids
+from preftune.hf import load_causal_lm, prompt_ids, stop_token_ids
 
 
 class BadRequest(ValueError):
@@ -38,9 +38,7 @@ class Model:
     def __init__(self, folder: str, device: str, rows: int) -> None:
         self.name = folder
         model, self.tok = load_causal_lm(folder, device=device)  # as phase 5 loads a model
-        eos = model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        eos_ids.add(self.tok.eos_token_id)
+        eos_ids = set(stop_token_ids(model, self.tok))  # as phase 5 stops
         self.context = getattr(model.config, "max_position_embeddings", None)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.engine = Engine(model, eos_ids, max_rows=rows, pad_id=pad)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import json
 import math
@@ -52,6 +53,7 @@ from typing import Any
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
+from preftune.keys import note_secret, redact
 from preftune.ledger import Ledger
 from preftune.response_cache import ResponseCache, request_key
 
@@ -293,14 +295,12 @@ class ChatClient:
                     raise UserError(f"endpoint {ep}: Prefect Secret block {ep.api_key_block!r} "
                                     "could not be loaded") from err
                 self._secret = str(block.get())
+                note_secret(self._secret)
             return self._secret
         return NO_KEY_PLACEHOLDER
 
     def _redact(self, text: str) -> str:
-        for secret in (self._secret, os.environ.get(self.endpoint.api_key_env or "") or None):
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "<redacted>")
-        return text
+        return redact(text, self._secret, os.environ.get(self.endpoint.api_key_env or ""))
 
     # -- per event loop state ----------------------------------------------------------------
     async def _state(self) -> tuple[_Conn, asyncio.Semaphore]:
@@ -344,7 +344,7 @@ class ChatClient:
                 rejected = int(hit.get("rejected") or 0)
                 if accept is None or not rejected or rejected > self.max_reasks:
                     self.usage.cache_hits += 1
-                    return ChatResult(text=hit["text"], finish_reason=hit.get("finish_reason"),
+                    return ChatResult(text=self._redact(hit["text"]), finish_reason=hit.get("finish_reason"),
                                       prompt_tokens=hit.get("prompt_tokens", 0),
                                       completion_tokens=hit.get("completion_tokens", 0), cached=True, attempts=0)
         result = await self._with_retries(messages, params)
@@ -461,7 +461,9 @@ class ChatClient:
                                  retry_after=parse_retry_after(headers, self.retry_after_cap))
             raise ChatError(self._redact(f"{self.endpoint}: {detail}"), reason=f"http {status}", attempts=1,
                             status=status)
-        return _parse_completion(text, *bounds)
+        result = _parse_completion(text, *bounds)
+        # A reply quoting a key (ours or another endpoint's) is redacted before a cache or a caller sees it.
+        return dataclasses.replace(result, text=self._redact(result.text))
 
     async def _post_patiently(self, conn: _Conn, payload: bytes) -> tuple[int, str, Any, bytes]:
         """POST to a local server with no deadline of its own: wait while the server process lives

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from preftune.errors import UserError
+from preftune.keys import note_secret_env
 
 
 class Endpoint(BaseModel):
@@ -42,6 +43,12 @@ class Endpoint(BaseModel):
         None, exclude=True, description="Process id of the local server preftune started for this endpoint: "
         "while it is alive and answering, a request is waited for, never timed out and sent again "
         "(preftune.client). Set by preftune.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _noted(cls, name: str | None) -> str | None:
+        note_secret_env(name)  # from now on no child gets that variable and no reply keeps its value
+        return name
 
     @classmethod
     def parse(cls, text: str, **fields: Any) -> Endpoint:

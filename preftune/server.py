@@ -64,7 +64,9 @@ import psutil
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
-from preftune.files import file_lock, tree_fingerprint, write_json_atomic
+from preftune.files import file_lock, write_json_atomic
+from preftune.hf import model_fingerprint
+from preftune.keys import child_environ, note_secret_env
 from preftune.paths import cache_dir
 from preftune.procs import popen
 
@@ -203,17 +205,6 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identity of a local model folder for the response cache: its files' names, sizes, mtimes.
-
-    A re-served folder gets a new port but the same fingerprint; a retrained one a new fingerprint.
-    """
-    root = Path(model_dir)
-    if not root.is_dir():
-        return f"local:{model_dir}"
-    return "local:" + tree_fingerprint(root, content=False)[:32]
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -226,22 +217,6 @@ def log_tail(path: Path, n: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(lines[-n:])
-
-
-_SECRET_SUFFIXES = ("_API_KEY", "_APIKEY", "_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD", "_ACCESS_KEY")
-_SECRET_NAMES: set[str] = set()  # every api_key_env an endpoint named in this process
-
-
-def note_secret_env(name: str | None) -> None:
-    """Remember an endpoint's ``api_key_env``: model servers never see that variable."""
-    if name:
-        _SECRET_NAMES.add(name)
-
-
-def server_environ() -> dict[str, str]:
-    """This process's environment without API keys, tokens and secrets (a served model needs none)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in _SECRET_NAMES and not k.upper().endswith(_SECRET_SUFFIXES)}
 
 
 def port_free(port: int) -> bool:
@@ -494,7 +469,7 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     else:
         argv = batchserve_command(key, port, device) if ours else transformers_command(key, port, device, batching)
     concurrency = None if command else (BATCHED_CONCURRENCY if batching else SERIAL_CONCURRENCY)
-    env = {**server_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = child_environ({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))

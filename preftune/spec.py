@@ -27,6 +27,17 @@ _NOT_DIGESTED = {"workspace", "approval_timeout_s", "approval_poll_s", "auto_app
 _HOW_WRITTEN = {"instruction", "planner", "instruction_plan"}
 
 
+def evaluator_kind(evaluator: str | None, judge: Endpoint | None, rubric: str | None) -> str | None:
+    """THE rule for what scores the candidates (the plan, the run's questions and phase 5 all ask it):
+    "evaluator" when an evaluator id is given (it wins); with a judge, "rubric" when the rubric has text
+    and "auto" (the judge writes one) when it is empty or blank; None when nothing can score."""
+    if evaluator and evaluator.strip():
+        return "evaluator"
+    if judge is None:
+        return None
+    return "rubric" if rubric and rubric.strip() else "auto"
+
+
 def _run_fields_first(schema: dict, cls: type) -> None:
     """The form shows the run's own fields (instruction, dataset, models, ...) before the training
     and LoRA options it inherits: pydantic lists a parent's fields first, and the Prefect UI renders

@@ -201,8 +201,8 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     probe = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                           tokenize=False, add_generation_prompt=True)
     ids = tokenizer(probe, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    loaded_tok = AutoTokenizer.from_pretrained(out_dir)
-    loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    loaded_tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
     with torch.no_grad():
         same = torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     if loaded_tok(probe, add_special_tokens=False)["input_ids"] != ids[0].tolist() or not same:

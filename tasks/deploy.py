@@ -18,6 +18,7 @@ from typing import Any
 from preftune.client import ChatClient, ChatError
 from preftune.errors import UserError
 from preftune.files import atomic_dir, read_json, tree_fingerprint, write_json_atomic
+from preftune.hf import load_tokenizer, model_fingerprint
 from preftune.server import ServerError, ServerHandle, device_name, serve_local, stop_server
 from preftune.spec import RunSpec
 from preftune.tasks.sweep import trained_weights
@@ -31,11 +32,11 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
     """Merge a LoRA adapter into its base and save model + tokenizer; reused when inputs are unchanged."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     stamp = {"base": str(Path(base).resolve()), "adapter": str(Path(adapter).resolve()),
-             "base_fingerprint": tree_fingerprint(base, content=False),
+             "base_fingerprint": model_fingerprint(base),
              "adapter_fingerprint": tree_fingerprint(adapter, content=False)}
     marker = out_dir / "preftune_merge.json"
     if marker.exists() and read_json(marker) == stamp and (out_dir / "config.json").exists():
@@ -43,11 +44,11 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError("not a LoRA adapter folder (no adapter_config.json)", path=adapter)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", local_files_only=True)
+    merged = PeftModel.from_pretrained(model, str(adapter), local_files_only=True).merge_and_unload()
     # The adapter folder carries the tokenizer when training changed it (added pad token, template).
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    tokenizer = load_tokenizer(tok_src)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -40,6 +40,7 @@ from preftune.client import ChatClient
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
+from preftune.hf import model_fingerprint
 from preftune.judges import stats
 from preftune.judges.completions import CHUNK, cached_completions, model_key
 from preftune.judges.evaluators import EvalItem, run_evaluator
@@ -47,6 +48,7 @@ from preftune.judges.pairwise import PairItem, judge_items, position_summary, pr
 from preftune.judges.rubric import auto_rubric
 from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
+from preftune.spec import evaluator_kind
 
 BASE = "base"
 
@@ -85,13 +87,12 @@ class EvalConfig(BaseModel):
 
 def evaluation_mode(cfg: EvalConfig) -> str:
     """'evaluator' | 'rubric' | 'auto'; a UserError when nothing can score the completions."""
-    if cfg.evaluator:
-        return "evaluator"
-    if cfg.judge is None:
+    kind = evaluator_kind(cfg.evaluator, cfg.judge, cfg.rubric)
+    if kind is None:
         raise UserError("nothing to score the completions with: give an evaluator id "
                         "(--evaluator package.module:function, e.g. judges.builtin:answer_quality), "
                         "or a judge endpoint (--judge MODEL@BASE_URL) with --rubric TEXT or --auto-rubric")
-    return "rubric" if cfg.rubric and cfg.rubric.strip() else "auto"
+    return kind
 
 
 def load_test(path: Path, limit: int) -> tuple[list[tuple[str, list[dict]]], list[dict]]:
@@ -200,7 +201,7 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]], warning
     completions: dict[str, list[str]] = {}
     info: dict[str, Any] = {}
     for name, model, adapter in _models(cfg):
-        identity = {"model": model if _is_endpoint(model) else _folder_stamp(model),
+        identity = {"model": model if _is_endpoint(model) else model_fingerprint(model),
                     "adapter": tree_fingerprint(adapter) if adapter else None,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": 0.0}
         path = cfg.out_dir / "completions" / f"{model_key(name, identity)}.jsonl"
@@ -215,14 +216,6 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]], warning
         if empty:
             warnings.append(f"{name}: {empty} of {len(texts)} completions are empty")
     return completions, info
-
-
-def _folder_stamp(path: str) -> dict:
-    """A cheap identity of a (possibly large) model folder: its path and each file's size and mtime,
-    so weights rewritten in place are a different model while nothing gigabyte-sized is hashed."""
-    root = Path(path).resolve()
-    return {"path": str(root), "files": sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                                               for f in root.rglob("*") if f.is_file())}
 
 
 def _cache_dir(cfg: EvalConfig) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.hf import load_causal_lm
+from preftune.hf import load_causal_lm, prompt_ids, stop_token_ids
 
 
 @torch.inference_mode()
@@ -20,21 +20,23 @@ def generate_with(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens
     """Completions of an already loaded (model, tokenizer), in the order of ``prompts``."""
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+    rendered = [prompt_ids(tokenizer, m) for m in prompts]  # as the trainer and a run's server render them
+    stop = stop_token_ids(model, tokenizer)  # every end token, as a run's server stops (not EOS alone)
     # Longest first: batches of similar lengths waste less padding.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    results: list[str] = [""] * len(texts)
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]), reverse=True)
+    results: list[str] = [""] * len(rendered)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
         if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        enc = tokenizer.pad({"input_ids": [rendered[i] for i in idx]}, return_tensors="pt").to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop,
                              pad_token_id=pad, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]  # (b, ≤ max_new_tokens)
         for row, i in zip(new, idx, strict=True):
-            results[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            ids = row.tolist()  # the answer ends before its first end token (not kept, as a run's server does)
+            results[i] = tokenizer.decode(ids[:next((j for j, t in enumerate(ids) if t in stop), len(ids))],
+                                          skip_special_tokens=True).strip()
     return results
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from preftune.errors import UserError
 from preftune.files import write_text_atomic
 from preftune.job import TrainConfig, shared_fields, train_command
+from preftune.keys import child_environ
 from preftune.procs import popen
 from preftune.spec import RunSpec
 from preftune.summary import verified_summary, weights_dir
@@ -47,11 +48,12 @@ def write_job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | Non
 def run_job_processes(config: Path, env: dict | None = None) -> dict:
     """Run the job file `config` as a `preftune train` child process (a crash in the job never
     takes the caller down, the OS reclaims its memory, and a job of several processes is launched
-    by it); its log goes to train.log beside the file. Returns its summary."""
+    by it); its log goes to train.log beside the file. `env`: what the job gets besides the allow-listed
+    environment (preftune.keys.child_environ: never an endpoint's key). Returns its summary."""
     config = Path(config)
     log_path = config.parent / "train.log"
     with open(log_path, "ab") as log:  # the job dies with the caller's process, even on kill -9
-        proc = popen(train_command(config), stdout=subprocess.PIPE, stderr=log, env=env,
+        proc = popen(train_command(config), stdout=subprocess.PIPE, stderr=log, env=child_environ(env),
                      death_signal=signal.SIGTERM)
         try:
             stdout, _ = proc.communicate()
@@ -72,7 +74,7 @@ def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict
 
     def launch(job: dict) -> dict:
         config = write_job_config(spec, ws, job, per_process)
-        env = {**os.environ, "OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false"}
+        env = {"OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false"}
         return run_job_processes(config, env)
 
     return launch

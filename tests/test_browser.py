@@ -28,6 +28,20 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 # What to answer at each question the run asks, by the field that holds its decision.
 ANSWERS = {"Decision": {"approve", "deploy it", "continue"}, "Deploy": {"recommended"}}
 RUN_TIMEOUT_S = 900  # only a guard against a hang: the run takes a few minutes on a loaded machine
+_AUTH: list[tuple[str, str]] = []  # (user, password) of the server the `ui` fixture started
+
+
+def _auth() -> tuple[str, str]:
+    return _AUTH[0]
+
+
+def _log_in(page, ui_url: str, shot) -> None:
+    """What the owner does once per browser: the UI's Login page, the auth string as the password."""
+    page.goto(f"{ui_url}/login", wait_until="networkidle")
+    page.locator("input[type=password]").fill(":".join(_auth()))
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_url(lambda url: "/login" not in url)
+    shot(page, "logged-in")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +59,9 @@ def ui(tmp_path_factory):
     try:
         wait_for(lambda: "being served" in log.read_text() or proc.poll() is not None, 900, "preftune up")
         assert proc.poll() is None, log.read_text()
+        # The server asks for the auth string `preftune up` stored: the person's browser logs in with it
+        # (_log_in), the test's own API calls send it.
+        _AUTH[:] = [tuple((tmp_path / "prefect-home" / "api-auth").read_text().strip().split(":", 1))]
         yield api
     finally:
         if proc.poll() is None:
@@ -97,13 +114,14 @@ def _spec(zoo: dict, tmp_path: Path) -> dict:
 
 
 def _deployment_id(api: str) -> str:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
-    return next(d["id"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60, auth=_auth()).json()}
+    return next(d["id"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=60, auth=_auth()).json()
                 if d["name"] == "preftune" and flows.get(d["flow_id"]) == "preference-learning")
 
 
 def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shots) -> str:
     deployment = _deployment_id(api)
+    _log_in(page, ui_url, shot)
     page.goto(f"{ui_url}/deployments/deployment/{deployment}", wait_until="networkidle")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run", exact=True).first.click()
@@ -125,7 +143,7 @@ def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shot
 
 
 def _runs(api: str, deployment: str) -> set[str]:
-    return {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", timeout=60, json={
+    return {r["id"] for r in httpx.post(f"{api}/flow_runs/filter", timeout=60, auth=_auth(), json={
         "deployments": {"id": {"any_": [deployment]}}, "limit": 50, "sort": "START_TIME_DESC"}).json()}
 
 
@@ -138,7 +156,7 @@ CUT_TABLES_JS = """Array.from(document.querySelectorAll('table')).filter(t => t.
 
 
 def _state(api: str, run_id: str) -> dict:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60).json()["state"]
+    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60, auth=_auth()).json()["state"]
 
 
 def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
@@ -201,13 +219,13 @@ def test_bad_input_from_the_form_fails_the_run_with_the_cli_line_and_no_tracebac
     assert str(missing) in line and "\n" not in line
 
     api = ui
-    run = httpx.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", timeout=60, json={
+    run = httpx.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", timeout=60, auth=_auth(), json={
         "parameters": {"spec": {"dataset": str(missing), "workspace": str(tmp_path / "ws")}}}).json()
     state = _end(api, run["id"])
     assert (state["type"], state["message"]) == ("FAILED", line)
 
     def logs() -> list[dict]:
-        return httpx.post(f"{api}/logs/filter", timeout=60, json={
+        return httpx.post(f"{api}/logs/filter", timeout=60, auth=_auth(), json={
             "logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200}).json()
 
     # the run's logs reach the server in batches, after its state: wait for its error line, then for
@@ -223,7 +241,7 @@ def test_bad_input_from_the_form_fails_the_run_with_the_cli_line_and_no_tracebac
 
 
 def _report_artifact(api: str, run_id: str) -> str:
-    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, auth=_auth(), json={
         "artifacts": {"key": {"any_": ["final-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
     assert rows, "no final-report artifact"
     return rows[0]["id"]

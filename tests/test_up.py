@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import httpx
 import psutil
@@ -15,9 +16,9 @@ from tests.test_signals import PREFTUNE, all_gone, wait_for
 DEPLOYMENTS = {("preference-learning", "preftune"), ("train-job", "preftune-train-job")}
 
 
-def _deployments(api: str) -> set[tuple[str, str]]:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=60).json()}
-    rows = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
+def _deployments(api: str, auth: tuple[str, str] | None = None) -> set[tuple[str, str]]:
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, auth=auth, timeout=60).json()}
+    rows = httpx.post(f"{api}/deployments/filter", json={}, auth=auth, timeout=60).json()
     return {(flows.get(d["flow_id"]), d["name"]) for d in rows}
 
 
@@ -50,9 +51,15 @@ def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
         assert f"starting a Prefect server at {api}" in text
         assert f"Prefect UI: {api.removesuffix('/api')}" in text
         assert httpx.get(f"{api}/health", timeout=60).json() is True
-        # the UI in the browser talks to this server, not to the default port
-        assert httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=60).json()["api_url"] == api
-        assert DEPLOYMENTS <= _deployments(api)
+        # the UI in the browser talks to this server, not to the default port, and asks for a login
+        settings = httpx.get(f"{api.removesuffix('/api')}/ui-settings", timeout=60).json()
+        assert settings["api_url"] == api and settings["auth"] == "BASIC"
+        auth_file = tmp_path / "home" / "api-auth"
+        assert f"enter the whole line stored in {auth_file}" in text
+        user, _, password = auth_file.read_text().strip().partition(":")
+        assert password not in text  # where the secret is, never the secret
+        assert (auth_file.stat().st_mode & 0o777, (tmp_path / "home").stat().st_mode & 0o777) == (0o600, 0o700)
+        assert DEPLOYMENTS <= _deployments(api, (user, password))
         assert (tmp_path / "home" / "prefect.db").exists()  # SQLite in --home
         children, cmdlines = _stop_with_sigint(proc)
         assert any(c[1:5] == ["-m", "prefect", "server", "start"] for c in cmdlines), cmdlines
@@ -68,6 +75,70 @@ def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_up_server_refuses_strangers_and_preftune_commands_log_in(tmp_path):
+    """#21: a second local user approved the owner's paused plan through the unauthenticated API.
+    Now a request without the auth string gets 401, and `preftune approve` (given only
+    PREFECT_API_URL) reads the stored string and answers a really paused flow run."""
+    from preftune.server import free_port
+
+    api = f"http://127.0.0.1:{free_port()}/api"
+    proc, log = _up(tmp_path, api)
+    paused = None
+    try:
+        wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
+        auth = (tmp_path / "home" / "api-auth").read_text().strip()
+        for creds in (None, ("preftune", "guess"), ("admin", "pass")):
+            assert httpx.post(f"{api}/flow_runs/filter", json={}, auth=creds, timeout=60).status_code == 401
+        # A flow run that pauses for an answer, as a run's plan does (its client holds the string).
+        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth}
+        paused = subprocess.Popen([sys.executable, "-c", PAUSING_FLOW], stdout=subprocess.PIPE, text=True,
+                                  env=env, cwd=tmp_path)
+        run_id = paused.stdout.readline().strip()
+        user, _, password = auth.partition(":")
+
+        def is_paused() -> bool:
+            state = httpx.get(f"{api}/flow_runs/{run_id}", auth=(user, password), timeout=60).json()["state"]
+            return state["type"] == "PAUSED" and bool(state["state_details"].get("run_input_keyset"))
+
+        wait_for(is_paused, 300, "the flow run to pause")
+        stranger = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+        for command in (["approve", run_id], ["serve"], ["up", "--home", str(tmp_path / "other")]):
+            wrong = subprocess.run(PREFTUNE + command, env={**stranger, "PREFECT_API_AUTH_STRING": "x:y"},
+                                   capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, (command, wrong.stderr)
+            assert "refused the credentials ($PREFECT_API_AUTH_STRING)" in wrong.stderr and "x:y" not in wrong.stderr
+        ok = subprocess.run(PREFTUNE + ["approve", run_id], env=stranger, capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        assert paused.communicate(timeout=300)[0].strip() == "answered approve"
+    finally:
+        if paused is not None and paused.poll() is None:
+            paused.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+PAUSING_FLOW = """
+from typing import Literal
+from prefect import flow
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+
+class Answer(RunInput):
+    decision: Literal["approve", "reject"]
+
+@flow
+def waits():
+    print(flow_run.id, flush=True)
+    answer = pause_flow_run(wait_for_input=Answer, timeout=600, poll_interval=1)
+    print("answered", answer.decision, flush=True)
+
+waits()
+"""
 
 
 def test_up_leaves_a_server_it_found_running(tmp_path, prefect_api):

@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 
+from preftune.cli.prefect_auth import refused, refused_message, use_saved_auth
 from preftune.errors import UserError
 
 COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "up", "approve", "deploy"]
@@ -111,6 +112,7 @@ def _on_signal_deadline() -> None:
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    use_saved_auth()  # the credentials of a server `preftune up` started, before Prefect reads its settings
     _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -169,6 +171,12 @@ def _main(args: argparse.Namespace) -> int:
         # lines skipped on reading, and a job resumes from its last checkpoint: a re-run after
         # freeing the resource trusts nothing half-written.
         print(f"preftune {args.command}: error: {what}; re-run to resume (finished work is kept)", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not refused(err):
+            raise
+        # A Prefect server `preftune up` started asks for its auth string: one line, never the string.
+        print(f"preftune {args.command}: error: {refused_message()}", file=sys.stderr)
         return 2
     if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
         return _interrupted()

@@ -77,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from preftune.cli.common import print_json
+    from preftune.judges.evaluators import trust_command_line
     from preftune.tasks.evaluate import EvalConfig, run_evaluation
 
     if args.max_new_tokens < 1 or args.max_prompts < 1:
         raise UserError("--max-new-tokens and --max-prompts must be at least 1")
+    trust_command_line(args.evaluator)  # the owner's own flag: it may name any file
     judge = endpoint_from_args(args, "judge")
     if judge is not None and judge.is_local:
         raise UserError(f"--judge {args.judge!r}: expected MODEL@BASE_URL of an OpenAI-compatible API")

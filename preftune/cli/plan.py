@@ -29,6 +29,7 @@ def build_dry_plan(spec) -> tuple[dict, list[str]]:
     """The plan for `spec` with the run's pending questions left open: (plan, the questions)."""
     from preftune.catalogue import catalogue
     from preftune.server import device_name
+    from preftune.spec import evaluator_kind
     from preftune.tasks.inspect import inspect_dataset
     from preftune.tasks.instruction.resolve import plan_rows
     from preftune.tasks.plan import build_plan, job_grid
@@ -40,11 +41,8 @@ def build_dry_plan(spec) -> tuple[dict, list[str]]:
         base_models = catalogue()
         questions.append("base models: none given; the run asks whether to sweep the catalogue (the plan below "
                          "assumes it does)")
-    if spec.evaluator:
-        kind = "evaluator"
-    elif spec.judge is not None:
-        kind = "rubric" if spec.rubric else "auto"
-    else:
+    kind = evaluator_kind(spec.evaluator, spec.judge, spec.rubric)
+    if kind is None:
         kind = "evaluator"  # priced as free: the question may name a judge, whose cost is then added
         questions.append("evaluator: none given; the run asks for a Python evaluator or a judge endpoint "
                          "(evaluation cost below is without a judge)")

@@ -8,7 +8,6 @@ never runs: the server then stays up and listening. We start the same command th
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,11 +25,12 @@ def die_with_us() -> None:
         from prefect.settings import get_current_settings
     except ImportError:  # pragma: no cover - a Prefect without that class starts no such server
         return
+    from preftune.keys import child_environ
     from preftune.procs import popen
 
     def _run_uvicorn_command(self) -> subprocess.Popen:
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+        env = child_environ({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                             **get_current_settings().to_environment_variables(exclude_unset=True)})
         argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "error", "--lifespan", "on"]

@@ -172,8 +172,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from preftune.judges.evaluators import trust_command_line
     from preftune.records import validate_files
 
+    trust_command_line(getattr(args, "evaluator", None))  # the owner's own flag (a form cannot reach this)
     spec = spec_from_args(args)
     check_resolved(spec)
     validate_files(spec.dataset, spec.test_dataset)  # bad data is one line and exit 2 before any flow run exists

@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if not PREFECT_API_URL.value():
         raise UserError("no Prefect API: start one with `prefect server start` and set PREFECT_API_URL "
                         "(e.g. http://127.0.0.1:4200/api)")
+    from preftune.cli.prefect_auth import check_credentials
+
+    check_credentials(PREFECT_API_URL.value())  # a server `preftune up` started asks for its auth string
     print(f"serving deployments 'preference-learning/preftune' and 'train-job/preftune-train-job' "
           f"at {PREFECT_API_URL.value()}; start runs from the UI (Ctrl-C to stop)", flush=True)
     # Prefect's serve loop sits in a child: it installs signal handlers of its own and, once its API

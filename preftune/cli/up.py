@@ -41,9 +41,12 @@ def answers(api_url: str, timeout: float = 10.0) -> bool:
         return False
 
 
-def start_server(api_url: str, home: str) -> subprocess.Popen:
-    """`prefect server start` on the host and port of `api_url`, in its own process group (so the
-    terminal's Ctrl-C reaches us first and we stop it after the serve loop); it dies with us."""
+def start_server(api_url: str, home: str, auth: str) -> subprocess.Popen:
+    """`prefect server start` on the host and port of `api_url`, asking every API request for `auth`
+    (preftune.cli.prefect_auth), in its own process group (so the terminal's Ctrl-C reaches us first
+    and we stop it after the serve loop); it dies with us."""
+    from preftune.cli.prefect_auth import SERVER_SETTING
+    from preftune.keys import child_environ
     from preftune.procs import popen
 
     where = urlsplit(api_url)
@@ -52,8 +55,8 @@ def start_server(api_url: str, home: str) -> subprocess.Popen:
                         "cannot start it: start it there, or unset PREFECT_API_URL for a local one")
     os.makedirs(home, exist_ok=True)
     # The UI asks its API at PREFECT_UI_API_URL, which defaults to port 4200, not the one it serves on.
-    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api_url}
+    env = child_environ({"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                         "PREFECT_UI_API_URL": api_url, SERVER_SETTING: auth})
     env.pop("PREFECT_API_URL", None)
     log = open(os.path.join(home, "server.log"), "ab")  # noqa: SIM115 - the child holds it for its life
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", where.hostname,
@@ -106,6 +109,7 @@ def ui_url(api_url: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL
 
+    from preftune.cli.prefect_auth import CLIENT_SETTING, check_credentials, record_server, server_auth
     from preftune.cli.serve import start_serve_loop
     from preftune.paths import cache_dir
 
@@ -113,17 +117,24 @@ def run(args: argparse.Namespace) -> int:
     home = os.path.abspath(args.home or str(cache_dir() / "prefect-server"))
     server = None
     loop = None
+    login = ""
     try:
         if answers(api_url):
             print(f"using the Prefect server already running at {api_url}", flush=True)
+            check_credentials(api_url)
         else:
             print(f"starting a Prefect server at {api_url} (SQLite in {home})", flush=True)
-            server = start_server(api_url, home)
+            auth, auth_file = server_auth(home)
+            record_server(api_url, auth_file)  # so `preftune run/approve/serve` find the credentials
+            os.environ[CLIENT_SETTING] = auth  # the serve loop's
+            server = start_server(api_url, home, auth)
             wait_until_up(api_url, server, home)
+            login = (f"; it asks for credentials: on its Login page enter the whole line stored in {auth_file} "
+                     "(readable by you only), and preftune commands read that file themselves")
         os.environ["PREFECT_API_URL"] = api_url
         loop = start_serve_loop(args.job_limit, env={**os.environ, "PREFECT_API_URL": api_url})
         print(f"Prefect UI: {ui_url(api_url)}  (deployment 'preference-learning/preftune': Run → Custom run; "
-              "Ctrl-C stops everything this command started)", flush=True)
+              f"Ctrl-C stops everything this command started{login})", flush=True)
         code = loop.wait()  # until Ctrl-C / SIGTERM (KeyboardInterrupt), or the loop dies by itself
         print(f"preftune up: the serve loop exited with {code}", file=sys.stderr, flush=True)
         return code or 1

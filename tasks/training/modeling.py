@@ -33,7 +33,7 @@ def pad_id(tokenizer) -> int:
 def load_policy(cfg) -> torch.nn.Module:
     """The base causal LM, wrapped with LoRA adapters unless ``cfg.full``."""
     check_model_config(cfg.model)  # before anything is allocated from its config
-    lm = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32, local_files_only=True)
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

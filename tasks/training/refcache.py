@@ -20,22 +20,9 @@ from pathlib import Path
 
 import torch
 
-from preftune.files import atomic_output, file_lock, file_sha256, write_json_atomic
+from preftune.files import atomic_output, file_lock, write_json_atomic
+from preftune.hf import file_digest, model_identity
 from preftune.job import TRAINER_VERSION
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                    "chat_template.json")
-
-
-def _digest(path: Path, memo: dict) -> str:
-    """Content sha256, memoised by (path, size, mtime) so big weight files are read once."""
-    st = path.stat()
-    tag = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if tag not in memo:
-        memo[tag] = file_sha256(path)
-    return memo[tag]
 
 
 def _load_memo(cache: Path) -> dict:
@@ -49,23 +36,14 @@ def _save_memo(cache: Path, memo: dict) -> None:
     write_json_atomic(cache / "digests.json", memo)
 
 
-def model_fingerprint(model_dir: Path, memo: dict) -> dict:
-    """Content digests of the files that define the model's outputs and its tokenizer."""
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
-    weights = {p.name: _digest(p, memo) for p in files if p.suffix in _WEIGHT_SUFFIXES}
-    tokenizer = {p.name: _digest(p, memo) for p in files if p.name in _TOKENIZER_FILES}
-    config = _digest(Path(model_dir) / "config.json", memo)
-    return {"config": config, "weights": weights, "tokenizer": tokenizer}
-
-
 def reference_key(cache: Path, model_dir: Path, chat_template: str | None, data: Path, max_length: int,
                   max_prompt_length: int | None, precision: str) -> tuple[str, dict]:
     """(hash, the fields it was taken over) — the fields are stored beside the tensors."""
     memo = _load_memo(cache)
     fields = {
-        "model": model_fingerprint(model_dir, memo),
+        "model": model_identity(model_dir, memo),
         "chat_template": chat_template or "",
-        "data": _digest(Path(data), memo),
+        "data": file_digest(Path(data), memo),
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "precision": precision,

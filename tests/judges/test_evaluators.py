@@ -48,7 +48,8 @@ CONV = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def user_file(tmp_path):
+def user_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))  # the owner's folder of evaluators
     path = tmp_path / "my_eval.py"
     path.write_text(USER_CODE)
     return path
@@ -60,6 +61,7 @@ def test_failures_are_recorded_and_the_run_goes_on(user_file, tmp_path, monkeypa
     items = [EvalItem(f"k{i}", CONV, t) for i, t in enumerate(texts)]
     pid_file = tmp_path / "hang.pid"
     monkeypatch.setenv("HANG_PID_FILE", str(pid_file))
+    monkeypatch.setenv("PREFTUNE_PASS_ENV", "HANG_PID_FILE")  # a worker inherits only allow-listed names
     results = run_evaluator(f"{user_file}:score", items, timeout=1.5, workers=2)
     by = {texts[int(r["key"][1:])]: r for r in results}
     assert [r["key"] for r in results] == [it.key for it in items]
