@@ -461,9 +461,9 @@ class ChatClient:
                                  retry_after=parse_retry_after(headers, self.retry_after_cap))
             raise ChatError(self._redact(f"{self.endpoint}: {detail}"), reason=f"http {status}", attempts=1,
                             status=status)
-        result = _parse_completion(text, *bounds)
+        result, billed = _parse_completion(text, *bounds)
         # A reply quoting a key (ours or another endpoint's) is redacted before a cache or a caller sees it.
-        return dataclasses.replace(result, text=self._redact(result.text))
+        return dataclasses.replace(result, text=self._redact(result.text)), billed
 
     async def _post_patiently(self, conn: _Conn, payload: bytes) -> tuple[int, str, Any, bytes]:
         """POST to a local server with no deadline of its own: wait while the server process lives
