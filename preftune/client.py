@@ -46,6 +46,7 @@ from typing import Any
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
+from preftune.keys import read_key_file
 from preftune.ledger import Ledger
 from preftune.response_cache import ResponseCache, request_key
 
@@ -252,6 +253,9 @@ class ChatClient:
                     raise UserError(f"endpoint {ep}: Prefect Secret block {ep.api_key_block!r} "
                                     "could not be loaded") from err
                 self._secret = str(block.get())
+            return self._secret
+        if ep.api_key_file:  # a server preftune started: its per-server key
+            self._secret = read_key_file(ep.api_key_file)
             return self._secret
         return NO_KEY_PLACEHOLDER
 
