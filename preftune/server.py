@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -46,8 +45,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from preftune.backends import Launch, launch_for, local_backend
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
@@ -55,6 +52,16 @@ from preftune.files import file_lock, tree_fingerprint, write_json_atomic
 from preftune.keys import new_key, write_key_file
 from preftune.paths import cache_dir
 from preftune.procs import popen
+from preftune.serverprocs import (  # re-exported: callers import them from here
+    free_port,
+    healthy,
+    kill_group,
+    listens_on,
+    log_tail,
+    pid_alive,
+    port_free,
+    runs_server_for,
+)
 
 _LOCK = threading.RLock()
 _LIVE: dict[tuple[str, bool], ServerHandle] = {}  # (registry key, detached) -> handle used by this process
@@ -98,7 +105,7 @@ class ServerHandle:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def tail(self, n: int = 20) -> str:
         return log_tail(self.log_path, n)
@@ -113,7 +120,7 @@ class ServerHandle:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``grace`` seconds."""
         with _LOCK:
-            _kill_group(self.pid, self.proc, grace)
+            kill_group(self.pid, self.proc, grace)
             if _LIVE.get((_key(self.model_dir), self.detached)) is self:
                 del _LIVE[(_key(self.model_dir), self.detached)]
             _registry_remove(_key(self.model_dir), self.pid)
@@ -163,44 +170,6 @@ def _forget_key(path: str | Path | None) -> None:
             Path(path).unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _kill_group(pid: int, proc: subprocess.Popen | None, grace: float) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None and not _group_alive(pid):
-                    return
-            elif not _pid_alive(pid) and not _group_alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # killpg(0) also succeeds while members are zombies; look for a live one.
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
 def model_fingerprint(model_dir: str | Path) -> str:
     """Identity of a local model folder for the response cache: its files' names, sizes, mtimes.
 
@@ -210,20 +179,6 @@ def model_fingerprint(model_dir: str | Path) -> str:
     if not root.is_dir():
         return f"local:{model_dir}"
     return "local:" + tree_fingerprint(root, content=False)[:32]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, n: int = 20) -> str:
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
 
 
 _SECRET_SUFFIXES = ("_API_KEY", "_APIKEY", "_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD", "_ACCESS_KEY")
@@ -240,43 +195,6 @@ def server_environ() -> dict[str, str]:
     """This process's environment without API keys, tokens and secrets (a served model needs none)."""
     return {k: v for k, v in os.environ.items()
             if k not in _SECRET_NAMES and not k.upper().endswith(_SECRET_SUFFIXES)}
-
-
-def port_free(port: int) -> bool:
-    """True when nothing listens on 127.0.0.1:``port`` (or on every address at that port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def listens_on(pid: int, port: int) -> bool:
-    """True when ``pid`` or one of its descendants holds the listening socket on ``port``."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for proc in procs:
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in proc.net_connections(kind="tcp")):
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def healthy(port: int, timeout: float = 2.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _install_exit_handlers() -> None:
@@ -326,9 +244,9 @@ def _reuse(key: str, detach: bool = False) -> ServerHandle | None:
             return None
         detached = bool(entry.get("detached"))
         owner = entry.get("owner", -1)
-        if detached != detach or (not detached and owner != os.getpid() and _pid_alive(owner)):
+        if detached != detach or (not detached and owner != os.getpid() and pid_alive(owner)):
             return None  # not ours to use: a run starts its own (a deployment, its own detached one)
-        if not (_pid_alive(entry["pid"]) and healthy(entry["port"], timeout=5.0)):
+        if not (pid_alive(entry["pid"]) and healthy(entry["port"], timeout=5.0)):
             del reg[key]  # stale: dead, or something else now holds that pid/port
             return None
         owner_gone = not detached
@@ -388,7 +306,7 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
                                       f"started for {handle.model_dir} (pid {handle.pid})")
         except BaseException:
             for handle in launched:
-                _kill_group(handle.pid, handle.proc, grace=5.0)
+                kill_group(handle.pid, handle.proc, grace=5.0)
                 _forget_key(handle.key_file)
             raise
         for handle in launched:
@@ -444,7 +362,7 @@ def _register(handle: ServerHandle) -> None:
     _LIVE[(handle.model_dir, handle.detached)] = handle
     with _registry() as reg:
         entry = reg.get(handle.model_dir)
-        if entry and not handle.detached and _pid_alive(entry["pid"]) and entry.get("owner") != os.getpid():
+        if entry and not handle.detached and pid_alive(entry["pid"]) and entry.get("owner") != os.getpid():
             return
         reg[handle.model_dir] = {
             "pid": handle.pid, "port": handle.port, "model": handle.model_dir, "log": str(handle.log_path),
@@ -481,28 +399,15 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
     handle = _LIVE.pop((key, True), None) or _LIVE.pop((key, False), None)
     if handle is not None:
         target, proc = handle.pid, handle.proc
-    elif entry is not None and _runs_server_for(entry["pid"], key):
+    elif entry is not None and runs_server_for(entry["pid"], key):
         target, proc = entry["pid"], None
-    elif pid is not None and _runs_server_for(pid, key):
+    elif pid is not None and runs_server_for(pid, key):
         target, proc = pid, None
     else:
         return False
-    _kill_group(target, proc, grace)
+    kill_group(target, proc, grace)
     _forget_key(handle.key_file if handle is not None else (entry or {}).get("key_file"))
     return True
-
-
-def _runs_server_for(pid: int, key: str) -> bool:
-    """True when ``pid`` is alive and its command line is a server for ``key`` (a recycled pid is not)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmd = proc.cmdline()
-    except psutil.Error:
-        return False
-    return ("serve" in cmd or "preftune.batchserve" in cmd or "preftune.hfserve" in cmd) \
-        and any(key in arg for arg in cmd)
 
 
 def is_local_model(spec: str) -> bool:

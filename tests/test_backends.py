@@ -140,3 +140,32 @@ def test_vllm_asked_for_without_vllm_stops_the_run_before_approval(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"preftune run: error: PREFTUNE_LOCAL_SERVER=vllm but vLLM is not installed: {INSTALL_VLLM}"]
     assert not (tmp_path / "workspaces").exists()
+
+
+def test_phase5_through_a_server_answers_as_in_process(zoo, tmp_path):
+    """Phase 5's server path (``answer_with_backend``, what a vLLM LoRA server is asked through)
+    gives the in-process completions, greedy: here against preftune's server for the base."""
+    from preftune.hf import load_causal_lm
+    from preftune.server import serve_local
+    from preftune.tasks.generate import answer_with_backend, generate_with
+
+    folder = zoo["models"]["tiny-llama"]
+    prompts = [[{"role": "user", "content": f"Question {i}: explain item {i} briefly."}] for i in range(6)]
+    expected = generate_with(*load_causal_lm(folder, device="cpu"), prompts, max_new_tokens=12)
+    with serve_local(folder, tmp_path / "logs") as handle:
+        assert answer_with_backend(handle.endpoint(), prompts, max_new_tokens=12) == expected
+
+
+def test_phase5_uses_one_lora_server_only_on_vllm_and_only_for_adapters(zoo, tmp_path):
+    import contextlib
+
+    from preftune.tasks.evaluate_candidates import lora_server
+    from preftune.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    base = zoo["models"]["tiny-llama"]
+    adapters = {"job-1": adapter(tmp_path / "a1", 8), "job-2": adapter(tmp_path / "a2", 32)}
+    with contextlib.ExitStack() as stack:
+        assert lora_server(stack, ws, base, adapters, backend="preftune") == {}  # CPU: in process
+        assert lora_server(stack, ws, base, {**adapters, "full": base}, backend="vllm") == {}  # a full model
+        assert lora_server(stack, ws, base, {}, backend="vllm") == {}
