@@ -63,6 +63,9 @@ from preftune.serverprocs import (  # re-exported: callers import them from here
     runs_server_for,
 )
 
+# vLLM's switches for routes that load adapters or change the server (/v1/load_lora_adapter, /sleep, ...)
+CLOSED_ROUTE_SWITCHES = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_SERVER_DEV_MODE")
+
 _LOCK = threading.RLock()
 _LIVE: dict[tuple[str, bool], ServerHandle] = {}  # (registry key, detached) -> handle used by this process
 _HANDLERS_INSTALLED = False
@@ -332,6 +335,8 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
     secret = new_key()
     key_file = write_key_file(key_file or cache_dir() / "servers" / "keys" / f"{Path(key).name}-{port}.key", secret)
     env = {**server_environ(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", launch.key_env: secret}
+    for name in CLOSED_ROUTE_SWITCHES:  # a user's setting must not open a model-loading route to callers
+        env.pop(name, None)
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))

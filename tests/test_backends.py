@@ -96,10 +96,13 @@ def test_vllm_command_serves_every_adapter_with_a_rank_that_fits(tmp_path):
     assert "--enable-lora" not in vllm_command("/models/base", {})  # the base alone
 
 
-def test_a_server_gets_its_key_in_the_environment_named_by_its_backend(tmp_path):
-    """What ``serve_local`` hands a vLLM launch: VLLM_API_KEY in its environment, equal to the 0600
-    file the client reads, and absent from its argv and log."""
+def test_a_server_gets_its_key_in_the_environment_named_by_its_backend(tmp_path, monkeypatch):
+    """What ``serve_local`` hands a vLLM launch: VLLM_API_KEY in its environment, absent from its
+    argv and log; and none of vLLM's switches that open model-loading routes, even when set here."""
     from preftune.server import ServerError, serve_local
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
 
     dump = tmp_path / "seen.json"
     stand_in = [sys.executable, "-c", "import json, os, sys; json.dump({'env': dict(os.environ), 'argv': sys.argv},"
@@ -112,6 +115,7 @@ def test_a_server_gets_its_key_in_the_environment_named_by_its_backend(tmp_path)
     assert not key_file.exists()  # a server that failed to start leaves no key behind
     key = seen["env"]["VLLM_API_KEY"]
     assert len(key) >= 32 and key not in json.dumps(seen["argv"])
+    assert not {"VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_SERVER_DEV_MODE"} & seen["env"].keys()
     assert key not in next((tmp_path / "logs").glob("server-*.log")).read_text()
 
 
