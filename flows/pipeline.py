@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
 from preftune.approvals_log import read_approvals
+from preftune.backends import check_local_backend
 from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
@@ -260,6 +261,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     validate_files(spec.dataset, spec.test_dataset)  # bad data: one line before any question is asked
     read_approvals(ws.approvals)  # a resumed run's records are checked before anything is spent: a line
     read_ledger(ws.ledger)  # that is not a decision or a ledger line is one line naming file:line, exit 2
+    check_local_backend()  # a local server this machine cannot start: one line, before approval
     unresolved = (spec.instruction_plan or {}).get("unresolved", {})
     open_ = {k: v for k, v in unresolved.items() if k not in ("base_models", "evaluator")}
     if open_:  # no question of the run can settle these (the CLI refuses them before a run starts)

@@ -43,6 +43,17 @@ def plain_cache(config) -> bool:
 
 
 MIN_PREFIX = 16  # a shared prefix shorter than this is not worth a forward pass of its own
+# Below this temperature a row decodes greedily: logits / 1e-320 (a denormal) is inf, whose softmax is
+# NaN; and from here down softmax is one-hot to float32 precision for any logit gap above 0.01.
+MIN_TEMPERATURE = 1e-4
+
+
+class EngineDead(RuntimeError):
+    """The model thread has ended: nothing more can be answered."""
+
+
+class Cancelled(RuntimeError):
+    """The request's client went away before it finished."""
 
 
 @dataclass(eq=False)
@@ -57,6 +68,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (an end token) or "length" (max_tokens)
     error: BaseException | None = None
+    cancelled: bool = False  # its client went away: the engine drops it at its next step
     done: threading.Event = field(default_factory=threading.Event)
     _gen: torch.Generator | None = field(default=None, repr=False)
 
@@ -65,9 +77,13 @@ class Request:
         """Tokens generated, the end token included (as transformers serve and vLLM count usage)."""
         return len(self.tokens) + (self.finish_reason == "stop")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits (V,): greedy at temperature 0."""
-        if self.temperature <= 0:
+        if self.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)  # (its generator is a CPU one)
         if self.top_p < 1.0:
@@ -77,6 +93,11 @@ class Request:
         if self._gen is None and self.seed is not None:
             self._gen = torch.Generator().manual_seed(self.seed)
         return int(torch.multinomial(probs, 1, generator=self._gen))
+
+    def fail(self, err: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = err
+            self.done.set()
 
 
 class Engine:
@@ -101,11 +122,16 @@ class Engine:
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) next token to feed
         self._prefix: list[int] = []  # prompt tokens whose keys and values are kept (_shared_prefix)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, (1, H, P, D)
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self.dropped = 0  # requests cancelled by their clients and dropped unfinished
 
     # -- the outside ----------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
         if request.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if not self.alive:
+            raise EngineDead("the model thread is gone: this server cannot answer (restart it)")
         with self._wake:
             self._queue.append(request)
             self._wake.notify()
@@ -113,22 +139,43 @@ class Engine:
 
     def run_forever(self) -> None:
         """The model thread (a daemon: it ends with the server): step while there is work, sleep
-        while there is none."""
-        while True:
+        while there is none. Should it end on an error ``step`` does not contain, every waiting
+        caller gets that error (none waits for ever) and ``alive`` turns False (/health says 503)."""
+        try:
+            while True:
+                with self._wake:
+                    while not self._queue and not self.rows:
+                        self._wake.wait()
+                self.step()
+        except BaseException as err:
             with self._wake:
-                while not self._queue and not self.rows:
-                    self._wake.wait()
-            self.step()
+                self._dead = err
+                waiting, self._queue = [*self._queue, *self.rows], deque()
+            for req in waiting:
+                req.fail(EngineDead(f"the model thread ended: {type(err).__name__}: {err}"))
+            raise
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="batching-engine", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.run_forever, name="batching-engine", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    @property
+    def alive(self) -> bool:
+        """False once the model thread has ended (a started engine only; a driven one is alive)."""
+        return self._dead is None and (self._thread is None or self._thread.is_alive())
+
+    def stats(self) -> dict[str, int]:
+        return {"rows": len(self.rows), "queued": len(self._queue), "dropped": self.dropped}
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit what fits, advance every row by one token, retire the finished rows. A failure
-        fails the rows and requests involved (their callers get the error) and the engine goes on."""
+        fails the rows and requests involved (their callers get the error) and the engine goes on.
+        Rows whose clients went away are retired first, unfinished."""
+        gone = [i for i, r in enumerate(self.rows) if r.cancelled]
+        if gone:
+            self._drop(gone)
         admitted = self._admit()
         try:
             with torch.inference_mode():
@@ -153,6 +200,9 @@ class Engine:
             if self.rows and free < self.admit_min and len(self._queue) > free:
                 return taken  # a few steps more, then the free rows are prefilled in one pass
             while self._queue and len(self.rows) + len(taken) < self.max_rows:
+                if self._queue[0].cancelled:
+                    self._count_dropped(self._queue.popleft())
+                    continue
                 need = len(self._queue[0].prompt)
                 if taken and need > budget:
                     break
@@ -226,7 +276,12 @@ class Engine:
         for i, row in enumerate(logits):
             b = first_new + i
             req = self.rows[b]
-            token = greedy[i] if req.temperature <= 0 else req.sample(row)
+            try:
+                token = greedy[i] if req.greedy else req.sample(row)
+            except RuntimeError as err:  # this row's sampling alone failed: it fails alone
+                req.fail(err)
+                gone.append(b)
+                continue
             if token in self.eos_ids:
                 req.finish_reason = "stop"
             else:
@@ -240,6 +295,15 @@ class Engine:
         self._last = nxt
         if gone:
             self._retire(gone)
+
+    def _drop(self, gone: list[int]) -> None:
+        for b in gone:
+            self._count_dropped(self.rows[b])
+        self._retire(gone)
+
+    def _count_dropped(self, req: Request) -> None:
+        self.dropped += 1
+        req.fail(Cancelled("the client went away"))
 
     # -- the shared cache -----------------------------------------------------------------------
     def _join(self, reqs: list[Request], cache, mask: torch.Tensor) -> None:

@@ -4,11 +4,15 @@
 
 What a run's generation needs and no more: ``POST /v1/chat/completions`` (non-streaming, one
 choice; ``messages``, optional ``tools``, ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed``), ``GET /v1/models`` and ``GET /health``. Requests must name
-the folder as their ``model``, as with ``transformers serve``. Replies carry ``finish_reason``
-("stop" at an end token, "length" at ``max_tokens``) and ``usage``. The model is loaded before the
-port opens, so a health answer means ready. Deployments (``preftune deploy``) stay on
-``transformers serve``, whose API is broader (streaming); this server is for a run's own servers.
+``temperature``, ``top_p``, ``seed``), ``GET /v1/models`` and ``GET /health``. Any other request
+field that would change the answer (``stop``, ``logprobs``, ``response_format``, penalties, ...)
+is a 400 naming it, never silently ignored. Requests must name the folder as their ``model``, as
+with ``transformers serve``, and carry the server's key (``Authorization: Bearer``, given in
+``PREFTUNE_SERVER_KEY``; ``/health`` alone is open). Replies carry ``finish_reason`` ("stop" at an
+end token, "length" at ``max_tokens``) and ``usage``. The model is loaded before the port opens,
+so a health answer means ready; ``/health`` is 503 once the model thread is gone. A request whose
+client disconnects is dropped from the batch at the next step. Deployments (``preftune deploy``)
+use ``transformers serve`` or vLLM, whose API is broader (streaming).
 
 The batching itself is ``preftune.batching.Engine``: one model thread, up to ``--rows`` requests
 advancing together, a finished row refilled from the queue at once.
@@ -18,14 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import select
+import socket
 import sys
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from preftune.batching import Engine, Request
+from preftune.batching import Cancelled, Engine, EngineDead, Request
 from preftune.hf import load_causal_lm, prompt_ids, stop_token_ids
+from preftune.keys import bearer_ok, take_server_key
+
+SUPPORTED = {"model", "messages", "tools", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+             "stream", "n"}
+HARMLESS = {"user", "metadata", "store", "service_tier"}  # bookkeeping fields that do not change an answer
+MAX_TEMPERATURE = 2.0  # OpenAI's range
 
 
 class BadRequest(ValueError):
@@ -44,8 +57,13 @@ class Model:
         self.engine = Engine(model, eos_ids, max_rows=rows, pad_id=pad)
         self.engine.start()
 
-    def request(self, body: dict[str, Any]) -> Request:
+    def request(self, body: Any) -> Request:
         """The engine request for an OpenAI chat body; BadRequest names what is wrong."""
+        if not isinstance(body, dict):
+            raise BadRequest(f"the body must be a JSON object, not {type(body).__name__}")
+        ignored = sorted(k for k, v in body.items() if k not in SUPPORTED | HARMLESS and not _unset(v))
+        if ignored:
+            raise BadRequest(f"not supported by this server (a run's generation server): {', '.join(ignored)}")
         if body.get("stream"):
             raise BadRequest("streaming is not supported by this server (a run's generation server)")
         if int(body.get("n") or 1) != 1:
@@ -65,8 +83,9 @@ class Model:
                              f"model's context of {self.context} tokens")
         # Checked here: a bad value found in the model thread would fail every request of its batch.
         temperature, top_p, seed = body.get("temperature"), body.get("top_p"), body.get("seed")
-        if temperature is not None and (not isinstance(temperature, int | float) or temperature < 0):
-            raise BadRequest(f"temperature must be a number of at least 0, not {temperature!r}")
+        if temperature is not None and (not isinstance(temperature, int | float) or not math.isfinite(temperature)
+                                        or not 0 <= temperature <= MAX_TEMPERATURE):
+            raise BadRequest(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
         if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
             raise BadRequest(f"top_p must be a number in (0, 1], not {top_p!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -84,7 +103,22 @@ class Model:
                           "total_tokens": len(req.prompt) + req.generated}}
 
 
-def handler(model: Model) -> type[BaseHTTPRequestHandler]:
+def _unset(value: Any) -> bool:
+    """A field sent at its no-op value (``"stop": null``, ``"logprobs": false``, a 0 penalty)."""
+    return value is None or value is False or value == 0 or value == [] or value == {}
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """Whether the peer closed its end: readable with nothing to read (a non-streaming client sends
+    nothing more while it waits for its answer)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def handler(model: Model, key: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connections
 
@@ -102,9 +136,19 @@ def handler(model: Model) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, message: str) -> None:
             self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
 
+        def _authorized(self) -> bool:
+            if bearer_ok(self.headers.get("Authorization"), key):
+                return True
+            self._error(401, "missing or wrong API key")
+            return False
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/health":
-                self._send(200, {"status": "ok"})
+                alive = model.engine.alive
+                self._send(200 if alive else 503, {"status": "ok" if alive else "model thread gone",
+                                                   **model.engine.stats()})
+            elif not self._authorized():
+                return
             elif self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": model.name, "object": "model",
                                                              "owned_by": "preftune"}]})
@@ -116,17 +160,28 @@ def handler(model: Model) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
             except ValueError as err:
                 return self._error(400, f"the body is not JSON: {err}")
+            if not self._authorized():
+                return None
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._error(404, f"no route {self.path}")
-            if body.get("model") != model.name:
+            if isinstance(body, dict) and body.get("model") != model.name:
                 return self._error(400, f"this server serves {model.name!r}, not {body.get('model')!r}")
             try:
                 req = model.engine.submit(model.request(body))
+            except EngineDead as err:
+                return self._error(503, str(err))
             except (BadRequest, ValueError) as err:
                 return self._error(400, str(err))
-            req.done.wait()
+            while not req.done.wait(0.25):
+                if client_gone(self.connection):
+                    req.cancelled = True  # the engine drops it at its next step
+                    req.done.wait()
+            if isinstance(req.error, Cancelled):
+                self.close_connection = True
+                return None
             if req.error is not None:
-                return self._error(500, f"generation failed: {type(req.error).__name__}: {req.error}")
+                status = 503 if isinstance(req.error, EngineDead) else 500
+                return self._error(status, f"generation failed: {type(req.error).__name__}: {req.error}")
             self._send(200, model.reply(req))
 
         def log_message(self, format: str, *args: Any) -> None:  # one line per request, to the log file
@@ -144,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=32, help="requests batched together (default 32)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args(argv)
+    key = take_server_key()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     model = Model(args.folder, args.device, args.rows)
     ThreadingHTTPServer.request_queue_size = 256  # a run opens 32+ connections at once (default 5)
-    server = ThreadingHTTPServer((args.host, args.port), handler(model))
+    server = ThreadingHTTPServer((args.host, args.port), handler(model, key))
     server.daemon_threads = True
     print(f"serving {args.folder} on http://{args.host}:{args.port}/v1 ({args.rows} rows, {args.device})",
           file=sys.stderr, flush=True)

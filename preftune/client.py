@@ -53,7 +53,7 @@ from typing import Any
 
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
-from preftune.keys import note_secret, redact
+from preftune.keys import note_secret, read_key_file, redact
 from preftune.ledger import Ledger
 from preftune.response_cache import ResponseCache, request_key
 
@@ -296,6 +296,9 @@ class ChatClient:
                                     "could not be loaded") from err
                 self._secret = str(block.get())
                 note_secret(self._secret)
+            return self._secret
+        if ep.api_key_file:  # a server preftune started: its per-server key
+            self._secret = read_key_file(ep.api_key_file)
             return self._secret
         return NO_KEY_PLACEHOLDER
 

@@ -29,6 +29,9 @@ class Endpoint(BaseModel):
                                     "never the key itself.")
     api_key_block: str | None = Field(None, description="Name of a Prefect Secret block holding the key "
                                       "(read only when a request is sent).")
+    api_key_file: SkipJsonSchema[str | None] = Field(
+        None, exclude=True, description="Path of a file (mode 0600) holding the key of a server preftune started itself "
+        "(a run's local model server, a deployment). Set by preftune; never on the form.")
     price_input_per_m: float | None = Field(None, ge=0, description="USD per 1M input (prompt) tokens. Empty: "
                                             "unpriced (a local folder is free).")
     price_output_per_m: float | None = Field(None, ge=0, description="USD per 1M output (completion) tokens. "

@@ -1,34 +1,21 @@
 """Local model servers: a model folder as a child process on a free loopback port.
 
-Two servers, by who uses them:
-* **A run's own servers** (pair generation, the plan's calibration): ``python -m
-  preftune.batchserve FOLDER`` (preftune/batching.py), continuous batching of up to
-  ``BATCHED_CONCURRENCY`` requests over a padded KV cache, with a shared prompt prefix computed
-  once. SmolLM2-135M on 2 CPU cores, pair generation (bench_pairs --local): 337-350 tokens/s at
-  concurrency 32 against 42 at 1 (8.1-8.3x); transformers 5.23's own ``--continuous-batching``
-  5.1-5.5x in the same runs (191-209 against 38-39: its paged attention gathers the whole cache
-  every step). The zoo's tiny
-  models batch too (2,837 tokens/s at concurrency 16 against 233 served one at a time), on one
-  thread, leaving the cores to the real model beside them. It needs a plain full-attention KV
-  cache; a model with sliding-window or hybrid layers goes to transformers serve as below.
-* **Deployments** (``preftune deploy``, detached): ``transformers serve``, the broader API
-  (streaming). What transformers 5.23's server does (checked by hand, tiny Llama on 2 CPU cores):
+Which server answers a folder, and its command line, is preftune/backends.py (preftune's batching
+server, ``transformers serve`` through preftune/hfserve.py, or vLLM). What ``transformers serve``
+(5.23) does, checked by hand on a tiny Llama on 2 CPU cores:
 
-  - ``transformers serve FOLDER --port N --host 127.0.0.1 --device cpu`` pins the model: requests
-    must send ``"model": FOLDER`` exactly (anything else is HTTP 400 "Server is pinned to ...";
-    preftune's server does the same).
+  - it pins the model: requests must send ``"model": FOLDER`` exactly (anything else is HTTP 400
+    "Server is pinned to ..."; preftune's server does the same).
   - ``GET /health`` answers ``{"status": "ok"}`` once the model is loaded (~5-7 s for a tiny model).
   - ``GET /v1/models`` scans the hub cache and fails (500) when that folder is missing, so we point
-    ``HF_HUB_CACHE`` at an existing folder; even then it lists nothing for a pinned local folder,
-    so health means ``/health``.
-  - Replies carry ``finish_reason`` ("stop"/"length") and ``usage`` (prompt/completion tokens, the
-    end token counted). ``temperature`` is ignored unless the model's generation config samples.
-  - SIGTERM shuts uvicorn down in ~2 s.
-  - ``--continuous-batching`` (paged attention) is used from ``BATCHING_MIN_PARAMS`` up; below, a
-    tiny model is ~3x *slower* with it on CPU (scheduling dominates) and is served one request at
-    a time, and such a server keeps computing a request whose client has gone.
+    ``HF_HUB_CACHE`` at an existing folder; health means ``/health``.
+  - Replies carry ``finish_reason`` ("stop"/"length") and ``usage`` (the end token counted).
+  - SIGTERM shuts uvicorn down in ~2 s. Without continuous batching it serves one request at a
+    time and keeps computing a request whose client has gone.
 
-Either way the served endpoint carries the concurrency that fits (``Endpoint.concurrency``) and
+Every server requires a bearer key made for it (preftune/keys.py): given to the server in its
+environment, to preftune's client in a 0600 file (``Endpoint.api_key_file``); ``/health`` alone is
+open. Either way the served endpoint carries the concurrency that fits (``Endpoint.concurrency``) and
 the server's pid (``Endpoint.server_pid``: the client waits on a live server instead of timing
 requests out and sending them again).
 
@@ -49,9 +36,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -60,15 +45,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from preftune.backends import Launch, launch_for, local_backend
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import file_lock, write_json_atomic
 from preftune.hf import model_fingerprint
-from preftune.keys import child_environ, note_secret_env
+from preftune.keys import child_environ, new_key, note_secret_env, write_key_file
 from preftune.paths import cache_dir
 from preftune.procs import popen
+from preftune.serverprocs import (  # re-exported: callers import them from here
+    free_port,
+    healthy,
+    kill_group,
+    listens_on,
+    log_tail,
+    pid_alive,
+    port_free,
+    runs_server_for,
+)
+
+# vLLM's switches for routes that load adapters or change the server (/v1/load_lora_adapter, /sleep, ...)
+CLOSED_ROUTE_SWITCHES = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_SERVER_DEV_MODE")
 
 _LOCK = threading.RLock()
 _LIVE: dict[tuple[str, bool], ServerHandle] = {}  # (registry key, detached) -> handle used by this process
@@ -90,6 +87,8 @@ class ServerHandle:
     detached: bool = False
     served_model: str | None = None  # the `model` field requests send (defaults to model_dir)
     concurrency: int | None = None  # requests in flight that suit it (None: unknown, the client's default)
+    key_file: Path | None = None  # 0600 file holding the server's bearer key
+    backend: str | None = None  # preftune, transformers or vllm (None: a caller's own command)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     users: int = 0
 
@@ -105,12 +104,12 @@ class ServerHandle:
         # Priced at 0: a folder preftune serves costs no per-token bill (unpriced would read "unknown").
         return Endpoint(base_url=self.base_url, model=self.model, cache_id=model_fingerprint(self.model_dir),
                         price_input_per_m=0.0, price_output_per_m=0.0, concurrency=self.concurrency,
-                        server_pid=self.pid)
+                        server_pid=self.pid, api_key_file=str(self.key_file) if self.key_file else None)
 
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def tail(self, n: int = 20) -> str:
         return log_tail(self.log_path, n)
@@ -125,10 +124,11 @@ class ServerHandle:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``grace`` seconds."""
         with _LOCK:
-            _kill_group(self.pid, self.proc, grace)
+            kill_group(self.pid, self.proc, grace)
             if _LIVE.get((_key(self.model_dir), self.detached)) is self:
                 del _LIVE[(_key(self.model_dir), self.detached)]
             _registry_remove(_key(self.model_dir), self.pid)
+            _forget_key(self.key_file)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -167,180 +167,11 @@ def _registry_remove(key: str, pid: int) -> None:
             del reg[key]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _kill_group(pid: int, proc: subprocess.Popen | None, grace: float) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None and not _group_alive(pid):
-                    return
-            elif not _pid_alive(pid) and not _group_alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # killpg(0) also succeeds while members are zombies; look for a live one.
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, n: int = 20) -> str:
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
-
-
-def port_free(port: int) -> bool:
-    """True when nothing listens on 127.0.0.1:``port`` (or on every address at that port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def listens_on(pid: int, port: int) -> bool:
-    """True when ``pid`` or one of its descendants holds the listening socket on ``port``."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for proc in procs:
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in proc.net_connections(kind="tcp")):
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def healthy(port: int, timeout: float = 2.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-BATCHING_MIN_PARAMS = 20_000_000  # continuous batching from here up (module docstring)
-BATCHED_CONCURRENCY = 32  # requests in flight to a continuously batching server (what it batches)
-SERIAL_CONCURRENCY = 2  # to a one-at-a-time server: one computing, one queued behind it
-
-
-def continuous_batching(model_dir: str) -> bool:
-    """Whether this model is big enough to gain from batching on many threads (by its parameter
-    count): ``transformers serve --continuous-batching`` from here up, and preftune's server gives
-    a smaller one a single thread."""
-    from preftune.cost import model_params
-
-    try:
-        return model_params(model_dir) >= BATCHING_MIN_PARAMS
-    except UserError:
-        return False
-
-
-CB_CONTEXT_TOKENS = 1024  # KV-cache room per request in flight (prompt + answer) a batching server reserves
-
-
-def kv_cache_fraction(model_dir: str, device: str = "cpu") -> float:
-    """The share of memory a continuously batching server may give its paged KV cache: room for
-    BATCHED_CONCURRENCY requests of CB_CONTEXT_TOKENS each (+25 %), between 2 % and 50 %.
-
-    Left to its default, transformers 5.23 sizes the cache from the machine's memory: one
-    SmolLM2-135M server on CPU held 14.3 GB resident on a 24 GB machine (3.0 GB at 0.1), so the
-    two generators of a pair phase could not both run."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    layers = cfg.num_hidden_layers
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * layers * heads * head_dim * (4 if device == "cpu" else 2)  # keys + values
-    need = 1.25 * BATCHED_CONCURRENCY * CB_CONTEXT_TOKENS * per_token
-    if device == "cpu":
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        import torch
-
-        total = torch.cuda.get_device_properties(0).total_memory
-    return round(min(0.5, max(0.02, need / total)), 4)
-
-
-def transformers_command(model_dir: str, port: int, device: str = "cpu", batching: bool = False) -> list[str]:
-    """`transformers serve` through this interpreter (`python -m`), not a `transformers` script
-    looked up beside it: an installed wheel or a venv that borrows its packages has none there."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers.cli.transformers") is None:
-        raise UserError("transformers' command line is not installed in this environment: "
-                        "install transformers[serving]")
-    return [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--port", str(port),
-            "--host", "127.0.0.1", "--device", device,
-            *(["--continuous-batching", "--cb-max-memory-percent", str(kv_cache_fraction(model_dir, device))]
-              if batching else [])]
-
-
-def batchserve_usable(model_dir: str) -> bool:
-    """Whether ``preftune.batchserve`` can batch this model: a causal LM whose KV cache is plain full
-    attention on every layer (it pads and joins rows' caches; sliding-window or hybrid caches go to
-    transformers serve). ``PREFTUNE_LOCAL_SERVER=transformers`` sends every model there instead
-    (an escape hatch, and bench_pairs --local's comparison)."""
-    from transformers import AutoConfig
-
-    from preftune.batching import plain_cache
-
-    server = os.environ.get("PREFTUNE_LOCAL_SERVER", "preftune")
-    if server not in ("preftune", "transformers"):
-        raise UserError(f"PREFTUNE_LOCAL_SERVER must be preftune or transformers, not {server!r}")
-    if server == "transformers":
-        return False
-    try:
-        return plain_cache(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    except (OSError, ValueError):
-        return False
-
-
-def batchserve_command(model_dir: str, port: int, device: str = "cpu") -> list[str]:
-    """A run's own server for ``model_dir``: preftune's continuous batching (preftune/batchserve.py)."""
-    # A tiny model's step is Python overhead, not matmuls: one thread does it as fast, and leaves the
-    # other cores to the real model it is usually paired with (the weak side of a pair phase).
-    small = device == "cpu" and not continuous_batching(model_dir)
-    return [sys.executable, "-m", "preftune.batchserve", model_dir, "--port", str(port), "--host", "127.0.0.1",
-            "--device", device, "--rows", str(BATCHED_CONCURRENCY), *(["--threads", "1"] if small else [])]
+def _forget_key(path: str | Path | None) -> None:
+    """A stopped server's key is no use to anyone: its file goes."""
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
 
 
 def _install_exit_handlers() -> None:
@@ -390,39 +221,46 @@ def _reuse(key: str, detach: bool = False) -> ServerHandle | None:
             return None
         detached = bool(entry.get("detached"))
         owner = entry.get("owner", -1)
-        if detached != detach or (not detached and owner != os.getpid() and _pid_alive(owner)):
+        if detached != detach or (not detached and owner != os.getpid() and pid_alive(owner)):
             return None  # not ours to use: a run starts its own (a deployment, its own detached one)
-        if not (_pid_alive(entry["pid"]) and healthy(entry["port"], timeout=5.0)):
+        if not (pid_alive(entry["pid"]) and healthy(entry["port"], timeout=5.0)):
             del reg[key]  # stale: dead, or something else now holds that pid/port
             return None
         owner_gone = not detached
         if owner_gone:  # an orphan of a crashed run: adopt it, so it is stopped at our exit
             entry["owner"] = os.getpid()
+    key_file = entry.get("key_file")
     handle = ServerHandle(model_dir=key, port=entry["port"], pid=entry["pid"], log_path=Path(entry["log"]),
                           started_at=entry["started_at"], owned=owner_gone, detached=detached,
-                          served_model=entry.get("served_model"), concurrency=entry.get("concurrency"))
+                          served_model=entry.get("served_model"), concurrency=entry.get("concurrency"),
+                          key_file=Path(key_file) if key_file else None, backend=entry.get("backend"))
     _LIVE[(key, detached)] = handle
     return handle
 
 
 def serve_local(model_dir: str | Path, log_dir: str | Path, *, device: str = "cpu", port: int | None = None,
                 timeout: float = 180.0, detach: bool = False, command: list[str] | None = None,
-                served_model: str | None = None) -> ServerHandle:
+                launch: Launch | None = None, key_file: Path | None = None) -> ServerHandle:
     """A healthy server for ``model_dir``: reused when one is up, else started and awaited.
 
-    ``command`` replaces the transformers one (vllm, or a test's broken server); ``{port}`` in it
-    is filled in. Use the handle as a context manager, or call ``release()``/``stop()``.
+    The backend is this machine's (``preftune.backends.local_backend``) unless ``launch`` gives
+    one (a deployment, phase 5's LoRA server) or ``command`` a bare command line (a test's broken
+    server); ``{port}`` in either is filled in. ``key_file``: where the server's key is written
+    (default: a private folder of the cache). Use the handle as a context manager, or call
+    ``release()``/``stop()``.
     """
     return serve_many([model_dir], log_dir, device=device, port=port, timeout=timeout, detach=detach,
-                      command=command, served_model=served_model)[0]
+                      command=command, launch=launch, key_file=key_file)[0]
 
 
 def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str = "cpu", port: int | None = None,
                timeout: float = 180.0, detach: bool = False, command: list[str] | None = None,
-               served_model: str | None = None) -> list[ServerHandle]:
+               launch: Launch | None = None, key_file: Path | None = None) -> list[ServerHandle]:
     """Like ``serve_local`` for several folders, loading them side by side (strong and weak at once)."""
+    if command is not None:
+        launch = Launch("custom", command, concurrency=None)
     for d in model_dirs:
-        if command is None and not (Path(d) / "config.json").is_file():
+        if launch is None and not (Path(d) / "config.json").is_file():
             raise UserError("not a model folder (no config.json)", path=d)
     with _LOCK:
         batch: dict[str, ServerHandle] = {}
@@ -432,8 +270,8 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
             handle = batch.get(key) or (_reuse(key, detach) if port is None else None)
             # A detached server (a deployment) must not ride on one that dies with another process.
             if handle is None or (detach and not handle.detached):
-                handle = _launch(key, Path(log_dir), device=device, port=port, detach=detach, command=command,
-                                 served_model=served_model)
+                handle = _launch(key, Path(log_dir), device=device, port=port, detach=detach, launch=launch,
+                                 key_file=key_file)
                 launched.append(handle)
             batch[key] = handle
         try:
@@ -445,7 +283,8 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
                                       f"started for {handle.model_dir} (pid {handle.pid})")
         except BaseException:
             for handle in launched:
-                _kill_group(handle.pid, handle.proc, grace=5.0)
+                kill_group(handle.pid, handle.proc, grace=5.0)
+                _forget_key(handle.key_file)
             raise
         for handle in launched:
             _register(handle)
@@ -456,24 +295,26 @@ def serve_many(model_dirs: list[str | Path], log_dir: str | Path, *, device: str
 
 
 def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: bool,
-            command: list[str] | None, served_model: str | None) -> ServerHandle:
+            launch: Launch | None, key_file: Path | None) -> ServerHandle:
     log_dir.mkdir(parents=True, exist_ok=True)
     if port and not port_free(port):
         raise UserError(f"port {port} is in use by another process")
     port = port or free_port()
     log_path = log_dir / f"server-{Path(key).name}-{port}.log"
-    ours = command is None and not detach and batchserve_usable(key)
-    batching = ours or (command is None and continuous_batching(key))
-    if command:
-        argv = [a.replace("{port}", str(port)) for a in command]
-    else:
-        argv = batchserve_command(key, port, device) if ours else transformers_command(key, port, device, batching)
-    concurrency = None if command else (BATCHED_CONCURRENCY if batching else SERIAL_CONCURRENCY)
-    env = child_environ({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if launch is None:
+        # A deployment (detached) stays off preftune's server: transformers serve's API is broader.
+        backend = local_backend(key)
+        launch = launch_for("transformers" if detach and backend == "preftune" else backend, key, device)
+    argv = [a.replace("{port}", str(port)) for a in launch.argv]
+    secret = new_key()
+    key_file = write_key_file(key_file or cache_dir() / "servers" / "keys" / f"{Path(key).name}-{port}.key", secret)
+    env = child_environ({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", launch.key_env: secret})
+    for name in CLOSED_ROUTE_SWITCHES:  # a user's setting must not open a model-loading route to callers
+        env.pop(name, None)
     hub_cache = cache_dir() / "hf-hub"  # /v1/models fails without an existing hub cache folder
     hub_cache.mkdir(parents=True, exist_ok=True)
     env.setdefault("HF_HUB_CACHE", str(hub_cache))
-    if not batching:
+    if not launch.batching:
         # A pair phase runs a batching server and a one-at-a-time one side by side. The latter
         # computes each request in a thread of its own, whose OpenMP threads spin while idle and take
         # the cores the batching server needs: pairs at concurrency 32 on 2 cores (bench_pairs
@@ -482,7 +323,7 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _install_exit_handlers()
     with open(log_path, "ab") as log:
-        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.write(f"$ {' '.join(argv)}\n".encode())  # the key is in env, not here
         log.flush()
         # A run's server dies with the run even on kill -9; a deployment's (detached) outlives it.
         proc = popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -490,7 +331,8 @@ def _launch(key: str, log_dir: Path, *, device: str, port: int | None, detach: b
                      death_signal=None if detach else signal.SIGKILL)
     return ServerHandle(model_dir=key, port=port, pid=proc.pid, log_path=log_path, proc=proc,
                         started_at=datetime.now(UTC).isoformat(timespec="seconds"), owned=True,
-                        detached=detach, served_model=served_model, concurrency=concurrency)
+                        detached=detach, served_model=launch.served_model, concurrency=launch.concurrency,
+                        key_file=key_file, backend=launch.backend)
 
 
 def _register(handle: ServerHandle) -> None:
@@ -499,12 +341,13 @@ def _register(handle: ServerHandle) -> None:
     _LIVE[(handle.model_dir, handle.detached)] = handle
     with _registry() as reg:
         entry = reg.get(handle.model_dir)
-        if entry and not handle.detached and _pid_alive(entry["pid"]) and entry.get("owner") != os.getpid():
+        if entry and not handle.detached and pid_alive(entry["pid"]) and entry.get("owner") != os.getpid():
             return
         reg[handle.model_dir] = {
             "pid": handle.pid, "port": handle.port, "model": handle.model_dir, "log": str(handle.log_path),
             "owner": os.getpid(), "started_at": handle.started_at, "detached": handle.detached,
-            "served_model": handle.served_model, "concurrency": handle.concurrency}
+            "served_model": handle.served_model, "concurrency": handle.concurrency,
+            "key_file": str(handle.key_file) if handle.key_file else None, "backend": handle.backend}
 
 
 def wait_healthy(handle: ServerHandle, timeout: float, deadline: float | None = None) -> None:
@@ -535,26 +378,15 @@ def stop_server(model_dir: str | Path, grace: float = 10.0, pid: int | None = No
     handle = _LIVE.pop((key, True), None) or _LIVE.pop((key, False), None)
     if handle is not None:
         target, proc = handle.pid, handle.proc
-    elif entry is not None and _runs_server_for(entry["pid"], key):
+    elif entry is not None and runs_server_for(entry["pid"], key):
         target, proc = entry["pid"], None
-    elif pid is not None and _runs_server_for(pid, key):
+    elif pid is not None and runs_server_for(pid, key):
         target, proc = pid, None
     else:
         return False
-    _kill_group(target, proc, grace)
+    kill_group(target, proc, grace)
+    _forget_key(handle.key_file if handle is not None else (entry or {}).get("key_file"))
     return True
-
-
-def _runs_server_for(pid: int, key: str) -> bool:
-    """True when ``pid`` is alive and its command line is a server for ``key`` (a recycled pid is not)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmd = proc.cmdline()
-    except psutil.Error:
-        return False
-    return ("serve" in cmd or "preftune.batchserve" in cmd) and any(key in arg for arg in cmd)
 
 
 def is_local_model(spec: str) -> bool:
@@ -585,9 +417,8 @@ def resolve_endpoints(eps: list[Endpoint | str], *, log_dir: str | Path, stack: 
         handle = next(served)
         if stack is not None:  # one release per use taken (a folder given twice took two)
             stack.callback(handle.release)
-        # The served URL replaces the folder; what the user set on it (a key name, prices) stays.
-        kept = ep.model_dump(include={"api_key_env", "api_key_block", "price_input_per_m", "price_output_per_m"},
-                             exclude_none=True)
+        # The served URL and its own key replace the folder; the prices the user set on it stay.
+        kept = ep.model_dump(include={"price_input_per_m", "price_output_per_m"}, exclude_none=True)
         out.append(handle.endpoint().model_copy(update=kept))
     return out
 

@@ -1,20 +1,25 @@
 """Phase 6: put the chosen model behind an OpenAI-compatible endpoint and prove it answers.
 
-With ``transformers serve`` (the default, CPU or GPU) a LoRA adapter is first merged into its base
-(``merge_and_unload``) into ``deploy/model/``, because the server takes one model folder. With vLLM
-on a GPU the adapter is served as a LoRA module instead (no merge; vLLM batches adapters natively).
-The server is detached — it outlives the command — and recorded in ``deploy/endpoint.json``;
-``stop_deployment`` ends it. A server that fails its health check or smoke request is stopped
-before the error (with its last log lines) is raised: nothing is left running.
+The server is started by the run's launcher (preftune/backends.py, preftune/server.py): vLLM when
+CUDA is present and vLLM is installed (the adapter served as a LoRA module, unmerged, with
+``--max-lora-rank`` from its rank), else ``transformers serve`` through preftune/hfserve.py, to which
+a LoRA adapter is first merged into its base (``merge_and_unload``) into ``deploy/model/``. Either
+way it listens on 127.0.0.1 only, requires a bearer key made for it — written 0600 to
+``deploy/api_key``, read by the client snippet from there or from ``$PREFTUNE_DEPLOY_KEY`` — and
+offers callers no route that loads another model. The server is detached — it outlives the
+command — and recorded in ``deploy/endpoint.json``; ``stop_deployment`` ends it. A server that fails
+its health check or smoke request is stopped before the error (with its last log lines) is raised:
+nothing is left running.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from preftune.backends import choose_backend, cuda_available, launch_for, vllm_installed
 from preftune.client import ChatClient, ChatError
 from preftune.errors import UserError
 from preftune.files import atomic_dir, read_json, tree_fingerprint, write_json_atomic
@@ -26,6 +31,8 @@ from preftune.workspace import Workspace
 
 SMOKE_PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
 LORA_NAME = "preftune"  # the served model name of a vLLM LoRA module
+KEY_FILE = "api_key"  # in deploy/: the deployed server's bearer key, mode 0600
+KEY_ENV = "PREFTUNE_DEPLOY_KEY"  # or the client snippet reads the key from this variable
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
@@ -56,19 +63,14 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
     return out_dir
 
 
-def vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
+def _use_vllm(engine: str) -> bool:
+    """``auto``: vLLM when CUDA is present and vLLM is installed; ``vllm`` asked for on a machine
+    that cannot run it is one line saying what is missing."""
+    if engine == "transformers":
         return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _vllm_command(base: str, adapter: str | None) -> tuple[list[str], str]:
-    cmd = ["vllm", "serve", base, "--host", "127.0.0.1", "--port", "{port}"]
-    if adapter is None:
-        return cmd, base
-    return cmd + ["--enable-lora", "--lora-modules", f"{LORA_NAME}={adapter}"], LORA_NAME
+    cuda, installed = cuda_available(), vllm_installed()
+    setting = "vllm" if engine == "vllm" else None
+    return choose_backend(cuda=cuda, vllm_installed=installed, setting=setting, plain_cache=True) == "vllm"
 
 
 def _smoke(handle: ServerHandle) -> dict[str, Any]:
@@ -78,10 +80,14 @@ def _smoke(handle: ServerHandle) -> dict[str, Any]:
             "completion_tokens": result.completion_tokens}
 
 
-def snippet(base_url: str, model: str) -> str:
+def snippet(base_url: str, model: str, key_file: Path) -> str:
+    """A client of the deployment; the key is read when it runs (from $PREFTUNE_DEPLOY_KEY or the
+    0600 file), never written into the snippet."""
     return (
-        "from openai import OpenAI\n\n"
-        f'client = OpenAI(base_url="{base_url}", api_key="not-needed")  # local server: any key works\n'
+        "import os\nfrom pathlib import Path\n\nfrom openai import OpenAI\n\n"
+        f"# The server's key: ${KEY_ENV}, else the file preftune deploy wrote (readable by you alone).\n"
+        f'key = os.environ.get("{KEY_ENV}") or Path({str(key_file)!r}).read_text().strip()\n'
+        f'client = OpenAI(base_url="{base_url}", api_key=key)\n'
         "reply = client.chat.completions.create(\n"
         f"    model={model!r},\n"
         '    messages=[{"role": "user", "content": "Hello! What can you do?"}],\n'
@@ -99,18 +105,20 @@ def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | No
         raise UserError("not a model folder (no config.json)", path=model)
     if engine not in ("auto", "transformers", "vllm"):
         raise UserError(f"unknown engine {engine!r} (auto, transformers or vllm)")
+    use_vllm = _use_vllm(engine)
     stop_deployment(ws.root)  # one deployment per workspace: a new one replaces the old
-    use_vllm = engine == "vllm" or (engine == "auto" and vllm_usable())
     base = str(Path(model).resolve())
     adapter_path = str(Path(adapter).resolve()) if adapter is not None else None
-    if use_vllm:
-        command, served = _vllm_command(base, adapter_path)
+    key_file = ws.deploy_dir / KEY_FILE
+    if use_vllm:  # the adapter as a LoRA module; the server recorded under the adapter's folder
+        launch = launch_for("vllm", base, adapters={LORA_NAME: adapter_path} if adapter_path else None)
+        launch = dataclasses.replace(launch, served_model=LORA_NAME if adapter_path else base)
         folder = adapter_path or base
-        handle = serve_local(folder, ws.logs_dir, port=port, timeout=timeout, detach=True, command=command,
-                             served_model=served)
     else:
         folder = str(merge_adapter(base, adapter_path, ws.deploy_dir / "model")) if adapter_path else base
-        handle = serve_local(folder, ws.logs_dir, device=device, port=port, timeout=timeout, detach=True)
+        launch = launch_for("transformers", folder, device)
+    handle = serve_local(folder, ws.logs_dir, device=device, port=port, timeout=timeout, detach=True,
+                         launch=launch, key_file=key_file)
     try:
         smoke = _smoke(handle)
     except (ChatError, UserError) as err:
@@ -122,9 +130,10 @@ def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | No
             "started_at": handle.started_at, "engine": "vllm" if use_vllm else "transformers",
             "base_model": base, "adapter": adapter_path, "served_folder": handle.model_dir,
             "log": str(handle.log_path), "smoke": smoke, "snippet": str(ws.deploy_dir / "client_snippet.py"),
+            "api_key_file": str(key_file), "api_key_env": KEY_ENV,
             "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")}
     ws.deploy_dir.mkdir(parents=True, exist_ok=True)
-    (ws.deploy_dir / "client_snippet.py").write_text(snippet(handle.base_url, handle.model))
+    (ws.deploy_dir / "client_snippet.py").write_text(snippet(handle.base_url, handle.model, key_file))
     write_json_atomic(ws.endpoint, info)
     return info
 
@@ -142,6 +151,7 @@ def stop_deployment(workspace: str | Path) -> dict[str, Any]:
         return {"stopped": False, "pid": info.get("pid"), "base_url": info.get("base_url"),
                 "reason": f"pid {info.get('pid')} is not the server deployed from this workspace "
                           "(it exited); nothing was signalled"}
+    (path.parent / KEY_FILE).unlink(missing_ok=True)  # a stopped server's key opens nothing
     info["stopped_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_json_atomic(path, info)
     return {"stopped": stopped, "pid": info.get("pid"), "base_url": info.get("base_url")}

@@ -68,6 +68,9 @@ class EvalConfig(BaseModel):
     auto_rubric: bool = Field(False, description="Have the judge write the rubric from training pairs.")
     train_data: Path | None = Field(None, description="Training pairs to ground the auto rubric in.")
     judge: Endpoint | None = Field(None, description="The pairwise judge endpoint.")
+    served: dict[str, Endpoint] = Field(default_factory=dict, description="Model name → a server that answers "
+                                        "for it (phase 5 on vLLM: one server, each candidate a LoRA module); "
+                                        "the others generate in process.")
     max_prompts: int = Field(200, ge=1, le=100_000, description="Held-out prompts used (first N).")
     max_new_tokens: int = Field(64, ge=1, le=32_768, description="Max new tokens per completion.")
     batch_size: int = Field(16, ge=1, le=1024, description="Generation batch size for local models.")
@@ -135,6 +138,10 @@ def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[
             return [o.text if hasattr(o, "text") else None for o in outs]
         return via_endpoint
 
+    if name in cfg.served:  # a server preftune started answers for this model (tasks/generate.py)
+        from preftune.tasks.generate import answer_with_backend
+
+        return lambda batch: answer_with_backend(cfg.served[name], batch, max_new_tokens=cfg.max_new_tokens)
     loaded: list = []  # (model, tokenizer), loaded on the first chunk and kept for the rest
 
     def local(batch: list[list[dict]]) -> list[str | None]:
@@ -206,7 +213,7 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]], warning
                     "max_new_tokens": cfg.max_new_tokens, "temperature": 0.0}
         path = cfg.out_dir / "completions" / f"{model_key(name, identity)}.jsonl"
         # A local model reports progress per generation batch; an endpoint per chunk of requests.
-        chunk = CHUNK if _is_endpoint(model) else cfg.batch_size
+        chunk = CHUNK if _is_endpoint(model) or name in cfg.served else cfg.batch_size
         texts, generated = cached_completions(path, prompts, _counted(_generator(cfg, model, adapter, warnings, name),
                                                                       ticks), chunk=chunk)
         ticks.add(len(prompts) - generated)  # found in the cache

@@ -11,11 +11,13 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+from preftune.backends import launch_for, local_backend
 from preftune.client import AuthError
+from preftune.endpoint import Endpoint
 from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
 from preftune.judges.stats import clear_winner
-from preftune.server import resolve_run_endpoints
+from preftune.server import device_name, is_local_model, resolve_run_endpoints, serve_local
 from preftune.spec import RunSpec
 from preftune.tasks.evaluate import BASE, EvalConfig, run_evaluation
 from preftune.tasks.pairs import run_data
@@ -68,6 +70,27 @@ def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs:
         raise RunEnded("failed", str(err)) from None
 
 
+def lora_server(stack: contextlib.ExitStack, ws: Workspace, base: str, candidates: dict[str, str],
+                backend: str | None = None) -> dict[str, Endpoint]:
+    """On the vLLM backend: ONE server for ``base`` with every candidate's adapter loaded as a LoRA
+    module (named by the job id), released when ``stack`` closes: model name → its endpoint. No
+    merge and no reload per candidate. Elsewhere (preftune's server on CPU, a full fine-tune among
+    the candidates): {}, and candidates are generated in process, one adapter at a time."""
+    if not candidates or not is_local_model(base):
+        return {}
+    if not all((Path(p) / "adapter_config.json").is_file() for p in candidates.values()):
+        return {}
+    if (backend or local_backend(base)) != "vllm":
+        return {}
+    launch = launch_for("vllm", base, adapters=candidates)
+    # Recorded under its first adapter's folder: the base's own server (pairs) keeps its registry entry.
+    handle = serve_local(next(iter(candidates.values())), ws.logs_dir, device=device_name(), launch=launch,
+                         timeout=1800.0)
+    stack.callback(handle.release)
+    ep = handle.endpoint()
+    return {BASE: ep.model_copy(update={"model": base}), **{n: ep.model_copy(update={"model": n}) for n in candidates}}
+
+
 def _group_progress(report: Callable[[float, float], None] | None, index: int, groups: int):
     if report is None:
         return None
@@ -85,12 +108,14 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
         use_judge = spec.judge is not None and evaluator_kind != "evaluator"
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for index, (base, group) in enumerate(groups.items()):
+            weights = {j["id"]: trained_weights(ws, j["id"]) for j in group}
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
-                             candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
+                             candidates=weights,
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
-                             max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
+                             max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed,
+                             served=lora_server(stack, ws, base, weights))
             _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
     merged["clear_winner"] = clear_winner(merged["models"])
     if merged.get("rubric"):

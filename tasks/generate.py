@@ -7,10 +7,13 @@ unless a temperature is given; each row stops at EOS.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
 
+from preftune.client import ChatClient
+from preftune.endpoint import Endpoint
 from preftune.hf import load_causal_lm, prompt_ids, stop_token_ids
 
 
@@ -47,3 +50,19 @@ def generate_completions(model_path: str | Path, prompts: list[list[dict]], *,
     model, tokenizer = load_causal_lm(model_path, adapter_path)
     return generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature)
+
+
+def answer_with_backend(endpoint: Endpoint, prompts: list[list[dict]], *, max_new_tokens: int = 64,
+                        temperature: float = 0.0) -> list[str | None]:
+    """Completions from a server preftune started (phase 5 on vLLM: ``endpoint.model`` names the
+    candidate's LoRA module), in the order of ``prompts``; None where a request failed. Greedy and
+    stripped as ``generate_with``'s, so both paths fill the same completions cache."""
+    client = ChatClient(endpoint, concurrency=endpoint.concurrency or 16, timeout=600.0)
+
+    async def go() -> list:
+        try:
+            return await client.chat_many(prompts, max_tokens=max_new_tokens, temperature=temperature)
+        finally:
+            await client.aclose()
+
+    return [o.text.strip() if hasattr(o, "text") else None for o in asyncio.run(go())]

@@ -90,7 +90,17 @@ def test_deploy_answers_through_openai_and_stop_leaves_nothing(zoo, adapter, tmp
     assert info["smoke"]["completion_tokens"] > 0 and info["smoke"]["finish_reason"] in ("stop", "length")
     assert psutil.pid_exists(info["pid"]) and healthy(info["port"])
 
-    reply = openai.OpenAI(base_url=info["base_url"], api_key="unused").chat.completions.create(
+    # A key made for this server: 0600 in deploy/, nowhere in what is printed, written or logged.
+    key_file = Path(info["api_key_file"])
+    assert key_file == ws / "deploy" / "api_key" and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    key = key_file.read_text()
+    assert len(key) >= 32
+    for path in (ws / "deploy" / "endpoint.json", Path(info["snippet"]), Path(info["log"])):
+        assert key not in path.read_text(), path
+    with pytest.raises(openai.AuthenticationError):  # another local user, without the key
+        openai.OpenAI(base_url=info["base_url"], api_key="guess", max_retries=0).chat.completions.create(
+            model=info["model"], messages=[{"role": "user", "content": PROMPT}], max_tokens=5)
+    reply = openai.OpenAI(base_url=info["base_url"], api_key=key).chat.completions.create(
         model=info["model"], messages=[{"role": "user", "content": PROMPT}], max_tokens=5)
     assert isinstance(reply.choices[0].message.content, str)
     assert 0 < reply.usage.completion_tokens <= 5
@@ -102,6 +112,7 @@ def test_deploy_answers_through_openai_and_stop_leaves_nothing(zoo, adapter, tmp
     assert not psutil.pid_exists(info["pid"]) or psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
     assert not healthy(info["port"]) and _servers_for(info["model"]) == []
     assert json.loads((ws / "deploy" / "endpoint.json").read_text())["stopped_at"]
+    assert not key_file.exists()
     assert main(["deploy", "--stop", "--workspace", str(ws)]) == 0
     assert "nothing to stop" in capsys.readouterr().out
 

@@ -150,7 +150,7 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
 
         from preftune.server import healthy
 
-        reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
+        reply = OpenAI(base_url=ep["base_url"], api_key=Path(ep["api_key_file"]).read_text()).chat.completions.create(
             model=ep["model"], messages=[{"role": "user", "content": "What is Einstein famous for?"}],
             max_tokens=8)
         assert len(reply.choices) == 1 and reply.choices[0].message.content is not None

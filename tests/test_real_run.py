@@ -53,7 +53,7 @@ def check_real_run(ws: Path, real_model: dict, outcome: dict, betas: int) -> dic
 
     assert outcome["deployed"] in scores["models"] and outcome["endpoint"]
     ep = json.loads((ws / "deploy/endpoint.json").read_text())
-    reply = OpenAI(base_url=ep["base_url"], api_key="x").chat.completions.create(
+    reply = OpenAI(base_url=ep["base_url"], api_key=Path(ep["api_key_file"]).read_text()).chat.completions.create(
         model=ep["model"], messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=24)
     text = reply.choices[0].message.content

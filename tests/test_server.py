@@ -21,12 +21,12 @@ import httpx
 import psutil
 import pytest
 
+from preftune.backends import BATCHED_CONCURRENCY, SERIAL_CONCURRENCY
 from preftune.client import ChatClient
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
+from preftune.keys import read_key_file
 from preftune.server import (
-    BATCHED_CONCURRENCY,
-    SERIAL_CONCURRENCY,
     ServerError,
     healthy,
     registry_path,
@@ -89,7 +89,7 @@ def real_server(zoo, tmp_path_factory, private_cache):
 
 def test_real_server_health_chat_and_log(real_server, zoo):
     handle, _ = real_server
-    assert httpx.get(f"http://127.0.0.1:{handle.port}/health").json() == {"status": "ok"}
+    assert httpx.get(f"http://127.0.0.1:{handle.port}/health").json()["status"] == "ok"
     assert handle.model == str(Path(zoo["models"]["tiny-llama"]).resolve())
     result = ChatClient(handle.endpoint()).chat_sync([{"role": "user", "content": "Tell me about the sea."}],
                                                      max_tokens=6)
@@ -144,29 +144,26 @@ RUN_B = """
 """
 
 
-def test_local_server_choice_follows_the_cache_kind_and_the_environment(zoo, tmp_path, monkeypatch):
-    from preftune.server import batchserve_usable
-
-    assert batchserve_usable(zoo["models"]["tiny-llama"])  # a plain full-attention cache
-    config = json.loads((Path(zoo["models"]["tiny-llama"]) / "config.json").read_text())
-    (tmp_path / "sliding").mkdir()
-    (tmp_path / "sliding" / "config.json").write_text(json.dumps(
-        {**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4}))
-    assert not batchserve_usable(str(tmp_path / "sliding"))  # sliding-window layers: transformers serve
-    monkeypatch.setenv("PREFTUNE_LOCAL_SERVER", "transformers")
-    assert not batchserve_usable(zoo["models"]["tiny-llama"])
-    monkeypatch.setenv("PREFTUNE_LOCAL_SERVER", "vllm")
-    with pytest.raises(UserError, match="PREFTUNE_LOCAL_SERVER must be preftune or transformers"):
-        batchserve_usable(zoo["models"]["tiny-llama"])
-
-
 def test_a_deployment_is_transformers_serve_one_request_at_a_time(zoo, tmp_path):
     """A detached server (``preftune deploy``) is ``transformers serve``, whose API is the broader
     one (streaming). A tiny model there is served one request at a time, and its idle OpenMP
-    threads wait passively instead of spinning on the cores (server.py)."""
+    threads wait passively instead of spinning on the cores (server.py). It is guarded
+    (preftune/hfserve.py): a bearer key on every route but /health, passed in its environment (not its
+    world-readable command line), and no /load_model or /reset (another local user loaded a folder
+    of their own into it, before)."""
     handle = serve_local(zoo["models"]["tiny-qwen"], tmp_path / "logs", detach=True)  # (not the run's model above)
     try:
-        assert "-m transformers.cli.transformers serve" in handle.log_path.read_text().splitlines()[0]
+        assert "-m preftune.hfserve" in handle.log_path.read_text().splitlines()[0]
+        key = read_key_file(handle.key_file)
+        assert key not in Path(f"/proc/{handle.pid}/cmdline").read_text() and key not in handle.log_path.read_text()
+        url = f"http://127.0.0.1:{handle.port}"
+        body = {"model": handle.model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+        assert httpx.post(f"{url}/load_model", json={"model": str(tmp_path)}, timeout=30).status_code == 401
+        with_key = {"Authorization": f"Bearer {key}"}
+        for route in ("/load_model", "/reset"):
+            assert httpx.post(f"{url}{route}", json={"model": str(tmp_path)}, headers=with_key,
+                              timeout=30).status_code == 404, route
         ep = handle.endpoint()
         assert (ep.server_pid, ep.concurrency) == (handle.pid, SERIAL_CONCURRENCY)
         environ = dict(v.split("=", 1) for v in Path(f"/proc/{handle.pid}/environ").read_text().split("\0")
@@ -373,7 +370,7 @@ def test_batching_server_gets_a_kv_cache_sized_for_its_requests(tmp_path):
     dims → 2 x 4 x 2 x 128 x 4 bytes = 8,192 bytes a token; x 32 x 1024 x 1.25 = 335,544,320 bytes."""
     from transformers import LlamaConfig
 
-    from preftune.server import (
+    from preftune.backends import (
         BATCHED_CONCURRENCY,
         CB_CONTEXT_TOKENS,
         kv_cache_fraction,
@@ -386,6 +383,6 @@ def test_batching_server_gets_a_kv_cache_sized_for_its_requests(tmp_path):
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     expected = round(min(0.5, max(0.02, 335_544_320 / total)), 4)
     assert kv_cache_fraction(str(tmp_path / "m")) == expected
-    cmd = transformers_command(str(tmp_path / "m"), 1234, batching=True)
+    cmd = transformers_command(str(tmp_path / "m"), batching=True)
     assert cmd[cmd.index("--cb-max-memory-percent") + 1] == str(expected)
-    assert "--cb-max-memory-percent" not in transformers_command(str(tmp_path / "m"), 1234, batching=False)
+    assert "--cb-max-memory-percent" not in transformers_command(str(tmp_path / "m"), batching=False)

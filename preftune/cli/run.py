@@ -172,6 +172,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from preftune.backends import check_local_backend
     from preftune.judges.evaluators import trust_command_line
     from preftune.records import validate_files
 
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     check_resolved(spec)
     validate_files(spec.dataset, spec.test_dataset)  # bad data is one line and exit 2 before any flow run exists
+    check_local_backend()  # PREFTUNE_LOCAL_SERVER=vllm without vLLM: one line, before anything is asked
     if not spec.base_models:
         print("no --base-model given: the run will ask to confirm a sweep over the catalogue", file=sys.stderr)
     return run_flow(spec, as_json=args.json)
