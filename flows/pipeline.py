@@ -30,6 +30,7 @@ from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
+from preftune.tasks.diagnostics import run_diagnostics
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resolve
@@ -283,6 +284,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     write_json_atomic(ws.plan, plan)
     # ---- nothing above this line spends; everything below does ----
     data = _pairs(spec, ws, inspection)
+    run_diagnostics(ws.root, inspection, data, (plan.get("diagnostics") or {}).get("reference"))
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
     results = _sweep(spec, ws, jobs, evaluator_kind)

@@ -137,6 +137,7 @@ def collect(ws: Workspace) -> dict:
         "changes": what_changed(ws, outcome, scores), "not_better": not_better(outcome, scores),
         "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
         "groups": candidate_groups(scores) if scores else [], "stop_command": stop_command(ws),
+        "diagnostics": _maybe(ws.root / "diagnostics.json"),  # tasks/diagnostics.py, written by the flow
     }
 
 
