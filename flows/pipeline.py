@@ -37,7 +37,7 @@ from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resol
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid, with_approved
-from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows
+from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows, with_health
 from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
 
@@ -166,6 +166,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
     finally:
         table.close()
         progress.close()
+    results = with_health(ws, results)
     write_json_atomic(ws.sweep_results, results)
     return results
 

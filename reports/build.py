@@ -38,7 +38,7 @@ def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
         job, summary = entry["job"], entry.get("summary") or {}
         rows.append({"id": job["id"], "base_model": short_name(job["base_model"]), "beta": job["beta"],
                      "loss": job["loss_label"], "status": entry["status"], "summary": summary,
-                     "error": entry.get("error")})
+                     "error": entry.get("error"), "health": entry.get("health") or summary.get("health")})
         metrics = read_metrics(ws.job_dir(job["id"]) / "metrics.jsonl")
         if metrics:
             curves[job["id"]] = metrics

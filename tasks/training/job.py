@@ -32,6 +32,7 @@ from preftune.tasks.training.checkpoint import (
     save_checkpoint,
 )
 from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+from preftune.tasks.training.health import DIVERGED, REMEDIES, assess, divergence, metrics_rows
 from preftune.tasks.training.logps import SequenceLogps
 from preftune.tasks.training.loop import (
     TrainState,
@@ -45,6 +46,10 @@ from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
 METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(UserError):
+    """The loss went NaN or exploded: the job stops with this one line (its sweep goes on)."""
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
@@ -168,12 +173,17 @@ def _optimizer(cfg: TrainConfig, module, n_pairs: int, world: int):
 def _hooks(cfg, acc, config_hash: str, module, optimizer, scheduler, total_steps: int, bar):
     """on_log (metrics.jsonl + progress bar) and on_step (checkpoint every save_every steps)."""
     out = Path(cfg.out)
+    first_loss: list[float] = []
 
     def on_log(row: dict) -> None:
         if acc.is_main_process:
             append_jsonl(out / METRICS, row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+        reason = divergence(row, first_loss[0] if first_loss else None)  # every process sees the same row
+        if reason:
+            raise TrainingDiverged(f"{DIVERGED} at step {row['step']}: {reason}; {REMEDIES[DIVERGED]}", path=out)
+        first_loss[:1] = first_loss or [row["loss"]]
 
     def on_step(st: TrainState) -> None:
         if bar is not None:
@@ -242,6 +252,7 @@ def run_training(cfg: TrainConfig) -> dict:
         summary = _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder,
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
         summary["processes"] = acc.num_processes
+        summary["health"] = assess(metrics_rows(out / METRICS), total_steps)
         write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()
