@@ -88,13 +88,14 @@ def _references(cfg, acc, module, tokenizer, datasets: dict, precision: str) -> 
         key, fields = reference_key(cache, cfg.model, tokenizer.chat_template, path, cfg.max_length,
                                     cfg.max_prompt_length, precision)
 
-        def compute(pairs=pairs):
+        def compute(idx: list[int] | None, pairs=pairs):
             module.eval()
+            subset = pairs if idx is None else [pairs[i] for i in idx]
             with reference_mode(module.lm), acc.autocast():
-                return dataset_logps(module, pairs, cfg.batch_size * 2, pad_id(tokenizer), acc.device)
+                return dataset_logps(module, subset, cfg.batch_size * 2, pad_id(tokenizer), acc.device)
 
         with acc.main_process_first():  # DDP: the main process computes, the others read its file
-            refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute)
+            refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute, precision)
         statuses.append(status)
     return refs, "hit" if all(s == "hit" for s in statuses) else "miss"
 
