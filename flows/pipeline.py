@@ -34,13 +34,14 @@ from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
+from preftune.tasks.diagnostics import run_diagnostics
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resolve
 from preftune.tasks.pairs import check_generators
 from preftune.tasks.pairs import pairs_phase as _pairs_phase
 from preftune.tasks.plan import build_plan, job_grid, with_approved
-from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows
+from preftune.tasks.sweep import job_threads, local_launcher, run_sweep, sweep_rows, with_health
 from preftune.tasks.throughput import calibrate
 from preftune.workspace import Workspace, in_use_message
 
@@ -169,6 +170,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
     finally:
         table.close()
         progress.close()
+    results = with_health(ws, results)
     write_json_atomic(ws.sweep_results, results)
     return results
 
@@ -291,6 +293,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     Ledger(ws.ledger, "plan").set_cap(spending_cap(ws, decision, spec.budget_usd, spec.auto_approve_max_usd))
     # ---- nothing above this line spends; everything below does ----
     data = _pairs(spec, ws, inspection)
+    run_diagnostics(ws.root, inspection, data, (plan.get("diagnostics") or {}).get("reference"))
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
     results = _sweep(spec, ws, jobs, evaluator_kind)

@@ -34,7 +34,7 @@ def _sweep_rows(ws: Workspace) -> tuple[list[dict], dict[str, list[dict]]]:
         job, summary = entry["job"], entry.get("summary") or {}
         rows.append({"id": job["id"], "base_model": short_name(job["base_model"]), "beta": job["beta"],
                      "loss": job["loss_label"], "status": entry["status"], "summary": summary,
-                     "error": entry.get("error")})
+                     "error": entry.get("error"), "health": entry.get("health") or summary.get("health")})
         metrics = read_metrics(ws.job_dir(job["id"]) / "metrics.jsonl")
         if metrics:
             curves[job["id"]] = metrics
@@ -133,6 +133,7 @@ def collect(ws: Workspace) -> dict:
         "changes": what_changed(ws, outcome, scores), "not_better": not_better(outcome, scores),
         "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
         "groups": candidate_groups(scores) if scores else [], "stop_command": stop_command(ws),
+        "diagnostics": _maybe(ws.root / "diagnostics.json"),  # tasks/diagnostics.py, written by the flow
     }
 
 

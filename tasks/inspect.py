@@ -20,11 +20,12 @@ from preftune.files import file_sha256, read_json, write_json_atomic
 from preftune.hf import load_tokenizer
 from preftune.records import PAIR_FORMATS, RecordReader, check_dataset_path, prompt_hash, prompt_of
 from preftune.spec import RunSpec
+from preftune.tasks.diagnostics import diagnose
 from preftune.tasks.inspect_stats import Stats, TokenCounter, summarize
 from preftune.workspace import Workspace, default_workspace
 
 TEST_PERCENT = 20  # prompts whose hash bucket (0..99) is below this go to the test split
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: pair diagnostics (tasks/diagnostics.py)
 
 
 def split_bucket(phash: str) -> int:
@@ -188,8 +189,18 @@ def inspect_dataset(path: str | Path, *, test_path: str | Path | None = None, mo
     sink.commit()
     report.update(inputs=key, workspace=str(ws.root),
                   files={"train": str(ws.train_data), "test": str(ws.test_data)})
+    report["diagnostics"] = dataset_diagnostics(report, ws)
     write_json_atomic(ws.inspection, report)
     return report
+
+
+def dataset_diagnostics(report: dict, ws: Workspace) -> dict:
+    """Pair diagnostics of the split just written (prompts-only data: the near-duplicate check only;
+    the pair checks run on the generated pairs after phase 3)."""
+    pairs = report["format"] == "pairs"
+    shares = {m: s.get("preferred_longer_share") for m, s in report["token_stats"].items()} if pairs else {}
+    return diagnose(ws.train_data, ws.test_data, pairs=pairs, token_shares=shares, cut=report.get("cut"),
+                    source="dataset" if pairs else "dataset prompts")
 
 
 def _peek_kind(path: Path) -> bool:

@@ -18,7 +18,6 @@ import pandas as pd
 from preftune.templating import chat_template_errors
 
 FIELDS = ("prompt", "preferred", "non_preferred")
-BIAS_HIGH, BIAS_LOW = 0.70, 0.30  # a preferred-longer share outside this band is a length bias
 
 
 def _plain_backend(tokenizer: Any) -> Any:
@@ -162,13 +161,17 @@ def longer_share(df: pd.DataFrame) -> float | None:
     return round(float((df["preferred"] > df["non_preferred"]).mean()), 4)
 
 
-def bias_warning(share: float | None, unit: str) -> str | None:
-    if share is None or BIAS_LOW <= share <= BIAS_HIGH:
-        return None
-    side = "longer" if share > BIAS_HIGH else "shorter"
-    pct = share if share > BIAS_HIGH else 1 - share
-    return (f"length bias: the preferred answer is {side} in {pct:.0%} of pairs ({unit}); a model may learn "
-            "length instead of quality — consider length-normalized losses and length-controlled win rate")
+def cut_counts(df: pd.DataFrame, max_length: int) -> dict[str, int]:
+    """Preferred and non-preferred answers the trainer cuts at ``max_length``, counted apart.
+
+    The trainer's rule (tasks/training/data.truncate, without max_prompt_length): when the prompt and
+    the longer answer exceed max_length, each answer keeps max(max_length − prompt, min(longer answer,
+    max_length // 2)) tokens."""
+    longest = df[["preferred", "non_preferred"]].max(axis=1)
+    over = df["prompt"] + longest > max_length
+    budget = np.maximum(max_length - df["prompt"], np.minimum(longest, max_length // 2))
+    return {"preferred": int((over & (df["preferred"] > budget)).sum()),
+            "non_preferred": int((over & (df["non_preferred"] > budget)).sum()), "max_length": max_length}
 
 
 def summarize(stats: Stats, max_length: int | None) -> dict[str, Any]:
@@ -187,18 +190,17 @@ def summarize(stats: Stats, max_length: int | None) -> dict[str, Any]:
         "truncated": {},
         "warnings": [],
     }
-    if stats.pairs:
+    if stats.pairs:  # a shortcut warning from these shares is tasks/diagnostics.py's
         out["preferred_longer_share"] = longer_share(chars)
-        if not stats.counters:  # with a tokenizer, the token-based share below is the better measure
-            out["warnings"].append(bias_warning(out["preferred_longer_share"], "characters"))
+        out["cut"] = {}
     for counter in stats.counters:
         df = counter.frame()
         entry: dict[str, Any] = describe(df)
         if stats.pairs:
             entry["preferred_longer_share"] = longer_share(df)
-            out["warnings"].append(bias_warning(entry["preferred_longer_share"], f"tokens of {counter.name}"))
+            if max_length is not None:
+                out["cut"][counter.name] = cut_counts(df, max_length)
         out["token_stats"][counter.name] = entry
         if max_length is not None:
             out["truncated"][counter.name] = counter.truncated(max_length)
-    out["warnings"] = [w for w in out["warnings"] if w]
     return out

@@ -207,6 +207,7 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
                     "test_examples": inspection["test_examples"], "sha256": inspection.get("sha256"),
                     "warnings": warnings},
         "pairs": pairs,
+        "diagnostics": inspection.get("diagnostics"),
         "jobs": [{**j, "base_model_name": short_name(j["base_model"])} for j in jobs],
         "max_concurrent_jobs": spec.max_concurrent_jobs,
         "target": spec.target_win_rate,

@@ -27,6 +27,7 @@ from preftune.keys import child_environ
 from preftune.procs import popen
 from preftune.spec import RunSpec
 from preftune.summary import verified_summary, weights_dir
+from preftune.tasks.training.health import assess, flag_names, metrics_rows
 from preftune.workspace import Workspace
 
 
@@ -138,17 +139,22 @@ def trained_weights(ws: Workspace, job_id: str) -> str:
 def latest_metrics(ws: Workspace, job_id: str) -> dict | None:
     """The last complete line of a job's metrics.jsonl (None before its first logging step); a line
     being written (torn) is skipped."""
-    path = ws.job_dir(job_id) / "metrics.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
+    rows = metrics_rows(ws.job_dir(job_id) / "metrics.jsonl")
+    return rows[-1] if rows else None
+
+
+def job_health(ws: Workspace, job_id: str, record: dict) -> dict:
+    """A finished job's health (its summary's), else assessed from its metrics.jsonl so far: a running
+    job's flags so far, a failed job's (a diverged one's NaN row is its last)."""
+    summary = record.get("summary") or {}
+    if summary.get("health") is not None:
+        return summary["health"]
+    return assess(metrics_rows(ws.job_dir(job_id) / "metrics.jsonl"))
+
+
+def with_health(ws: Workspace, results: list[dict]) -> list[dict]:
+    """The sweep's result records, each with its job's health (what sweep.json and the report show)."""
+    return [{**r, "health": job_health(ws, r["job"]["id"], r)} for r in results]
 
 
 def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list[dict]:
@@ -164,5 +170,6 @@ def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list
                      "step": (latest or {}).get("step", summary.get("steps")),
                      "train_loss": (latest or {}).get("loss", summary.get("train_loss")),
                      "eval_loss": summary.get("eval_loss"), "eval_reward_accuracy": summary.get("eval_reward_accuracy"),
-                     "samples_per_s": summary.get("train_samples_per_second"), "ref_cache": summary.get("ref_cache")})
+                     "samples_per_s": summary.get("train_samples_per_second"), "ref_cache": summary.get("ref_cache"),
+                     "health": flag_names(job_health(ws, job["id"], record)) if record["status"] != "queued" else ""})
     return rows

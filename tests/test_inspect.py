@@ -137,8 +137,8 @@ def test_dedupe_turns_roles_and_source_untouched(tmp_path):
     assert report["with_system"] == 1 and report["with_tools"] == 0
     assert report["chars"]["preferred"]["max"] == max(len(r["preferred_output"][0]["content"]) for r in recs)
     assert report["preferred_longer_share"] == 1.0
-    assert any(w.startswith("length bias: the preferred answer is longer in 100% of pairs") for w in
-               report["warnings"])
+    assert report["diagnostics"]["warnings"][0].startswith(
+        "length shortcut: the preferred answer is longer in 100% of pairs (characters)")
     saved = json.loads((tmp_path / "ws" / "inspection.json").read_text())
     assert saved["sha256"] == before and saved["duplicates"] == 3
 

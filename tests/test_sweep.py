@@ -90,12 +90,14 @@ def test_grid_and_job_config_file(tmp_path):
 
 def test_the_sweep_table_shows_running_jobs_with_their_latest_loss(tmp_path):
     """Queued, running (latest step and loss from metrics.jsonl; a torn last line skipped),
-    finished (its summary), failed."""
+    finished (its summary), failed (its health flag from its metrics: the NaN row it stopped at)."""
     ws = Workspace(tmp_path)
     jobs = [{"id": f"j{i}", "beta": 0.1, "loss_label": "dpo"} for i in range(4)]
     metrics = ws.job_dir("j1") / "metrics.jsonl"
     metrics.parent.mkdir(parents=True)
     metrics.write_text('{"loss": 0.69, "step": 1}\n{"loss": 0.61, "step": 2}\n{"loss": 0.5')
+    ws.job_dir("j3").mkdir()
+    (ws.job_dir("j3") / "metrics.jsonl").write_text('{"loss": 0.69, "step": 1}\n{"loss": NaN, "step": 2}\n')
     status = {"j1": {"status": "running"}, "j2": {"status": "finished", "summary": {"train_loss": 0.4, "steps": 8,
                                                                                      "eval_loss": 0.45}},
               "j3": {"status": "failed", "error": "boom"}}
@@ -104,3 +106,4 @@ def test_the_sweep_table_shows_running_jobs_with_their_latest_loss(tmp_path):
     assert (rows["j1"]["step"], rows["j1"]["train_loss"]) == (2, 0.61)
     assert (rows["j2"]["step"], rows["j2"]["train_loss"], rows["j2"]["eval_loss"]) == (8, 0.4, 0.45)
     assert rows["j0"]["train_loss"] is None and rows["j3"]["train_loss"] is None
+    assert [rows[j]["health"] for j in ("j0", "j1", "j2", "j3")] == ["", "", "", "diverged (step 2)"]

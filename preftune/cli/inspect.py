@@ -87,7 +87,37 @@ def render_text(r: dict[str, Any]) -> str:
             out.append(f"preferred answer longer (tokens): {share:.1%} of pairs")
         if model in r["truncated"]:
             out.append(f"over --max-length {r['max_length']}: {r['truncated'][model]:,} examples would be truncated")
-    if r["warnings"]:
-        out += [""] + [f"warning: {w}" for w in r["warnings"]]
+    out += diagnostics_lines(r.get("diagnostics"))
+    warnings = r["warnings"] + (r.get("diagnostics") or {}).get("warnings", [])
+    if warnings:
+        out += [""] + [f"warning: {w}" for w in warnings]
     out += ["", f"wrote {r['workspace']}/inspection.json, data/train.jsonl, data/test.jsonl"]
     return "\n".join(out)
+
+
+def _name(model: str) -> str:
+    return model.rstrip("/").split("/")[-1]
+
+
+def diagnostics_lines(d: dict | None) -> list[str]:
+    """The pair diagnostics (tasks/diagnostics.py) as text lines; their warnings are printed apart."""
+    if not d:
+        return []
+    out = ["", f"diagnostics ({d['source']})"]
+    if "preferred_longer" in d:
+        longer = d["preferred_longer"]
+        tokens = "".join(f"; {s:.1%} (tokens, {_name(m)})" for m, s in longer["tokens"].items() if s is not None)
+        out.append(f"  length shortcut: preferred answer longer in {longer['characters']:.1%} of pairs "
+                   f"(characters){tokens}")
+        c = d["classifier"]
+        acc = "too few pairs" if c["accuracy"] is None else f"{c['accuracy']:.1%} held-out accuracy"
+        out.append(f"  surface-feature classifier: {acc} ({c['folds']}-fold, {c['pairs']:,} pairs; chance 50%)")
+        for model, cut in d["cut"].items():
+            out.append(f"  answers cut by --max-length {cut['max_length']} ({_name(model)}): preferred "
+                       f"{cut['preferred']:,}, non-preferred {cut['non_preferred']:,}")
+        out.append(f"  answers equal up to case and spacing: {d['answers']['identical_normalised']:,} "
+                   "(empty and identical answers are refused by validation)")
+    n = d["near_duplicates"]
+    out.append(f"  near-duplicate prompts across the split: {n['near_duplicates']:,} of {n['train_prompts']:,} "
+               f"training prompts (Jaccard ≥ {n['threshold']} to one of {n['test_prompts']:,} held-out)")
+    return out

@@ -32,6 +32,7 @@ from preftune.tasks.training.checkpoint import (
     save_checkpoint,
 )
 from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+from preftune.tasks.training.health import DIVERGED, REMEDIES, assess, divergence, metrics_rows
 from preftune.tasks.training.logps import SequenceLogps
 from preftune.tasks.training.loop import (
     TrainState,
@@ -45,6 +46,10 @@ from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
 METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(UserError):
+    """The loss went NaN or exploded: the job stops with this one line (its sweep goes on)."""
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
@@ -83,13 +88,14 @@ def _references(cfg, acc, module, tokenizer, datasets: dict, precision: str) -> 
         key, fields = reference_key(cache, cfg.model, tokenizer.chat_template, path, cfg.max_length,
                                     cfg.max_prompt_length, precision)
 
-        def compute(pairs=pairs):
+        def compute(idx: list[int] | None, pairs=pairs):
             module.eval()
+            subset = pairs if idx is None else [pairs[i] for i in idx]
             with reference_mode(module.lm), acc.autocast():
-                return dataset_logps(module, pairs, cfg.batch_size * 2, pad_id(tokenizer), acc.device)
+                return dataset_logps(module, subset, cfg.batch_size * 2, pad_id(tokenizer), acc.device)
 
         with acc.main_process_first():  # DDP: the main process computes, the others read its file
-            refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute)
+            refs[name], status = load_or_compute(cache, key, fields, len(pairs), compute, precision)
         statuses.append(status)
     return refs, "hit" if all(s == "hit" for s in statuses) else "miss"
 
@@ -166,12 +172,17 @@ def _optimizer(cfg: TrainConfig, module, n_pairs: int, world: int):
 def _hooks(cfg, acc, config_hash: str, module, optimizer, scheduler, total_steps: int, bar):
     """on_log (metrics.jsonl + progress bar) and on_step (checkpoint every save_every steps)."""
     out = Path(cfg.out)
+    first_loss: list[float] = []
 
     def on_log(row: dict) -> None:
         if acc.is_main_process:
             append_jsonl(out / METRICS, row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+        reason = divergence(row, first_loss[0] if first_loss else None)  # every process sees the same row
+        if reason:
+            raise TrainingDiverged(f"{DIVERGED} at step {row['step']}: {reason}; {REMEDIES[DIVERGED]}", path=out)
+        first_loss[:1] = first_loss or [row["loss"]]
 
     def on_step(st: TrainState) -> None:
         if bar is not None:
@@ -240,6 +251,7 @@ def run_training(cfg: TrainConfig) -> dict:
         summary = _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder,
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
         summary["processes"] = acc.num_processes
+        summary["health"] = assess(metrics_rows(out / METRICS), total_steps)
         write_summary(out, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()

@@ -120,18 +120,24 @@ class Window:
     """Sums of batch statistics between two metrics.jsonl lines (over every process's pairs)."""
 
     KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected")
+            "logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "kl/ref")
+    REF_KEYS = KEYS[-3:]  # logged only for losses with a reference (tasks/training/health.py reads them)
 
-    def __init__(self) -> None:
+    def __init__(self, has_ref: bool = False) -> None:
         self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.has_ref = has_ref
         self.pairs, self.tokens, self.seconds, self.grad_norm, self.lr = 0, 0, 0.0, 0.0, 0.0
 
     @classmethod
-    def part_sums(cls, out, policy: SeqLogps) -> torch.Tensor:
-        """(len(KEYS),) sums of one forward's per-pair statistics, in KEYS order."""
+    def part_sums(cls, out, policy: SeqLogps, reference: SeqLogps | None = None) -> torch.Tensor:
+        """(len(KEYS),) sums of one forward's per-pair statistics, in KEYS order (reference ones 0 without one)."""
         margins = out.chosen_rewards - out.rejected_rewards
-        values = (out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).float(),
-                  policy.chosen, policy.rejected)
+        values = [out.losses, out.chosen_rewards, out.rejected_rewards, margins, (margins > 0).float(),
+                  policy.chosen, policy.rejected]
+        if reference is None:
+            values += [torch.zeros_like(policy.chosen)] * 3
+        else:
+            values += [reference.chosen, reference.rejected, kl_k3(policy, reference)]
         return torch.stack([v.detach().float().sum() for v in values]).cpu()  # one device sync
 
     def add(self, sums: torch.Tensor, pairs: int, tokens: int) -> None:
@@ -141,10 +147,22 @@ class Window:
         self.tokens += tokens
 
     def row(self, state: TrainState, epoch_progress: float) -> dict:
-        row = {k: v / max(1, self.pairs) for k, v in self.sums.items()}
+        row = {k: v / max(1, self.pairs) for k, v in self.sums.items() if self.has_ref or k not in self.REF_KEYS}
         row.update({"lr": self.lr, "grad_norm": self.grad_norm, "tokens/s": self.tokens / max(self.seconds, 1e-9),
                     "step": state.step, "epoch": round(epoch_progress, 4)})
         return row
+
+
+def kl_k3(policy: SeqLogps, reference: SeqLogps) -> torch.Tensor:
+    """(B,) KL(policy ‖ reference) estimate per token on each pair's completions: the k3 estimator
+    exp(x) − 1 − x with x = (reference − policy log-prob) / tokens, mean of the chosen and rejected rows.
+    On the data's answers, not on policy samples: a drift gauge, ≥ 0, exactly 0 at the start."""
+    def k3(pol, ref, n):
+        x = (ref.float() - pol.float()) / n.clamp(min=1).to(pol.device)
+        return torch.expm1(x) - x
+
+    return 0.5 * (k3(policy.chosen, reference.chosen, policy.chosen_tokens)
+                  + k3(policy.rejected, reference.rejected, policy.rejected_tokens))
 
 
 def _global_sums(acc, local: torch.Tensor) -> torch.Tensor:
@@ -169,11 +187,12 @@ def train_step(ctx, group: list[list[int]], window: Window, state: TrainState) -
         last = i == len(parts) - 1  # DDP: gradients are synchronised on the group's last backward
         with nullcontext() if last else acc.no_sync(module):
             policy = seq_logps(module, batch, acc.device)
-            out = preference_loss(ctx.settings, policy, reference_of(ctx.ref, policy, batch.index))
+            reference = reference_of(ctx.ref, policy, batch.index)
+            out = preference_loss(ctx.settings, policy, reference)
             # this part's share of (mean over its micro-batch's pairs) / micro-batches per step;
             # DDP then averages over processes: the mean of every micro-batch mean of the step
             acc.backward(out.losses.sum() / (micro_pairs * len(group)))
-        local[:len(Window.KEYS)] += Window.part_sums(out, policy).double()
+        local[:len(Window.KEYS)] += Window.part_sums(out, policy, reference).double()
         local[-2:] += torch.tensor([batch.pairs, batch.real_tokens], dtype=torch.float64)
     sums = _global_sums(acc, local)
     pairs, tokens = int(sums[-2]), int(sums[-1])
@@ -210,12 +229,12 @@ def train_loop(ctx, state: TrainState, on_log: Callable[[dict], None],
             batches = batches[:usable][acc.process_index::acc.num_processes]
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         ctx.module.train()
-        window = Window()
+        window = Window(ctx.ref is not None)
         while state.group < len(groups):
             train_step(ctx, groups[state.group], window, state)
             if state.step % cfg.log_every == 0 or state.group == len(groups):
                 on_log(window.row(state, state.epoch + state.group / len(groups)))
-                window = Window()
+                window = Window(ctx.ref is not None)
             if state.group == len(groups):  # epoch done: roll over before the checkpoint
                 state.last_epoch_loss = state.epoch_loss_sum / max(1, state.epoch_pairs)
                 state.epoch, state.group, state.epoch_loss_sum, state.epoch_pairs = state.epoch + 1, 0, 0.0, 0

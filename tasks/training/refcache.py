@@ -8,13 +8,17 @@ config and weight files (content), the tokenizer files, the chat template, the d
 job of that base model — each beta, each loss that needs a reference, LoRA or full — reuses them.
 
 Concurrent jobs of one base model take a file lock per key: the first computes, the others wait
-and then read it (one reference pass for the whole sweep, not one per job).
+and then read it (one reference pass for the whole sweep, not one per job; the local sweep also
+starts a base's other jobs only once its first has computed them, tasks/sweep.py). A stored file is
+never trusted as found: a torn or unreadable one is a miss, and a readable one is used only after a
+few pairs recomputed agree with it (``disagreement``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +27,8 @@ import torch
 from preftune.files import atomic_output, file_lock, write_json_atomic
 from preftune.hf import file_digest, model_identity
 from preftune.job import TRAINER_VERSION
+
+log = logging.getLogger("preftune.refcache")
 
 
 def _load_memo(cache: Path) -> dict:
@@ -54,16 +60,64 @@ def reference_key(cache: Path, model_dir: Path, chat_template: str | None, data:
     return key, fields
 
 
+# A stored cache is checked on first use against these pairs recomputed (first, middle, last). The
+# tolerance on a summed log-prob: batching and padding move fp32 values by ~1e-4; bf16 by up to ~1 nat
+# on long answers. A cache with wrong values (another model's, a stale or doctored file) is off by far more.
+CHECK_PAIRS = 3
+TOLERANCE = {"fp32": (0.05, 1e-3), "bf16": (1.0, 2e-2)}  # (absolute nats, relative)
+
+
+def _stored(path: Path, n: int) -> dict | None:
+    """The stored tensors, or None when the file is absent, truncated, unreadable or of another size."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        chosen, rejected = blob["chosen"], blob["rejected"]
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 — a torn or foreign file of any kind is a cache miss
+        log.warning("reference cache %s unreadable (%s): computing it again", path.name, type(err).__name__)
+        return None
+    if not (isinstance(chosen, torch.Tensor) and isinstance(rejected, torch.Tensor)
+            and chosen.shape == rejected.shape == (n,)):
+        return None
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def check_indices(n: int) -> list[int]:
+    return sorted({0, n // 2, n - 1})[:CHECK_PAIRS] if n else []
+
+
+def disagreement(stored: dict, idx: list[int], fresh: tuple[torch.Tensor, torch.Tensor], precision: str) -> float | None:
+    """The largest difference between stored and recomputed log-probs when it is past the tolerance, else None."""
+    atol, rtol = TOLERANCE.get(precision, TOLERANCE["bf16"])
+    worst = None
+    for side, values in zip(("chosen", "rejected"), fresh, strict=True):
+        old, new = stored[side][idx].float(), values.detach().float().cpu()
+        diff = (old - new).abs()
+        bad = ~torch.isfinite(old) | (diff > atol + rtol * new.abs())
+        if bad.any():
+            worst = max(worst or 0.0, float(diff.nan_to_num(float("inf")).max()))
+    return worst
+
+
 def load_or_compute(cache: Path, key: str, fields: dict, n: int,
-                    compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, str]:
-    """({"chosen": (n,), "rejected": (n,)}, "hit" | "miss"); computes and stores on a miss."""
+                    compute: Callable[[list[int] | None], tuple[torch.Tensor, torch.Tensor]],
+                    precision: str = "fp32") -> tuple[dict, str]:
+    """({"chosen": (n,), "rejected": (n,)}, "hit" | "miss"); computes and stores on a miss.
+
+    ``compute(indices)`` gives the log-probs of those pairs (None: all n). A stored cache is used
+    only after ``check_indices`` pairs recomputed agree with it; otherwise it is computed again whole."""
     path = Path(cache) / f"{key}.pt"
     with file_lock(Path(cache) / f"{key}.lock"):
-        if path.exists():
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored["chosen"].numel() == n:
-                return {"chosen": stored["chosen"], "rejected": stored["rejected"]}, "hit"
-        chosen, rejected = compute()
+        stored = _stored(path, n)
+        if stored is not None:
+            idx = check_indices(n)
+            worst = disagreement(stored, idx, compute(idx), precision)
+            if worst is None:
+                return stored, "hit"
+            log.warning("reference cache %s disagrees with %d pairs recomputed (max difference %.4g nats): "
+                        "computing it again", path.name, len(idx), worst)
+        chosen, rejected = compute(None)
         blob = {"chosen": chosen.detach().float().cpu(), "rejected": rejected.detach().float().cpu(),
                 "fields": json.dumps(fields, sort_keys=True)}
         with atomic_output(path, "wb") as fh:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from preftune.tasks.training import run_training
@@ -76,3 +77,51 @@ def test_key_changes_with_exactly_its_inputs(tmp_path, base_model, marker_data):
     raw[-1] ^= 1
     weights.write_bytes(bytes(raw))
     assert key() != retok
+
+
+def test_a_cache_with_wrong_values_is_recomputed_with_one_log_line(small_cfg, tmp_path, caplog):
+    """Valid tensors, wrong values (each log-prob 5 nats off, far past the fp32 tolerance of
+    0.05 + 1e-3·|value|): the first use recomputes 3 pairs, sees the disagreement, says so once and
+    computes the cache again whole — the job trains on the base's real log-probs."""
+    cache = tmp_path / "rc"
+    run_training(small_cfg(out=tmp_path / "first", ref_cache=cache))
+    (stored,) = list(cache.glob("*.pt"))
+    real = torch.load(stored, weights_only=True)
+    doctored = {**real, "chosen": real["chosen"] + 5.0, "rejected": real["rejected"] - 5.0}
+    torch.save(doctored, stored)
+    with caplog.at_level("WARNING", logger="preftune.refcache"):
+        again = run_training(small_cfg(out=tmp_path / "second", ref_cache=cache))
+    assert again["ref_cache"] == "miss"
+    lines = [r.getMessage() for r in caplog.records if r.name == "preftune.refcache"]
+    assert len(lines) == 1 and "disagrees with 3 pairs recomputed (max difference" in lines[0]
+    healed = torch.load(stored, weights_only=True)
+    torch.testing.assert_close(healed["chosen"], real["chosen"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(healed["rejected"], real["rejected"], rtol=1e-5, atol=1e-4)
+    third = run_training(small_cfg(out=tmp_path / "third", ref_cache=cache))
+    assert third["ref_cache"] == "hit"  # the healed cache passes the check
+
+
+def test_a_truncated_cache_file_is_a_miss(small_cfg, tmp_path):
+    cache = tmp_path / "rc"
+    run_training(small_cfg(out=tmp_path / "first", ref_cache=cache))
+    (stored,) = list(cache.glob("*.pt"))
+    good = torch.load(stored, weights_only=True)
+    stored.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])
+    again = run_training(small_cfg(out=tmp_path / "second", ref_cache=cache))
+    assert again["ref_cache"] == "miss"
+    torch.testing.assert_close(torch.load(stored, weights_only=True)["chosen"], good["chosen"], rtol=1e-5, atol=1e-4)
+
+
+def test_disagreement_tolerance_by_hand():
+    """fp32: |stored − fresh| may reach 0.05 + 1e-3·|fresh|: at fresh −100 that is 0.15 nats."""
+    from preftune.tasks.training.refcache import check_indices, disagreement
+
+    assert check_indices(10) == [0, 5, 9] and check_indices(2) == [0, 1] and check_indices(1) == [0]
+    stored = {"chosen": torch.tensor([-100.0, -50.0]), "rejected": torch.tensor([-80.0, -40.0])}
+    fresh = (torch.tensor([-100.14, -50.0]), torch.tensor([-80.0, -40.0]))
+    assert disagreement(stored, [0, 1], fresh, "fp32") is None
+    off = (torch.tensor([-100.2, -50.0]), torch.tensor([-80.0, -40.0]))
+    assert disagreement(stored, [0, 1], off, "fp32") == pytest.approx(0.2, abs=1e-4)
+    assert disagreement(stored, [0, 1], off, "bf16") is None  # bf16: 1.0 + 2e-2·|value|
+    nan = {"chosen": torch.tensor([float("nan"), -50.0]), "rejected": stored["rejected"]}
+    assert disagreement(nan, [0, 1], fresh, "fp32") == float("inf")
