@@ -13,6 +13,7 @@ from pathlib import Path
 from preftune import cost
 from preftune.endpoint import Endpoint
 from preftune.files import read_json
+from preftune.judges import decision as decision_file
 from preftune.judges import selection
 from preftune.ledger import REPORT_PHASES, phase_totals, read_ledger, usd_of
 from preftune.reports.changes import not_better, what_changed
@@ -125,18 +126,19 @@ def collect(ws: Workspace) -> dict:
     provenance = _maybe(ws.pairs_dir / "provenance.json")
     device = (plan.get("estimate") or {}).get("device", "cpu")
     outcome = _maybe(ws.outcome) or {}
+    decision = _maybe(ws.root / decision_file.FILE)
     return {
         "spec": spec, "plan": plan, "inspection": _maybe(ws.inspection) or {}, "rows": rows,
         "curves": curves, "scores": scores, "provenance": provenance,
         "endpoint": _maybe(ws.endpoint), "approvals": _approvals(ws),
-        "outcome": outcome,
+        "outcome": outcome, "decision": decision,
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device,
                               ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
-        "changes": what_changed(ws, outcome, scores), "not_better": not_better(outcome, scores),
+        "changes": what_changed(ws, outcome, scores, decision), "not_better": not_better(outcome, scores),
         "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
-        "groups": candidate_groups(scores) if scores else [], "stop_command": stop_command(ws),
+        "groups": candidate_groups(scores) if scores else [], "verdict": verdict_line(scores) if scores else None, "stop_command": stop_command(ws),
     }
 
 
@@ -176,7 +178,26 @@ def candidate_groups(scores: dict) -> list[dict]:
 
 
 def comparison_markdown(scores: dict, recommended_job: str | None) -> str:
-    """The comparison shown at the deploy decision: every candidate's scores beside its base's, and
-    what each answer deploys (`recommended` names the job, or deploys nothing)."""
+    """The comparison shown at the deploy decision: every candidate's scores beside its base's, the
+    selection rule's verdict (the same words the report uses), and what each answer deploys
+    (`recommended` names the job, or deploys nothing)."""
     return render("comparison.md.j2", scores=scores, recommended=recommended_job,
-                  groups=candidate_groups(scores))
+                  groups=candidate_groups(scores), verdict=verdict_line(scores))
+
+
+def verdict_line(scores: dict) -> str:
+    """The selection rule's verdict in one sentence (judges/selection.py), for the question and the report."""
+    sel = scores.get("selection") or {}
+    top = sel.get("top_two") or {}
+    if sel.get("verdict") == selection.SIGNIFICANT:
+        apart = (f" and is told apart from the runner-up `{top['second']}` (difference 95% CI "
+                 f"[{_num(top['ci_low'])}, {_num(top['ci_high'])}])") if top else ""
+        return f"Significant winner: `{sel['winner']}` beats its base{apart}."
+    if sel.get("verdict") == selection.NOT_APART:
+        return (f"No significant winner: `{top['first']}` beats its base but cannot be told apart from "
+                f"`{top['second']}` (difference 95% CI [{_num(top['ci_low'])}, {_num(top['ci_high'])}], includes 0).")
+    return "No significant winner: no candidate beats its base (no 95% CI of the difference from its base is above 0)."
+
+
+def _num(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"

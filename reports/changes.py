@@ -24,41 +24,45 @@ PROMPT_CHARS = 300  # longer prompts and answers are cut (at a word) with a note
 ANSWER_CHARS = 600
 
 
-def shown_candidate(outcome: dict, scores: dict | None) -> tuple[str | None, bool]:
-    """(candidate to show, whether it is the deployed one): the deployed candidate; else (nothing or
-    the base deployed) the recommended one; else the one with the highest win rate vs its base."""
+def shown_candidate(outcome: dict, scores: dict | None, decision: dict | None = None) -> tuple[str | None, bool]:
+    """(candidate to show, whether it is the deployed one): the deployed candidate (the decision
+    record's, else the outcome's); else (nothing or the base deployed) the recommended one; else the
+    best of the selection rule's ranking (win rate, or a Python evaluator's mean score)."""
     models = (scores or {}).get("models") or {}
-    deployed = outcome.get("deployed")
+    deployed = (decision or outcome).get("deployed")
     if deployed in models:
         return deployed, True
     best = selection.recommended(scores) if models else None
-    if best is None and models:
-        best = max(models, key=lambda m: (selection.target_value(scores, m) or -1.0, m))
-    return best, False
+    ranking = ((scores or {}).get("selection") or {}).get("ranking") or sorted(models)
+    return (best or (ranking[0] if ranking else None)), False
 
 
 def not_better(outcome: dict, scores: dict | None) -> list[str]:
     """Why the deployed candidate is not shown to be better than its base ([] when it is, or when
-    nothing or the base model itself was deployed): a win rate of at most 0.5, a 95% CI that
-    includes 0.5, or (Python evaluator) a mean score not above the base's."""
+    nothing or the base model itself was deployed), by the selection rule (judges/selection.py: the
+    paired bootstrap of its per-prompt difference from its base); scores written before that rule
+    existed are read by their win rate and its 95% CI against 0.5."""
     name = outcome.get("deployed")
     entry = ((scores or {}).get("models") or {}).get(name) if name else None
     if entry is None:
         return []
-    reasons = []
+    vs = (((scores or {}).get("selection") or {}).get("vs_base") or {}).get(name)
+    if vs is not None:
+        if vs.get("diff") is None:
+            return ["no held-out prompt gave a valid comparison with its base"]
+        if vs.get("above"):
+            return []
+        what = "win rate minus 0.5" if (scores or {}).get("kind") != "evaluator" else "score minus its base's"
+        return [f"its per-prompt {what} averages {vs['diff']:.3f}, 95% CI [{_fmt(vs.get('ci_low'))}, "
+                f"{_fmt(vs.get('ci_high'))}] (paired bootstrap over {vs['n']} prompts): not above 0"]
     rate, low, high = entry.get("win_rate"), entry.get("ci_low"), entry.get("ci_high")
     if rate is None:
-        reasons.append("no held-out prompt gave a valid comparison with its base")
-    elif rate <= 0.5:
-        reasons.append(f"its win rate against its base is {rate:.3f} (at most 0.5: it did not win more than it lost)")
-    elif low is None or low <= 0.5:
-        reasons.append(f"the 95% CI of its win rate, [{_fmt(low)}, {_fmt(high)}], includes 0.5: "
-                       "the gain may be chance")
-    base = ((scores or {}).get("bases") or {}).get(entry.get("base_model"))
-    mine, theirs = entry.get("mean_score"), (base or {}).get("mean_score")
-    if (scores or {}).get("kind") == "evaluator" and mine is not None and theirs is not None and mine <= theirs:
-        reasons.append(f"its mean evaluator score {mine:.3f} is not above its base's {theirs:.3f}")
-    return reasons
+        return ["no held-out prompt gave a valid comparison with its base"]
+    if rate <= 0.5:
+        return [f"its win rate against its base is {rate:.3f} (at most 0.5: it did not win more than it lost)"]
+    if low is None or low <= 0.5:
+        return [f"the 95% CI of its win rate, [{_fmt(low)}, {_fmt(high)}], includes 0.5: the gain may be chance"]
+    return []
 
 
 def _fmt(value: float | None) -> str:
@@ -101,11 +105,12 @@ def _verdicts(base_dir: Path, name: str, mode: str) -> dict[str, dict]:
             for r in _jsonl(base_dir / "judgments" / f"{name}.jsonl")}
 
 
-def what_changed(ws: Workspace, outcome: dict, scores: dict | None, n: int = SHOWN) -> dict | None:
+def what_changed(ws: Workspace, outcome: dict, scores: dict | None, decision: dict | None = None,
+                 n: int = SHOWN) -> dict | None:
     """Up to ``n`` held-out prompts (in held-out order; prompts whose two answers differ first) with
     the base model's answer, the shown candidate's answer and the verdict; None when phase 5 left
     nothing to show."""
-    name, deployed = shown_candidate(outcome, scores)
+    name, deployed = shown_candidate(outcome, scores, decision)
     if name is None:
         return None
     base_name = scores["models"][name].get("base_model")

@@ -40,7 +40,7 @@ from preftune.client import ChatClient
 from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
-from preftune.judges import stats
+from preftune.judges import selection, stats
 from preftune.judges.completions import CHUNK, cached_completions, model_key
 from preftune.judges.evaluators import EvalItem, run_evaluator
 from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
@@ -255,14 +255,19 @@ def score_with_evaluator(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]],
         if name != BASE:
             entry["vs_base"] = stats.win_rate(_paired_outcomes(scores, per_model[BASE]), seed=cfg.seed,
                                               resamples=cfg.bootstrap_resamples)
+            entry["per_prompt"] = {h: [s, b] for (h, _), s, b in zip(prompts, scores, per_model[BASE], strict=True)
+                                   if s is not None and b is not None}
         models[name] = entry
         if entry["errors"]:
             first = next(r["error"] for r in results[list(per_model).index(name) * n:] if r["error"])
             warnings.append(f"{name}: evaluator failed on {entry['errors']} of {n} items (e.g. {first})")
-    candidates = {k: v for k, v in models.items() if k != BASE}
-    base_high = models[BASE]["ci_high"]
-    threshold = base_high if math.isfinite(base_high) else math.inf
-    return {"models": models, "clear_winner": stats.clear_winner(candidates, threshold=threshold)}
+    return {"models": models, **_selected(cfg, {k: v for k, v in models.items() if k != BASE})}
+
+
+def _selected(cfg: EvalConfig, candidates: dict[str, dict]) -> dict:
+    """The one selection rule (judges/selection.py) on these candidates: {"selection", "clear_winner"}."""
+    chosen = selection.select(candidates, seed=cfg.seed, resamples=cfg.bootstrap_resamples)
+    return {"selection": chosen, "clear_winner": chosen["winner"]}
 
 
 def _paired_outcomes(scores: list[float | None], base: list[float | None]) -> list[str]:
@@ -300,6 +305,8 @@ def _candidate_stats(cfg: EvalConfig, records: list[dict], texts: list[str], bas
     entry["mean_length"] = _mean_length(texts)
     entry["baseline_mean_length"] = _mean_length(base)
     entry.update(position_summary(records))
+    entry["per_prompt"] = {r["key"]: [stats.OUTCOME_SCORE[r["outcome"]], 0.5] for r in records
+                           if r["outcome"] in stats.OUTCOME_SCORE}  # the base against itself: ½
     return entry
 
 
@@ -335,7 +342,7 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
     else:
         warnings.append("judge validity not measured: the test data has no preference labels")
     pooled = position_summary([r for records in judged for r in records])
-    return {"models": models, "clear_winner": stats.clear_winner(models),
+    return {"models": models, **_selected(cfg, models),
             "judge_agreement": validity["agreement"] if validity else None,
             "position_consistency": pooled["position_consistency"],
             "judge_validity": validity, "rubric": {"source": source, "text": rubric,
@@ -380,17 +387,17 @@ def run_evaluation(cfg: EvalConfig, on_progress: Callable[[int, int], None] | No
     scores = {"mode": mode, "evaluator": cfg.evaluator, "n_prompts": len(prompts),
               "test_data": str(cfg.test_data), "models_info": info, "seed": cfg.seed,
               "bootstrap_resamples": cfg.bootstrap_resamples, **scored, "warnings": warnings}
-    scores = _finite(scores)
+    scores = finite(scores)
     write_json_atomic(cfg.out_dir / "scores.json", scores)
     return scores
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """NaN/inf → None, so scores.json is strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj

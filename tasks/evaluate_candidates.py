@@ -14,10 +14,10 @@ from pathlib import Path
 from preftune.client import AuthError
 from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
-from preftune.judges.stats import clear_winner
+from preftune.judges import selection
 from preftune.server import resolve_run_endpoints
 from preftune.spec import RunSpec
-from preftune.tasks.evaluate import BASE, EvalConfig, run_evaluation
+from preftune.tasks.evaluate import BASE, EvalConfig, finite, run_evaluation
 from preftune.tasks.pairs import run_data
 from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace, short_name
@@ -31,7 +31,7 @@ def _candidate_entry(entry: dict, mode: str) -> dict:
     vs = entry.get("vs_base", {})
     return {**vs, "mean_score": entry["mean_score"], "score_ci_low": entry["ci_low"],
             "score_ci_high": entry["ci_high"], "errors": entry.get("errors", 0),
-            "mean_length": entry.get("mean_length")}
+            "mean_length": entry.get("mean_length"), "per_prompt": entry.get("per_prompt", {})}
 
 
 def _empty(evaluator_kind: str) -> dict:
@@ -54,6 +54,13 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
         merged["judge_usage"][key] += (scores.get("judge_usage") or {}).get(key, 0)
     if scores.get("rubric"):
         merged["rubric"] = scores["rubric"]
+
+
+def select_merged(merged: dict, seed: int = 0) -> dict:
+    """The one selection rule (judges/selection.py) over every candidate of every base."""
+    merged["selection"] = finite(selection.select(merged["models"], seed=seed))
+    merged["clear_winner"] = merged["selection"]["winner"]
+    return merged
 
 
 def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict],
@@ -92,7 +99,7 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
                              max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
             _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
-    merged["clear_winner"] = clear_winner(merged["models"])
+    select_merged(merged, spec.seed)
     if merged.get("rubric"):
         (ws.eval_dir / "rubric.md").write_text(Path(merged["rubric"]["path"]).read_text(), encoding="utf-8")
     write_json_atomic(ws.scores, merged)

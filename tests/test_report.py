@@ -230,7 +230,8 @@ def test_warning_when_the_deployed_model_did_not_beat_its_base(run):
     assert entry["win_rate"] <= 0.5  # the weakest candidate of this run lost (0.222 measured)
     head = report.split("## Summary")[0]
     assert f"> ⚠ **Warning: the deployed model `{deployed}` is not shown to be better than its base model.**" in head
-    assert f"its win rate against its base is {entry['win_rate']:.3f}" in head
+    vs = json.loads((ws / "eval/scores.json").read_text())["selection"]["vs_base"][deployed]
+    assert not vs["above"] and f"its per-prompt score minus its base's averages {vs['diff']:.3f}, 95% CI [" in head
     assert f"`{deployed}` ⚠ not better than its base" in _section(report, "Summary")
     assert artifact.split("## Summary")[0] == head
 
@@ -307,7 +308,9 @@ def test_comparison_question_shows_the_base_scores_and_names_the_recommendation(
     assert "|" not in text  # no table: the approval modal is narrow
     assert selection.recommended(scores) is None  # both candidates lost in this run
     assert "**Recommended: deploy nothing.**" in text and "- `recommended`: deploy nothing" in text
-    assert "every other candidate's upper bound.\n\n**Recommended: deploy nothing.** No candidate" in text
+    assert ("**No significant winner: no candidate beats its base (no 95% CI of the difference from its base is "
+            "above 0).** Rule: paired bootstrap") in text
+    assert "\n\n**Recommended: deploy nothing.** No candidate beats its base" in text
 
 
 def test_plan_versus_actual_tokens_after_a_dropped_beta(run):
@@ -379,24 +382,27 @@ def test_long_answers_are_cut_with_a_note_and_stay_quoted(run, tmp_path):
 
 
 def test_the_warning_rule_on_the_run_scores(run):
-    """not_better on this run's scores, with the deployed entry moved across each limit."""
+    """not_better on this run's scores, with the selection rule's verdict on the deployed entry moved
+    across its limit (the paired bootstrap's CI of the difference from the base against 0)."""
     from preftune.reports.changes import not_better
 
     scores = json.loads((run["ws"] / "eval/scores.json").read_text())
     deployed = run["deployed"]
-    base_score = scores["bases"]["tiny-llama"]["mean_score"]
     outcome = {"deployed": deployed}
 
-    def reasons(**entry) -> list[str]:
+    def reasons(**vs) -> list[str]:
         changed = json.loads(json.dumps(scores))
-        changed["models"][deployed].update(entry)
+        changed["selection"]["vs_base"][deployed].update(vs)
         return not_better(outcome, changed)
 
-    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score + 0.01) == []
-    assert reasons(win_rate=0.6, ci_low=0.45, ci_high=0.8, mean_score=base_score + 0.01) == [
-        "the 95% CI of its win rate, [0.450, 0.800], includes 0.5: the gain may be chance"]
-    assert reasons(win_rate=0.5, ci_low=0.3, ci_high=0.7, mean_score=base_score + 0.01) == [
-        "its win rate against its base is 0.500 (at most 0.5: it did not win more than it lost)"]
-    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score) == [
-        f"its mean evaluator score {base_score:.3f} is not above its base's {base_score:.3f}"]
+    assert reasons(diff=0.1, ci_low=0.02, ci_high=0.2, above=True) == []
+    assert reasons(diff=0.1, ci_low=-0.02, ci_high=0.2, above=False, n=12) == [
+        "its per-prompt score minus its base's averages 0.100, 95% CI [-0.020, 0.200] (paired bootstrap over "
+        "12 prompts): not above 0"]
+    assert reasons(diff=None, ci_low=None, ci_high=None, above=False) == [
+        "no held-out prompt gave a valid comparison with its base"]
+    old = json.loads(json.dumps(scores))
+    del old["selection"]  # a workspace written before the rule: its win rate against 0.5
+    old["models"][deployed].update(win_rate=0.6, ci_low=0.45, ci_high=0.8)
+    assert not_better(outcome, old) == ["the 95% CI of its win rate, [0.450, 0.800], includes 0.5: the gain may be chance"]
     assert not_better({"deployed": "base"}, scores) == [] and not_better({"deployed": None}, scores) == []
