@@ -212,6 +212,18 @@ def check_pair_yield(spec: RunSpec, ws: Workspace, data: dict) -> None:
                        f"{spec.min_pair_yield:.0%}")
 
 
+def judge_caution(scores: dict) -> str:
+    """A paragraph naming a judge whose agreement with the labels is not above "the longer answer
+    wins" on the same pairs (judges/stats.py: judge_validity); "" otherwise."""
+    cal = scores.get("judge_validity") or {}
+    if not cal.get("judgments_valid") or cal.get("above_length_baseline"):
+        return ""
+    return (f"\n\n> ⚠ **The judge `{scores.get('judge') or '?'}` is not above the length baseline:** it agrees "
+            f"with the {cal.get('labels', 'human')} labels on {cal['agreement']:.0%} of judgments (95% CI from "
+            f"{cal['agreement_ci_low']:.0%}), while \"the longer answer wins\" scores {cal['length_baseline']:.0%} "
+            "on the same pairs: its verdicts may reward length, not quality.")
+
+
 def _answered_by(ws: Workspace, kind: str, context: dict) -> str | None:
     """Who gave the answer just used ("user" or "auto"), from approvals.jsonl."""
     return (previous_answer(ws, kind, context) or {}).get("by")
@@ -244,7 +256,8 @@ def _chosen(spec: RunSpec, ws: Workspace, scores: dict, results: dict, choice: s
             context = {"winner": recommended, "scores": plan_digest(scores)}
             # The default deploys only a candidate the rule found better than its base.
             default = "deploy it" if selection.beats_base(scores, recommended) else "do not deploy"
-            answer = ask(ws, "promotion", f"`{recommended}` is the significant winner. Deploy it now?",
+            answer = ask(ws, "promotion", f"`{recommended}` is the significant winner. Deploy it now?"
+                         + judge_caution(scores),
                          PromotionDecision, context=context, auto=_auto(spec, {"decision": default}), **_timing(spec))
             gate.update(answer=answer.decision.value, by=_answered_by(ws, "promotion", context))
             if not answer.promote:

@@ -47,13 +47,25 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
         else:
             merged["models"][model] = _candidate_entry(entry, scores["mode"]) | {"base_model": name}
     merged["warnings"] += [f"{name}: {w}" for w in scores.get("warnings", [])]
-    for key in ("judge_agreement", "position_consistency", "judge"):
+    # The calibration pairs and the judge are the same for every base (its replies come from the cache):
+    # any base's figures are the run's. Position consistency pools every base's judgments.
+    for key in ("judge_agreement", "judge_validity", "judge"):
         if scores.get(key) is not None:
             merged[key] = scores[key]
+    pairs = scores.get("position_pairs") or 0
+    if pairs:
+        merged["position_consistent"] = merged.get("position_consistent", 0) + pairs * scores["position_consistency"]
+        merged["position_pairs"] = merged.get("position_pairs", 0) + pairs
+        merged["position_consistency"] = merged["position_consistent"] / merged["position_pairs"]
     for key in ("prompt_tokens", "completion_tokens"):
         merged["judge_usage"][key] += (scores.get("judge_usage") or {}).get(key, 0)
     if scores.get("rubric"):
         merged["rubric"] = scores["rubric"]
+
+
+def label_kind(ws: Workspace) -> str:
+    """"strong-vs-weak" when the held-out pairs were generated (phase 3), else "human" (a dataset's)."""
+    return "strong-vs-weak" if ws.pairs_done.exists() else "human"
 
 
 def select_merged(merged: dict, seed: int = 0) -> dict:
@@ -97,6 +109,7 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
+                             validity_pairs=spec.judge_calibration_pairs, labels=label_kind(ws),
                              max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
             _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
     select_merged(merged, spec.seed)

@@ -153,7 +153,7 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
         overhead = judge["prompt_overhead_tokens"]
         per_call_in = cost.Range(overhead + prompt_mean + 2 * completion.low, overhead + prompt_mean * factor[1]
                                  + 2 * completion.high)
-        validity = n_eval if inspection["format"] == "pairs" else 0
+        validity = min(spec.judge_calibration_pairs, n_test)  # the judge's calibration on labelled pairs
         calls_high = 2 * n_eval * len(jobs) + 2 * validity + (1 if evaluator_kind == "auto" else 0)
         phases["evaluation"] = cost.estimate_inference(
             calls_high, per_call_in, cost.Range(*judge["output_tokens"]), spec.judge)

@@ -66,9 +66,12 @@ def _print_table(scores: dict) -> None:
             ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
             print(f"{name:<20} {m['n']:>5} {wtl:>15} {_fmt(m['win_rate']):>9} {ci:>17} "
                   f"{_fmt(m['lc_win_rate']):>7}")
-        print(f"judge agreement with labels: {_fmt(scores['judge_agreement'])}; "
-              f"position consistency: {_fmt(scores['position_consistency'])}")
-    print(f"clear winner: {scores['clear_winner'] or 'none'}")
+        cal = scores.get("judge_validity") or {}
+        print(f"judge agreement with {cal.get('labels', 'the')} labels: {_fmt(scores['judge_agreement'])} "
+              f"[{_fmt(cal.get('agreement_ci_low'))}, {_fmt(cal.get('agreement_ci_high'))}]; longer answer wins: "
+              f"{_fmt(cal.get('length_baseline'))}; position consistency: {_fmt(scores['position_consistency'])}")
+    sel = scores.get("selection") or {}
+    print(f"selection: {sel.get('verdict', '?')}; recommended: {sel.get('recommended') or 'none'}")
     for w in scores["warnings"]:
         print(f"warning: {w}")
 
