@@ -18,6 +18,7 @@ from preftune.judges import selection
 from preftune.ledger import REPORT_PHASES, phase_totals, read_ledger, usd_of
 from preftune.reports.changes import not_better, what_changed
 from preftune.reports.figures import data_uri, plot_curves, read_metrics
+from preftune.reports.measures import THRESHOLDS, answer_changes
 from preftune.templating import render
 from preftune.workspace import Workspace, short_name
 
@@ -107,6 +108,7 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
                                    f"({pair_yield['share']:.0%}, below the minimum {minimum:.0%})")
     if inspection:
         out["split"] = {"train": inspection.get("train_examples"), "test": inspection.get("test_examples")}
+    out["why"] = shrinkage(spec, inspection, pair_yield, scores)
     counts = {m: selection.rated(e) for m, e in ((scores or {}).get("models") or {}).items()}
     if counts:
         out["evaluated"] = counts
@@ -115,6 +117,38 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
             out["warnings"].append(f"evaluated on fewer than 20 held-out prompts: {', '.join(small)} "
                                    "(the win rates are rough)")
     return out
+
+
+def shrinkage(spec: dict, inspection: dict, pair_yield: dict | None, scores: dict | None) -> list[str]:
+    """Why each count shrinks between phases (examples → split → prompts paired → pairs → evaluated →
+    rated), one sentence each, from the files that decided it."""
+    why = []
+    if inspection:
+        split = inspection.get("split") or {}
+        how = (f"the given test file `{split.get('test_source')}`" if split.get("method") == "test_file"
+               else f"a hash of each prompt puts ~{split.get('test_percent', '?')}% of prompts in the held-out split")
+        overlap = split.get("overlap_removed") or 0
+        why.append(f"split: {inspection.get('examples', 0):,} examples read, {inspection.get('duplicates', 0):,} exact "
+                   f"duplicates removed{f', {overlap:,} training examples sharing a held-out prompt removed' if overlap else ''}"
+                   f"; {inspection.get('train_examples', 0):,} train / {inspection.get('test_examples', 0):,} held-out "
+                   f"({how})")
+    if pair_yield:
+        total = (inspection.get("train_examples") or 0) + (inspection.get("test_examples") or 0)
+        budget = (f": the run's pair budget (max_pair_prompts = {spec.get('max_pair_prompts')})"
+                  if pair_yield["prompts"] < total else "")
+        dropped = ", ".join(f"{k} {v}" for k, v in pair_yield.get("by_reason", {}).items() if v) or "none"
+        why.append(f"pairing: {pair_yield['prompts']:,} of {total:,} prompts sent to the strong and weak models{budget}; "
+                   f"{pair_yield['pairs']:,} gave a usable pair (dropped: {dropped})")
+    models = (scores or {}).get("models") or {}
+    if models:
+        held = (pair_yield or {}).get("test_pairs", inspection.get("test_examples") if inspection else None)
+        n = max(int(m.get("n") or 0) for m in models.values())
+        cap = spec.get("max_eval_prompts")
+        limit = f": the run's max_eval_prompts = {cap}" if cap is not None and held is not None and n < held else ""
+        invalid = sum(int(m.get("invalid") or 0) for m in models.values())
+        why.append(f"evaluation: {n:,} of {held if held is not None else '?'} held-out prompts evaluated (distinct "
+                   f"prompts){limit}; a candidate's rated count leaves out its invalid verdicts ({invalid:,} in all)")
+    return why
 
 
 def collect(ws: Workspace) -> dict:
@@ -136,7 +170,8 @@ def collect(ws: Workspace) -> dict:
         "actual": actual_cost(spec, rows, provenance, scores, device,
                               ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
-        "changes": what_changed(ws, outcome, scores, decision), "not_better": not_better(outcome, scores),
+        "changes": what_changed(ws, outcome, scores, decision),
+        "measures": answer_changes(ws.eval_dir, scores), "thresholds": THRESHOLDS, "not_better": not_better(outcome, scores),
         "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
         "groups": candidate_groups(scores) if scores else [], "verdict": verdict_line(scores) if scores else None, "stop_command": stop_command(ws),
     }

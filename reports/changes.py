@@ -10,18 +10,21 @@ both keyed by prompt hash. Nothing is generated or judged again here.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
 from preftune.files import read_json
 from preftune.judges import selection
-from preftune.judges.completions import read_cache
+from preftune.judges.completions import read_cache, read_cut
 from preftune.records import iter_records, prompt_hash, prompt_of
+from preftune.reports.measures import cache_file
 from preftune.workspace import Workspace
 
 SHOWN = 5  # prompts in the What-changed section
 PROMPT_CHARS = 300  # longer prompts and answers are cut (at a word) with a note: the report stays readable
 ANSWER_CHARS = 600
+REASON_CHARS = 400  # the judge's reply shown under a pair (the order with the tuned answer as A)
 
 
 def shown_candidate(outcome: dict, scores: dict | None, decision: dict | None = None) -> tuple[str | None, bool]:
@@ -70,13 +73,18 @@ def _fmt(value: float | None) -> str:
 
 
 def _clip(text: str, limit: int) -> dict:
-    """{"text": at most ``limit`` characters, cut at a word, "chars": the full length}."""
+    """{"text": at most ``limit`` characters, cut at a word, "html": the same escaped for an HTML cell
+    (line breaks as <br>: a blank line would end the HTML block), "chars": the full length}."""
     text = text.strip()
     if len(text) <= limit:
-        return {"text": text, "chars": len(text), "cut": False}
+        return {"text": text, "html": _html(text), "chars": len(text), "cut": False}
     cut = text[:limit]
-    space = cut.rfind(" ")
-    return {"text": (cut[:space] if space > limit // 2 else cut).rstrip(), "chars": len(text), "cut": True}
+    shown = (cut[:cut.rfind(" ")] if cut.rfind(" ") > limit // 2 else cut).rstrip()
+    return {"text": shown, "html": _html(shown), "chars": len(text), "cut": True}
+
+
+def _html(text: str) -> str:
+    return html.escape(text).replace("\r", "").replace("\n", "<br>")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -101,7 +109,8 @@ def _verdicts(base_dir: Path, name: str, mode: str) -> dict[str, dict]:
                       "base_reason": theirs.get("reason"), "error": mine.get("error") or theirs.get("error")}
         return out
     return {r["key"]: {"outcome": r["outcome"], "candidate_first": r["verdict_candidate_first"],
-                       "base_first": r["verdict_baseline_first"], "error": r.get("error")}
+                       "base_first": r["verdict_baseline_first"], "error": r.get("error"),
+                       "reason": _clip(r.get("reply_candidate_first") or "", REASON_CHARS)}
             for r in _jsonl(base_dir / "judgments" / f"{name}.jsonl")}
 
 
@@ -119,8 +128,9 @@ def what_changed(ws: Workspace, outcome: dict, scores: dict | None, decision: di
     models = info.get("models_info") or {}
     if "base" not in models or name not in models or not info.get("test_data"):
         return None
-    files = {"base": _moved(models["base"]["completions"], base_dir), "tuned": _moved(models[name]["completions"], base_dir)}
+    files = {"base": cache_file(models["base"]["completions"], base_dir), "tuned": cache_file(models[name]["completions"], base_dir)}
     base, tuned = read_cache(files["base"]), read_cache(files["tuned"])
+    cut = {k: read_cut(p) for k, p in files.items()}
     verdicts = _verdicts(base_dir, name, info.get("mode", "evaluator"))
     found: dict[str, dict] = {}
     for _, rec in iter_records(info["test_data"]):
@@ -129,18 +139,14 @@ def what_changed(ws: Workspace, outcome: dict, scores: dict | None, decision: di
         if h in base and h in tuned and h in verdicts and h not in found:
             found[h] = {"prompt": _clip(messages[-1]["content"], PROMPT_CHARS), "base": _clip(base[h], ANSWER_CHARS),
                         "tuned": _clip(tuned[h], ANSWER_CHARS), "verdict": verdicts[h],
-                        "same": base[h].strip() == tuned[h].strip()}
+                        "same": base[h].strip() == tuned[h].strip(),
+                        "base_cut": h in cut["base"], "tuned_cut": h in cut["tuned"]}
         if sum(not e["same"] for e in found.values()) >= n or len(found) == len(verdicts):
             break  # enough differing answers, or every evaluated prompt seen: no need to read further
     shown = sorted(found.values(), key=lambda e: e["same"])[:n]  # stable: held-out order within each group
     return {"model": name, "deployed": deployed, "base_model": base_name, "mode": info.get("mode", "evaluator"),
-            "examples": shown, "files": {k: _relative(p, ws.root) for k, p in files.items()}}
-
-
-def _moved(recorded: str, base_dir: Path) -> Path:
-    """A completion cache recorded with its absolute path: this workspace's copy (it may have moved)."""
-    local = base_dir / "completions" / Path(recorded).name
-    return local if local.exists() else Path(recorded)
+            "examples": shown, "files": {k: _relative(p, ws.root) for k, p in files.items()},
+            "max_new_tokens": info.get("max_new_tokens")}
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -42,7 +42,7 @@ from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atomic
 from preftune.judges import selection, stats
-from preftune.judges.completions import CHUNK, cached_completions, model_key
+from preftune.judges.completions import CHUNK, Conversation, cached_completions, model_key, read_cut
 from preftune.judges.evaluators import EvalItem, run_evaluator
 from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
 from preftune.judges.rubric import auto_rubric
@@ -50,6 +50,37 @@ from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
 
 BASE = "base"
+# Evaluation answers end where a typical preferred answer ends: the p90 of the held-out preferred
+# answers' token lengths, within these bounds; without labelled answers to measure, the fallback.
+EVAL_TOKENS_BOUNDS = (16, 512)
+EVAL_TOKENS_FALLBACK = 64
+
+
+def p90(lengths: list[int]) -> int:
+    """The nearest-rank 90th percentile of a non-empty list."""
+    return sorted(lengths)[math.ceil(0.9 * len(lengths)) - 1]
+
+
+def fitted_token_limit(lengths: list[int]) -> int:
+    """The p90 of `lengths` (tokens), within EVAL_TOKENS_BOUNDS; the fallback for no lengths."""
+    if not lengths:
+        return EVAL_TOKENS_FALLBACK
+    return max(EVAL_TOKENS_BOUNDS[0], min(EVAL_TOKENS_BOUNDS[1], p90(lengths)))
+
+
+def token_limit_for(tokenizer_dir: str, test_data: Path, limit: int) -> dict:
+    """{"value", "why"}: the evaluation's max new tokens for one base model, fitted to the preferred
+    answers of (at most `limit`) held-out pairs in its own tokenizer."""
+    from preftune.hf import load_tokenizer
+
+    _, labelled = load_test(test_data, limit)
+    if not labelled or not (Path(tokenizer_dir) / "config.json").is_file():
+        return {"value": EVAL_TOKENS_FALLBACK, "why": "the fallback (no labelled held-out answers to measure)"}
+    tok = load_tokenizer(tokenizer_dir)
+    lengths = [len(tok(p["preferred"], add_special_tokens=False)["input_ids"]) + 1 for p in labelled]  # + EOS
+    value = fitted_token_limit(lengths)
+    return {"value": value, "why": f"fitted: the p90 of {len(lengths)} held-out preferred answers' token lengths "
+                                   f"is {p90(lengths)}, bounded to {EVAL_TOKENS_BOUNDS[0]}–{EVAL_TOKENS_BOUNDS[1]}"}
 
 
 class EvalConfig(BaseModel):
@@ -108,7 +139,7 @@ def load_test(path: Path, limit: int) -> tuple[list[tuple[str, list[dict]]], lis
         h = prompt_hash(messages, tools)
         if h in prompts or len(prompts) >= limit:
             continue
-        prompts[h] = messages
+        prompts[h] = Conversation(messages, tools)  # the dataset's tools, as training renders them
         if "preferred_output" in rec:
             labelled.append({"key": h, "messages": messages,
                              "preferred": rec["preferred_output"][-1]["content"],
@@ -136,18 +167,19 @@ def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[
             failed = sum(1 for o in outs if not hasattr(o, "text"))
             if failed:
                 warnings.append(f"{name}: {failed} completions failed at the endpoint (empty this run)")
-            return [o.text if hasattr(o, "text") else None for o in outs]
+            return [(o.text, o.finish_reason == "length") if hasattr(o, "text") else None for o in outs]
         return via_endpoint
 
     loaded: list = []  # (model, tokenizer), loaded on the first chunk and kept for the rest
 
-    def local(batch: list[list[dict]]) -> list[str | None]:
+    def local(batch: list[list[dict]]) -> list[tuple[str, bool]]:
         from preftune.tasks.generate import generate_with, load_causal_lm
 
         if not loaded:
             loaded.extend(load_causal_lm(model, adapter))
-        return list(generate_with(*loaded, batch, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size))
+        cut: list[bool] = []
+        texts = generate_with(*loaded, batch, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, cut=cut)
+        return list(zip(texts, cut, strict=True))
     return local
 
 
@@ -215,7 +247,9 @@ def generate_all(cfg: EvalConfig, prompts: list[tuple[str, list[dict]]], warning
                                                                       ticks), chunk=chunk)
         ticks.add(len(prompts) - generated)  # found in the cache
         completions[name] = texts
-        info[name] = {"model": model, "adapter": adapter, "completions": str(path), "generated": generated}
+        cut = read_cut(path)
+        info[name] = {"model": model, "adapter": adapter, "completions": str(path), "generated": generated,
+                      "cut": sorted(h for h, _ in prompts if h in cut)}
         empty = sum(1 for t in texts if not t.strip())
         if empty:
             warnings.append(f"{name}: {empty} of {len(texts)} completions are empty")
@@ -412,12 +446,31 @@ def run_evaluation(cfg: EvalConfig, on_progress: Callable[[int, int], None] | No
                       judge_validity=None, rubric=None)
     else:
         scored = score_with_judge(cfg, mode, prompts, labelled, completions, warnings, ticks)
-    scores = {"mode": mode, "evaluator": cfg.evaluator, "n_prompts": len(prompts),
+    mark_cut(cfg, scored["models"], info, warnings)
+    scores = {"mode": mode, "evaluator": cfg.evaluator, "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
               "test_data": str(cfg.test_data), "models_info": info, "seed": cfg.seed,
               "bootstrap_resamples": cfg.bootstrap_resamples, **scored, "warnings": warnings}
     scores = finite(scores)
     write_json_atomic(cfg.out_dir / "scores.json", scores)
     return scores
+
+
+def mark_cut(cfg: EvalConfig, models: dict[str, dict], info: dict[str, Any], warnings: list[str]) -> None:
+    """Count the answers cut at the token limit, per model, and the verdicts they took part in: a cut
+    answer never decides a verdict silently (the report counts and marks them)."""
+    base_cut = set(info[BASE]["cut"])
+    if BASE in models:  # a Python evaluator scores the base too
+        models[BASE]["cut_answers"] = len(base_cut)
+    for name, entry in models.items():
+        if name == BASE:
+            continue
+        cut = set(info[name]["cut"])
+        entry["cut_answers"], entry["baseline_cut_answers"] = len(cut), len(base_cut)
+        entry["cut_verdicts"] = sum(1 for key in entry.get("per_prompt", {}) if key in cut | base_cut)
+        if entry["cut_verdicts"]:
+            warnings.append(f"{name}: {entry['cut_verdicts']} of {len(entry.get('per_prompt', {}))} verdicts compare an "
+                            f"answer cut at the token limit ({cfg.max_new_tokens} new tokens; {len(cut)} of its "
+                            f"answers cut, {len(base_cut)} of the base's)")
 
 
 def finite(obj: Any) -> Any:

@@ -17,7 +17,7 @@ from preftune.files import write_json_atomic
 from preftune.judges import selection
 from preftune.server import resolve_run_endpoints
 from preftune.spec import RunSpec
-from preftune.tasks.evaluate import BASE, EvalConfig, finite, run_evaluation
+from preftune.tasks.evaluate import BASE, EvalConfig, finite, run_evaluation, token_limit_for
 from preftune.tasks.pairs import run_data
 from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace, short_name
@@ -31,12 +31,14 @@ def _candidate_entry(entry: dict, mode: str) -> dict:
     vs = entry.get("vs_base", {})
     return {**vs, "mean_score": entry["mean_score"], "score_ci_low": entry["ci_low"],
             "score_ci_high": entry["ci_high"], "errors": entry.get("errors", 0),
-            "mean_length": entry.get("mean_length"), "per_prompt": entry.get("per_prompt", {})}
+            "mean_length": entry.get("mean_length"), "per_prompt": entry.get("per_prompt", {}),
+            **{k: entry[k] for k in ("cut_answers", "baseline_cut_answers", "cut_verdicts") if k in entry}}
 
 
 def _empty(evaluator_kind: str) -> dict:
     return {"kind": evaluator_kind, "models": {}, "bases": {}, "warnings": [], "judge_agreement": None,
-            "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+            "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0},
+            "max_new_tokens": {}}
 
 
 def _merge(merged: dict, base: str, scores: dict) -> None:
@@ -104,14 +106,17 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
         use_judge = spec.judge is not None and evaluator_kind != "evaluator"
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for index, (base, group) in enumerate(groups.items()):
+            limit = ({"value": spec.eval_max_new_tokens, "why": "set in the run (eval_max_new_tokens)"}
+                     if spec.eval_max_new_tokens else token_limit_for(base, data["test"], spec.max_eval_prompts))
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
                              validity_pairs=spec.judge_calibration_pairs, labels=label_kind(ws),
-                             max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed)
+                             max_new_tokens=limit["value"], seed=spec.seed)
             _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
+            merged["max_new_tokens"][short_name(base)] = limit
     select_merged(merged, spec.seed)
     if merged.get("rubric"):
         (ws.eval_dir / "rubric.md").write_text(Path(merged["rubric"]["path"]).read_text(), encoding="utf-8")
