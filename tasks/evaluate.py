@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -44,45 +43,13 @@ from preftune.files import tree_fingerprint, write_json_atomic, write_jsonl_atom
 from preftune.judges import selection, stats
 from preftune.judges.completions import CHUNK, Conversation, cached_completions, model_key, read_cut
 from preftune.judges.evaluators import EvalItem, run_evaluator
-from preftune.judges.pairwise import PairItem, judge_items, position_summary, preferences
+from preftune.judges.pairwise import PairItem, judge_items, position_summary
 from preftune.judges.rubric import auto_rubric
 from preftune.ledger import LEDGER_FILE, Ledger
 from preftune.records import iter_records, load_pairs, prompt_hash, prompt_of
+from preftune.tasks.evaluate_checks import calibration, calibration_sample, mark_cut
 
 BASE = "base"
-# Evaluation answers end where a typical preferred answer ends: the p90 of the held-out preferred
-# answers' token lengths, within these bounds; without labelled answers to measure, the fallback.
-EVAL_TOKENS_BOUNDS = (16, 512)
-EVAL_TOKENS_FALLBACK = 64
-
-
-def p90(lengths: list[int]) -> int:
-    """The nearest-rank 90th percentile of a non-empty list."""
-    return sorted(lengths)[math.ceil(0.9 * len(lengths)) - 1]
-
-
-def fitted_token_limit(lengths: list[int]) -> int:
-    """The p90 of `lengths` (tokens), within EVAL_TOKENS_BOUNDS; the fallback for no lengths."""
-    if not lengths:
-        return EVAL_TOKENS_FALLBACK
-    return max(EVAL_TOKENS_BOUNDS[0], min(EVAL_TOKENS_BOUNDS[1], p90(lengths)))
-
-
-def token_limit_for(tokenizer_dir: str, test_data: Path, limit: int) -> dict:
-    """{"value", "why"}: the evaluation's max new tokens for one base model, fitted to the preferred
-    answers of (at most `limit`) held-out pairs in its own tokenizer."""
-    from preftune.hf import load_tokenizer
-
-    _, labelled = load_test(test_data, limit)
-    if not labelled or not (Path(tokenizer_dir) / "config.json").is_file():
-        return {"value": EVAL_TOKENS_FALLBACK, "why": "the fallback (no labelled held-out answers to measure)"}
-    tok = load_tokenizer(tokenizer_dir)
-    lengths = [len(tok(p["preferred"], add_special_tokens=False)["input_ids"]) + 1 for p in labelled]  # + EOS
-    value = fitted_token_limit(lengths)
-    return {"value": value, "why": f"fitted: the p90 of {len(lengths)} held-out preferred answers' token lengths "
-                                   f"is {p90(lengths)}, bounded to {EVAL_TOKENS_BOUNDS[0]}–{EVAL_TOKENS_BOUNDS[1]}"}
-
-
 class EvalConfig(BaseModel):
     """Everything phase 5 needs; validated once, when built."""
 
@@ -360,12 +327,12 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
                 for n in names]
         tick = (ticks or Ticks()).add
         # The judge is measured against the labels first, before it judges any candidate.
-        calibration = await judge_items(client, rubric, [PairItem(p["key"], p["messages"], p["preferred"],
+        labelled_judged = await judge_items(client, rubric, [PairItem(p["key"], p["messages"], p["preferred"],
                                                                   p["non_preferred"]) for p in labelled],
                                         max_tokens=cfg.judge_max_tokens, on_done=tick)
         judged = await asyncio.gather(*(judge_items(client, rubric, items, max_tokens=cfg.judge_max_tokens,
                                                     on_done=tick) for items in jobs))
-        judged.append(calibration)
+        judged.append(labelled_judged)
     finally:
         await client.aclose()
     models: dict[str, dict] = {}
@@ -375,7 +342,7 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
         if models[name]["invalid"]:
             warnings.append(f"{name}: {models[name]['invalid']} of {len(records)} comparisons invalid "
                             "(unparseable judge reply or failed request)")
-    validity = _calibration(cfg, labelled, judged[-1], warnings) if labelled else None
+    validity = calibration(cfg, labelled, judged[-1], warnings) if labelled else None
     if not labelled:
         warnings.append("judge validity not measured: the test data has no preference labels")
     pooled = position_summary([r for records in judged for r in records])  # every judgment of this base
@@ -384,31 +351,6 @@ async def judge_all(cfg: EvalConfig, client: ChatClient, mode: str, prompts: lis
             "position_consistency": pooled["position_consistency"], "position_pairs": pooled["position_pairs"],
             "judge_validity": validity, "rubric": {"source": source, "text": rubric,
                                                    "path": str(cfg.out_dir / "rubric.md")}}
-
-
-def _calibration(cfg: EvalConfig, labelled: list[dict], records: list[dict], warnings: list[str]) -> dict:
-    """The judge against the labels (stats.judge_validity), beside the longer-answer baseline."""
-    write_jsonl_atomic(cfg.out_dir / "validity.jsonl", records)
-    longer = [1.0 if len(p["preferred"]) > len(p["non_preferred"]) else 0.5
-              if len(p["preferred"]) == len(p["non_preferred"]) else 0.0 for p in labelled]
-    validity = stats.judge_validity(*preferences(records), longer, seed=cfg.seed, resamples=cfg.bootstrap_resamples)
-    validity["labels"] = cfg.labels
-    if validity["low_agreement"]:
-        warnings.append(f"judge agrees with the held-out {cfg.labels} labels on only "
-                        f"{validity['agreement']:.0%} of judgments (< 60%): treat its verdicts with care")
-    if validity["judgments_valid"] and not validity["above_length_baseline"]:
-        warnings.append(f"judge not above the length baseline: its agreement with the {cfg.labels} labels "
-                        f"({validity['agreement']:.0%}, 95% CI from {validity['agreement_ci_low']:.0%}) is not above "
-                        f"\"the longer answer wins\" ({validity['length_baseline']:.0%}) on the same pairs")
-    return validity
-
-
-def calibration_sample(labelled: list[dict], n: int, seed: int) -> list[dict]:
-    """A seeded sample of `n` labelled pairs, in held-out order (all of them when there are fewer)."""
-    if len(labelled) <= n:
-        return labelled
-    keep = set(random.Random(seed).sample(range(len(labelled)), n))
-    return [p for i, p in enumerate(labelled) if i in keep]
 
 
 def score_with_judge(cfg: EvalConfig, mode: str, prompts: list[tuple[str, list[dict]]],
@@ -446,31 +388,13 @@ def run_evaluation(cfg: EvalConfig, on_progress: Callable[[int, int], None] | No
                       judge_validity=None, rubric=None)
     else:
         scored = score_with_judge(cfg, mode, prompts, labelled, completions, warnings, ticks)
-    mark_cut(cfg, scored["models"], info, warnings)
+    mark_cut(cfg, scored["models"], info, warnings, BASE)
     scores = {"mode": mode, "evaluator": cfg.evaluator, "n_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
               "test_data": str(cfg.test_data), "models_info": info, "seed": cfg.seed,
               "bootstrap_resamples": cfg.bootstrap_resamples, **scored, "warnings": warnings}
     scores = finite(scores)
     write_json_atomic(cfg.out_dir / "scores.json", scores)
     return scores
-
-
-def mark_cut(cfg: EvalConfig, models: dict[str, dict], info: dict[str, Any], warnings: list[str]) -> None:
-    """Count the answers cut at the token limit, per model, and the verdicts they took part in: a cut
-    answer never decides a verdict silently (the report counts and marks them)."""
-    base_cut = set(info[BASE]["cut"])
-    if BASE in models:  # a Python evaluator scores the base too
-        models[BASE]["cut_answers"] = len(base_cut)
-    for name, entry in models.items():
-        if name == BASE:
-            continue
-        cut = set(info[name]["cut"])
-        entry["cut_answers"], entry["baseline_cut_answers"] = len(cut), len(base_cut)
-        entry["cut_verdicts"] = sum(1 for key in entry.get("per_prompt", {}) if key in cut | base_cut)
-        if entry["cut_verdicts"]:
-            warnings.append(f"{name}: {entry['cut_verdicts']} of {len(entry.get('per_prompt', {}))} verdicts compare an "
-                            f"answer cut at the token limit ({cfg.max_new_tokens} new tokens; {len(cut)} of its "
-                            f"answers cut, {len(base_cut)} of the base's)")
 
 
 def finite(obj: Any) -> Any:

@@ -17,7 +17,8 @@ from preftune.files import write_json_atomic
 from preftune.judges import selection
 from preftune.server import resolve_run_endpoints
 from preftune.spec import RunSpec
-from preftune.tasks.evaluate import BASE, EvalConfig, finite, run_evaluation, token_limit_for
+from preftune.tasks.evaluate import BASE, EvalConfig, finite, load_test, run_evaluation
+from preftune.tasks.evaluate_checks import token_limit_for
 from preftune.tasks.pairs import run_data
 from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace, short_name
@@ -107,7 +108,7 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for index, (base, group) in enumerate(groups.items()):
             limit = ({"value": spec.eval_max_new_tokens, "why": "set in the run (eval_max_new_tokens)"}
-                     if spec.eval_max_new_tokens else token_limit_for(base, data["test"], spec.max_eval_prompts))
+                     if spec.eval_max_new_tokens else token_limit_for(base, load_test(data["test"], spec.max_eval_prompts)[1]))
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates={j["id"]: trained_weights(ws, j["id"]) for j in group},
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,

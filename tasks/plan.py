@@ -70,7 +70,7 @@ def eval_tokens_estimate(spec: RunSpec, inspection: dict) -> int:
     """The evaluation's max new tokens as the plan prices it: the run's setting, else (0: fitted at
     evaluation) the largest p95 of preferred answers over the base models' tokenizers, or for
     prompts-only data the pair answers' limit, within phase 5's bounds (tasks/evaluate.py)."""
-    from preftune.tasks.evaluate import EVAL_TOKENS_BOUNDS, EVAL_TOKENS_FALLBACK
+    from preftune.tasks.evaluate_checks import EVAL_TOKENS_BOUNDS, EVAL_TOKENS_FALLBACK
 
     if spec.eval_max_new_tokens:
         return spec.eval_max_new_tokens

@@ -14,6 +14,7 @@ from preftune.reports.build import comparison_markdown, verdict_line, write_repo
 from preftune.reports.changes import shown_candidate
 from preftune.tasks.evaluate_candidates import select_merged
 from preftune.workspace import Workspace
+from tests.test_report import _check_layout
 
 N = 27  # held-out prompts rated, as in the demo
 
@@ -68,8 +69,10 @@ def _demo_scores(qwen_gain: float) -> dict:
                    {"tiny-llama": llama, "tiny-qwen": qwen})
 
 
-def _summary_row(report: str) -> str:
-    return next(line for line in report.splitlines() if line.startswith("| decision |"))
+def _summary_line(report: str) -> str:
+    """The Summary section's decision line (under its table)."""
+    summary = report[report.index("\n## Summary\n"):report.index("\n## ", report.index("\n## Summary\n") + 1)]
+    return next(line for line in summary.splitlines() if line.startswith("**Decision:** "))
 
 
 def test_deployed_without_a_significant_winner_says_so_and_names_the_better_base(tmp_path):
@@ -84,11 +87,12 @@ def test_deployed_without_a_significant_winner_says_so_and_names_the_better_base
         "chosen by the headless default (`--yes`: `recommended`) at the comparison question, although the untuned "
         "base `tiny-llama` scores higher (0.701 vs 0.691).")
     # one record, every place: summary, the evaluation section, Approvals, Deployment
-    assert record["summary"] in _summary_row(report)
+    assert record["summary"] in _summary_line(report)
     assert report.count(record["summary"]) == 4
-    assert "| selection | No significant winner: `tiny-qwen-dpo-b0.5` beats its base but cannot be told apart" in report
-    assert "| `tiny-qwen-dpo-b0.5` **deployed** ★ recommended |" in report
+    assert "**Selection:** No significant winner: `tiny-qwen-dpo-b0.5` beats its base but cannot be told apart" in report
+    assert "| `tiny-qwen-dpo-b0.5` **deployed** ★ |" in report
     assert "clear winner" not in report.lower()
+    _check_layout(report)  # the marks keep every table line within a 1280 px window
     # the UI's comparison question states the same verdict, in the same words
     question = comparison_markdown(scores, selection.recommended(scores))
     assert verdict_line(scores) in question and verdict_line(scores) in report
@@ -107,7 +111,7 @@ def test_base_better_than_every_candidate_and_nothing_deployed_after_recommended
                               "by the paired bootstrap (the best, `tiny-llama-dpo-b0.1`: difference from its base")
     assert summary.endswith("; the untuned base `tiny-llama` scores above every candidate (0.701).")
     assert summary.count(".") == summary.count("0.") + 1  # one sentence (every other full stop is a decimal)
-    assert summary in _summary_row(report) and "## Deployment\n\n" + summary in report
+    assert summary in _summary_line(report) and "## Deployment\n\n" + summary in report
 
 
 def test_the_real_demo_one_candidate_on_four_prompts(tmp_path):

@@ -120,6 +120,14 @@ def _quotes(block: str) -> list[str]:
     return out
 
 
+CELL = re.compile(r'<td valign="top"[^>]*>(.*?)</td>')
+
+
+def _answer_cells(block: str) -> list[str]:
+    """The two answers of a side-by-side table, unescaped, without the notes under them."""
+    return [html.unescape(re.split(r"<br><(?:em|strong)>", c)[0].replace("<br>", "\n")) for c in CELL.findall(block)]
+
+
 def _check_layout(markdown: str, with_tables: bool = True) -> None:
     """Tables narrow enough for a 1280 px window, with a real header; blocks that do not run together.
     ``with_tables=False``: a text that must have none (the approval modal is too narrow for one)."""
@@ -206,10 +214,10 @@ def test_what_changed_shows_five_prompts_with_both_answers_and_the_scores(run):
         scores.setdefault(row["key"].split(":")[0], []).append(round(row["score"], 3))
     assert f"the deployed candidate `{deployed}`" in section
     for block in blocks:
-        assert "**Base model `tiny-llama`:**" in block and f"**`{deployed}` (deployed):**" in block
-        quoted = _quotes(block)
-        assert len(quoted) == 3  # the prompt, the base answer, the tuned answer: all short here, none cut
-        base_answer, tuned_answer = quoted[1], quoted[2]
+        assert f"<th align=\"left\">Base model <code>tiny-llama</code></th><th align=\"left\"><code>{deployed}</code> " \
+               "(deployed)</th>" in block
+        assert len(_quotes(block)) == 1  # the prompt; the answers sit side by side in the table below it
+        base_answer, tuned_answer = _answer_cells(block)
         assert base_answer in [a.strip() for a in answers["base"]]
         assert tuned_answer in [a.strip() for a in answers[deployed]]
         assert base_answer != tuned_answer and "(identical answers)" not in block
@@ -220,7 +228,7 @@ def test_what_changed_shows_five_prompts_with_both_answers_and_the_scores(run):
         heading = block.splitlines()[0]
         expect = ("the tuned answer wins" if tuned_score > base_score else "the base answer wins"
                   if tuned_score < base_score else "a tie")
-        assert heading == f"{block[0]}: {expect}"
+        assert heading in (f"{block[0]}: {expect}", f"{block[0]}: {expect} (an answer was cut at the token limit)")
 
 
 def test_warning_when_the_deployed_model_did_not_beat_its_base(run):
@@ -281,7 +289,7 @@ def test_judge_verdicts_and_the_warning_follow_who_won(run, tmp_path, prefer):
               (ws / "eval/tiny-llama/judgments" / f"{deployed}.jsonl").read_text().splitlines()}
     tokens = ("A>B", "B>A") if won else ("B>A", "A>B")
     for block in blocks:
-        assert block.splitlines()[0].endswith("the tuned answer wins" if won else "the base answer wins")
+        assert ("the tuned answer wins" if won else "the base answer wins") in block.splitlines()[0]
         assert (f"**Judge:** {'win' if won else 'loss'} for `{deployed}`; verdict with the tuned answer as A: "
                 f"`{tokens[0]}`, with the base answer as A: `{tokens[1]}`.") in block
     assert {r["outcome"] for r in judged.values()} == {"win" if won else "loss"}
@@ -375,10 +383,12 @@ def test_long_answers_are_cut_with_a_note_and_stay_quoted(run, tmp_path):
     _check_layout(report)
     section = _section(report, "What changed")
     block = next(b for b in section.split("\n### Prompt ")[1:] if "row 0" in b)
-    shown = next(q for q in _quotes(block) if "row 0" in q)
-    assert long.startswith(shown.split("\n\n*…")[0]) and len(shown.split("\n\n*…")[0]) <= ANSWER_CHARS
-    assert shown.endswith(f"*… cut here: {len(long):,} characters in full.*")
-    assert "<b>" not in block and "&lt;b>bold&lt;/b> &amp; ## not a heading" in block
+    cell = next(c for c in CELL.findall(block) if "row 0" in c)
+    shown = _answer_cells(f'<td valign="top">{cell}</td>')[0]
+    assert long.startswith(shown) and len(shown) <= ANSWER_CHARS
+    assert f"<br><em>… shortened here: {len(long):,} characters in full.</em>" in cell
+    assert "<b>" not in block and "&lt;b&gt;bold&lt;/b&gt; &amp; ## not a heading" in cell
+    assert "\n\n" not in cell  # a blank line would end the HTML block: line breaks are <br>
 
 
 def test_the_warning_rule_on_the_run_scores(run):

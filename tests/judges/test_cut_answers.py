@@ -11,18 +11,13 @@ from preftune.endpoint import Endpoint
 from preftune.hf import load_tokenizer
 from preftune.reports.build import write_report
 from preftune.reports.measures import distinct2, measure
-from preftune.tasks.evaluate import (
-    EVAL_TOKENS_BOUNDS,
-    EvalConfig,
-    fitted_token_limit,
-    load_test,
-    run_evaluation,
-    token_limit_for,
-)
+from preftune.tasks.evaluate import EvalConfig, load_test, run_evaluation
 from preftune.tasks.evaluate_candidates import _empty, _merge, select_merged
+from preftune.tasks.evaluate_checks import EVAL_TOKENS_BOUNDS, fitted_token_limit, token_limit_for
 from preftune.workspace import Workspace
 from tests.stub_server import Reply, StubRequest, StubServer
 from tests.test_evaluate import BLOCK, QUESTIONS, write_pairs
+from tests.test_report import _check_layout
 
 LOOP = "the answer goes on and on and on and on and on <b>&"
 
@@ -62,6 +57,7 @@ def test_cut_answers_are_counted_marked_and_shown_side_by_side(tmp_path):
     report = ws.report.read_text()
     assert "Answers cut at that limit (they did not end), per candidate — its own / its base's / verdicts that " \
            "compare a cut answer: `cand` 3 / 0 / 3 ⚠." in report
+    _check_layout(report)
     section = report[report.index("\n## What changed\n"):]
     # measured: longer answers (flagged), 3 of 6 cut (flagged: +50 points); distinct-2 rises (the base says
     # the same 3 bigrams 6 times: 3 / 18 = 0.17), which is not a flag
@@ -96,7 +92,7 @@ def test_the_token_limit_fits_the_held_out_preferred_answers(zoo, tmp_path):
     tok = load_tokenizer(model)
     _, labelled = load_test(test, 100)
     lengths = sorted(len(tok(p["preferred"], add_special_tokens=False)["input_ids"]) + 1 for p in labelled)
-    limit = token_limit_for(model, test, 100)
+    limit = token_limit_for(model, labelled)
     assert limit["value"] == max(EVAL_TOKENS_BOUNDS[0], lengths[5])  # 6 answers: the p90 is the 6th
     assert limit["why"].startswith(f"fitted: the p90 of 6 held-out preferred answers' token lengths is {lengths[5]}")
 
