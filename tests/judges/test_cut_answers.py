@@ -105,3 +105,16 @@ def test_evaluation_prompts_keep_the_datasets_tools(tmp_path):
                                 "non_preferred_output": [{"role": "assistant", "content": "No."}]}) + "\n")
     (_, messages), = load_test(path, 10)[0]
     assert messages == [{"role": "user", "content": "Rain?"}] and messages.tools == tools
+
+
+def test_preftune_evaluate_fits_its_token_limit_by_default(zoo, tmp_path, capsys):
+    from preftune.cli import main
+
+    test = write_pairs(tmp_path / "test.jsonl", QUESTIONS)
+    model = zoo["models"]["tiny-llama"]
+    code = main(["evaluate", "--test", str(test), "--base", model, "--evaluator",
+                 "preftune.judges.builtin:answer_quality", "--out", str(tmp_path / "eval"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    scores = json.loads(out.out)
+    assert scores["max_new_tokens"] == token_limit_for(model, load_test(test, 200)[1])["value"]
