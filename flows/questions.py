@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from preftune.endpoint import Endpoint
 from preftune.errors import RunEnded, UserError
+from preftune.files import write_json_atomic
 from preftune.flows.approvals import (
     CatalogueChoice,
     CatalogueDecision,
@@ -23,8 +24,9 @@ from preftune.flows.approvals import (
     YieldDecision,
     ask,
     comparison_form,
+    previous_answer,
 )
-from preftune.judges import selection
+from preftune.judges import decision, selection
 from preftune.reports.build import comparison_markdown
 from preftune.spec import RunSpec, evaluator_kind
 from preftune.tasks.plan import plan_digest, plan_markdown
@@ -213,22 +215,55 @@ def check_pair_yield(spec: RunSpec, ws: Workspace, data: dict) -> None:
                        f"{spec.min_pair_yield:.0%}")
 
 
+def judge_caution(scores: dict) -> str:
+    """A paragraph naming a judge whose agreement with the labels is not above "the longer answer
+    wins" on the same pairs (judges/stats.py: judge_validity); "" otherwise."""
+    cal = scores.get("judge_validity") or {}
+    if not cal.get("judgments_valid") or cal.get("above_length_baseline"):
+        return ""
+    return (f"\n\n> ⚠ **The judge `{scores.get('judge') or '?'}` is not above the length baseline:** it agrees "
+            f"with the {cal.get('labels', 'human')} labels on {cal['agreement']:.0%} of judgments (95% CI from "
+            f"{cal['agreement_ci_low']:.0%}), while \"the longer answer wins\" scores {cal['length_baseline']:.0%} "
+            "on the same pairs: its verdicts may reward length, not quality.")
+
+
+def _answered_by(ws: Workspace, kind: str, context: dict) -> str | None:
+    """Who gave the answer just used ("user" or "auto"), from approvals.jsonl."""
+    return (previous_answer(ws, kind, context) or {}).get("by")
+
+
 def choose_deployment(spec: RunSpec, ws: Workspace, scores: dict, results: dict) -> str | None:
+    """The deploy choice, written once as the run's decision record (judges/decision.py)."""
     recommended = selection.recommended(scores)
     md = comparison_markdown(scores, recommended)
     form = comparison_form(sorted(scores["models"]), recommended)
-    choice = ask(ws, "comparison", md, form, context={"scores": plan_digest(scores)},
+    context = {"scores": plan_digest(scores)}
+    choice = ask(ws, "comparison", md, form, context=context,
                  auto=_auto(spec, {"deploy": "recommended"}), **_timing(spec)).deploy
+    gate: dict = {}
+    chosen = _chosen(spec, ws, scores, results, choice, recommended, gate)
+    rec = decision.record(scores, chosen, answer=choice, by=_answered_by(ws, "comparison", context),
+                          gate=gate.get("answer"), gate_by=gate.get("by"), deploy_setting=spec.deploy)
+    write_json_atomic(ws.root / decision.FILE, rec)
+    return chosen
+
+
+def _chosen(spec: RunSpec, ws: Workspace, scores: dict, results: dict, choice: str, recommended: str | None,
+            gate: dict) -> str | None:
     if choice == "none" or not spec.deploy:
         return None
     if choice == "recommended":
         if recommended is None:
             return None
         if scores.get("clear_winner") == recommended:
-            gate = ask(ws, "promotion", f"`{recommended}` is the clear winner. Deploy it now?", PromotionDecision,
-                       context={"winner": recommended, "scores": plan_digest(scores)},
-                       auto=_auto(spec, {"decision": "deploy it"}), **_timing(spec))
-            if not gate.promote:
+            context = {"winner": recommended, "scores": plan_digest(scores)}
+            # The default deploys only a candidate the rule found better than its base.
+            default = "deploy it" if selection.beats_base(scores, recommended) else "do not deploy"
+            answer = ask(ws, "promotion", f"`{recommended}` is the significant winner. Deploy it now?"
+                         + judge_caution(scores),
+                         PromotionDecision, context=context, auto=_auto(spec, {"decision": default}), **_timing(spec))
+            gate.update(answer=answer.decision.value, by=_answered_by(ws, "promotion", context))
+            if not answer.promote:
                 return None
         return recommended
     if choice != "base" and choice not in results:

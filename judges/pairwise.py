@@ -140,7 +140,7 @@ def position_summary(records: Sequence[dict]) -> dict:
             consistent += _sign(first.preference) == -_sign(second.preference)
     return {"position_a_preferred": int(a_pref), "position_b_preferred": int(b_pref),
             "position_ties": int(ties),
-            "position_consistency": consistent / both if both else float("nan")}
+            "position_consistency": consistent / both if both else float("nan"), "position_pairs": int(both)}
 
 
 def preferences(records: Sequence[dict]) -> tuple[list[int | None], list[int | None]]:

@@ -121,28 +121,54 @@ def mean_score(scores: Sequence[float | None], *, seed: int = 0,
             "mean_score": float(ok.mean()) if ok.size else float("nan"), "ci_low": low, "ci_high": high}
 
 
-def judge_validity(preference_ab: Sequence[int | None], preference_ba: Sequence[int | None]) -> dict:
-    """Agreement of the judge with human labels, and its position consistency.
+def judge_validity(preference_ab: Sequence[int | None], preference_ba: Sequence[int | None],
+                   preferred_longer: Sequence[float] | None = None, *, seed: int = 0,
+                   resamples: int = DEFAULT_RESAMPLES) -> dict:
+    """Agreement of the judge with the labels, with a bootstrap CI, beside the "longer answer wins"
+    baseline on the same pairs, and the judge's position consistency.
 
-    Each labelled pair is judged twice: order AB puts the human-PREFERRED response in position
+    Each labelled pair is judged twice: order AB puts the labelled-PREFERRED response in position
     A, order BA puts it in B. ``preference_*`` are the judge's preferences for position A
     (+2 … −2, None = invalid verdict). A single judgment *agrees* when it prefers the labelled-
-    preferred side (a tie does not agree: the human label is never a tie).
-    agreement = agreeing judgments / valid judgments, over both orders.
+    preferred side (a tie does not agree: a label is never a tie).
+    agreement = agreeing judgments / valid judgments, over both orders; its 95% CI resamples pairs
+    (a pair's two judgments stay together), each pair weighted by its valid judgments.
+    ``preferred_longer`` per pair: 1 when the preferred answer is the longer, ½ for equal lengths,
+    0 else; its mean is the baseline (AlpacaEval: "always pick the longer answer", 62.2% vs humans).
     position_consistency = pairs whose two orders name the same winner (or both tie) /
     pairs with both orders valid.
     """
     agree = valid = consistent = both_valid = 0
+    per_pair: list[tuple[int, int]] = []  # (agreeing, valid) judgments of each pair
     for ab, ba in zip(preference_ab, preference_ba, strict=True):
+        pair_agree = pair_valid = 0
         for pref, sign in ((ab, 1), (ba, -1)):
             if pref is not None:
-                valid += 1
-                agree += int(sign * pref > 0)
+                pair_valid += 1
+                pair_agree += int(sign * pref > 0)
+        agree, valid = agree + pair_agree, valid + pair_valid
+        per_pair.append((pair_agree, pair_valid))
         if ab is not None and ba is not None:
             both_valid += 1
             consistent += int(np.sign(ab) == -np.sign(ba))
     agreement = agree / valid if valid else float("nan")
+    low, high = _ratio_ci([p for p in per_pair if p[1]], seed, resamples)
+    baseline = float(np.mean(preferred_longer)) if preferred_longer is not None and len(preferred_longer) else float("nan")
     consistency = consistent / both_valid if both_valid else float("nan")
     return {"pairs": len(preference_ab), "judgments_valid": valid, "agreement": agreement,
-            "position_consistency": consistency,
+            "agreement_ci_low": low, "agreement_ci_high": high, "length_baseline": baseline,
+            "above_length_baseline": bool(valid) and np.isfinite(baseline) and low > baseline,
+            "position_consistency": consistency, "position_pairs": both_valid,
             "low_agreement": bool(valid) and agreement < LOW_AGREEMENT}
+
+
+def _ratio_ci(pairs: list[tuple[int, int]], seed: int, resamples: int) -> tuple[float, float]:
+    """Percentile bootstrap CI of Σ agreeing / Σ valid, resampling pairs."""
+    if not pairs:
+        return float("nan"), float("nan")
+    num, den = np.array(pairs, dtype=float).T  # (pairs,), (pairs,)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pairs), size=(resamples, len(pairs)))
+    ratios = num[idx].sum(axis=1) / den[idx].sum(axis=1)  # every pair here has ≥ 1 valid judgment
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(low), float(high)

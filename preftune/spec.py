@@ -85,8 +85,13 @@ class RunSpec(TrainingOptions, LoraOptions):
     evaluator: str | None = Field(
         None, description="Python evaluator id `package.module:function` or `file.py:function` (wins over rubric).")
     rubric: str | None = Field(None, description="Rubric text for the LLM judge. Neither: an auto rubric.")
-    eval_max_new_tokens: int = Field(64, ge=1, le=32768, description="Max tokens per evaluation completion.")
+    eval_max_new_tokens: int = Field(
+        0, ge=0, le=32768, description="Max tokens per evaluation completion. 0: fitted to the held-out "
+        "preferred answers (their p90 in the base model's tokens, 16-512).")
     max_eval_prompts: int = Field(200, ge=1, le=100000, description="Held-out prompts used for evaluation.")
+    judge_calibration_pairs: int = Field(
+        64, ge=0, le=100000, description="Held-out labelled pairs the judge judges first (both orders), to "
+        "measure its agreement with the labels before it judges candidates. 0: not measured.")
     target_win_rate: float | None = Field(
         0.75, ge=0.0, le=1.0, description="Performance target: win rate vs base (with a Python evaluator, "
         "per prompt: a higher score wins). Once a finished job meets it, no new job starts. Empty: whole grid.")

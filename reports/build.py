@@ -13,10 +13,12 @@ from preftune import cost
 from preftune.approvals_log import read_approvals
 from preftune.endpoint import Endpoint
 from preftune.files import read_json
+from preftune.judges import decision as decision_file
 from preftune.judges import selection
 from preftune.ledger import REPORT_PHASES, phase_totals, read_ledger, usd_of
 from preftune.reports.changes import not_better, what_changed
 from preftune.reports.figures import data_uri, plot_curves, read_metrics
+from preftune.reports.measures import THRESHOLDS, answer_changes
 from preftune.templating import render
 from preftune.workspace import Workspace, short_name
 
@@ -102,6 +104,7 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
                                    f"({pair_yield['share']:.0%}, below the minimum {minimum:.0%})")
     if inspection:
         out["split"] = {"train": inspection.get("train_examples"), "test": inspection.get("test_examples")}
+    out["why"] = shrinkage(spec, inspection, pair_yield, scores)
     counts = {m: selection.rated(e) for m, e in ((scores or {}).get("models") or {}).items()}
     if counts:
         out["evaluated"] = counts
@@ -110,6 +113,38 @@ def yields(spec: dict, inspection: dict, data: dict | None, scores: dict | None)
             out["warnings"].append(f"evaluated on fewer than 20 held-out prompts: {', '.join(small)} "
                                    "(the win rates are rough)")
     return out
+
+
+def shrinkage(spec: dict, inspection: dict, pair_yield: dict | None, scores: dict | None) -> list[str]:
+    """Why each count shrinks between phases (examples → split → prompts paired → pairs → evaluated →
+    rated), one sentence each, from the files that decided it."""
+    why = []
+    if inspection:
+        split = inspection.get("split") or {}
+        how = (f"the given test file `{split.get('test_source')}`" if split.get("method") == "test_file"
+               else f"a hash of each prompt puts ~{split.get('test_percent', '?')}% of prompts in the held-out split")
+        overlap = split.get("overlap_removed") or 0
+        why.append(f"split: {inspection.get('examples', 0):,} examples read, {inspection.get('duplicates', 0):,} exact "
+                   f"duplicates removed{f', {overlap:,} training examples sharing a held-out prompt removed' if overlap else ''}"
+                   f"; {inspection.get('train_examples', 0):,} train / {inspection.get('test_examples', 0):,} held-out "
+                   f"({how})")
+    if pair_yield:
+        total = (inspection.get("train_examples") or 0) + (inspection.get("test_examples") or 0)
+        budget = (f": the run's pair budget (max_pair_prompts = {spec.get('max_pair_prompts')})"
+                  if pair_yield["prompts"] < total else "")
+        dropped = ", ".join(f"{k} {v}" for k, v in pair_yield.get("by_reason", {}).items() if v) or "none"
+        why.append(f"pairing: {pair_yield['prompts']:,} of {total:,} prompts sent to the strong and weak models{budget}; "
+                   f"{pair_yield['pairs']:,} gave a usable pair (dropped: {dropped})")
+    models = (scores or {}).get("models") or {}
+    if models:
+        held = (pair_yield or {}).get("test_pairs", inspection.get("test_examples") if inspection else None)
+        n = max(int(m.get("n") or 0) for m in models.values())
+        cap = spec.get("max_eval_prompts")
+        limit = f": the run's max_eval_prompts = {cap}" if cap is not None and held is not None and n < held else ""
+        invalid = sum(int(m.get("invalid") or 0) for m in models.values())
+        why.append(f"evaluation: {n:,} of {held if held is not None else '?'} held-out prompts evaluated (distinct "
+                   f"prompts){limit}; a candidate's rated count leaves out its invalid verdicts ({invalid:,} in all)")
+    return why
 
 
 def collect(ws: Workspace) -> dict:
@@ -121,18 +156,21 @@ def collect(ws: Workspace) -> dict:
     provenance = _maybe(ws.pairs_dir / "provenance.json")
     device = (plan.get("estimate") or {}).get("device", "cpu")
     outcome = _maybe(ws.outcome) or {}
+    decision = _maybe(ws.root / decision_file.FILE)
     return {
         "spec": spec, "plan": plan, "inspection": _maybe(ws.inspection) or {}, "rows": rows,
         "curves": curves, "scores": scores, "provenance": provenance,
         "endpoint": _maybe(ws.endpoint), "approvals": read_approvals(ws.approvals),
-        "outcome": outcome,
+        "outcome": outcome, "decision": decision,
         "rubric": (ws.eval_dir / "rubric.md").read_text() if (ws.eval_dir / "rubric.md").exists() else None,
         "actual": actual_cost(spec, rows, provenance, scores, device,
                               ledger=read_ledger(ws.ledger) if ws.ledger.exists() else None) if spec else None,
         "yields": yields(spec, _maybe(ws.inspection) or {}, _maybe(ws.pairs_done), scores),
-        "changes": what_changed(ws, outcome, scores), "not_better": not_better(outcome, scores),
+        "changes": what_changed(ws, outcome, scores, decision),
+        "measures": answer_changes(ws.eval_dir, scores), "thresholds": THRESHOLDS, "not_better": not_better(outcome, scores),
         "estimate": (plan.get("approved") or {}).get("estimate") or plan.get("estimate"),
-        "groups": candidate_groups(scores) if scores else [], "stop_command": stop_command(ws),
+        "groups": candidate_groups(scores) if scores else [], "verdict": verdict_line(scores) if scores else None,
+        "stop_command": stop_command(ws),
         "diagnostics": _maybe(ws.root / "diagnostics.json"),  # tasks/diagnostics.py, written by the flow
     }
 
@@ -173,7 +211,26 @@ def candidate_groups(scores: dict) -> list[dict]:
 
 
 def comparison_markdown(scores: dict, recommended_job: str | None) -> str:
-    """The comparison shown at the deploy decision: every candidate's scores beside its base's, and
-    what each answer deploys (`recommended` names the job, or deploys nothing)."""
+    """The comparison shown at the deploy decision: every candidate's scores beside its base's, the
+    selection rule's verdict (the same words the report uses), and what each answer deploys
+    (`recommended` names the job, or deploys nothing)."""
     return render("comparison.md.j2", scores=scores, recommended=recommended_job,
-                  groups=candidate_groups(scores))
+                  groups=candidate_groups(scores), verdict=verdict_line(scores))
+
+
+def verdict_line(scores: dict) -> str:
+    """The selection rule's verdict in one sentence (judges/selection.py), for the question and the report."""
+    sel = scores.get("selection") or {}
+    top = sel.get("top_two") or {}
+    if sel.get("verdict") == selection.SIGNIFICANT:
+        apart = (f" and is told apart from the runner-up `{top['second']}` (difference 95% CI "
+                 f"[{_num(top['ci_low'])}, {_num(top['ci_high'])}])") if top else ""
+        return f"Significant winner: `{sel['winner']}` beats its base{apart}."
+    if sel.get("verdict") == selection.NOT_APART:
+        return (f"No significant winner: `{top['first']}` beats its base but cannot be told apart from "
+                f"`{top['second']}` (difference 95% CI [{_num(top['ci_low'])}, {_num(top['ci_high'])}], includes 0).")
+    return "No significant winner: no candidate beats its base (no 95% CI of the difference from its base is above 0)."
+
+
+def _num(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"

@@ -16,10 +16,11 @@ from preftune.client import AuthError
 from preftune.endpoint import Endpoint
 from preftune.errors import RunEnded
 from preftune.files import write_json_atomic
-from preftune.judges.stats import clear_winner
+from preftune.judges import selection
 from preftune.server import device_name, is_local_model, resolve_run_endpoints, serve_local
 from preftune.spec import RunSpec
-from preftune.tasks.evaluate import BASE, EvalConfig, run_evaluation
+from preftune.tasks.evaluate import BASE, EvalConfig, finite, load_test, run_evaluation
+from preftune.tasks.evaluate_checks import token_limit_for
 from preftune.tasks.pairs import run_data
 from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace, short_name
@@ -33,12 +34,14 @@ def _candidate_entry(entry: dict, mode: str) -> dict:
     vs = entry.get("vs_base", {})
     return {**vs, "mean_score": entry["mean_score"], "score_ci_low": entry["ci_low"],
             "score_ci_high": entry["ci_high"], "errors": entry.get("errors", 0),
-            "mean_length": entry.get("mean_length")}
+            "mean_length": entry.get("mean_length"), "per_prompt": entry.get("per_prompt", {}),
+            **{k: entry[k] for k in ("cut_answers", "baseline_cut_answers", "cut_verdicts") if k in entry}}
 
 
 def _empty(evaluator_kind: str) -> dict:
     return {"kind": evaluator_kind, "models": {}, "bases": {}, "warnings": [], "judge_agreement": None,
-            "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+            "position_consistency": None, "judge_usage": {"prompt_tokens": 0, "completion_tokens": 0},
+            "max_new_tokens": {}}
 
 
 def _merge(merged: dict, base: str, scores: dict) -> None:
@@ -49,13 +52,32 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
         else:
             merged["models"][model] = _candidate_entry(entry, scores["mode"]) | {"base_model": name}
     merged["warnings"] += [f"{name}: {w}" for w in scores.get("warnings", [])]
-    for key in ("judge_agreement", "position_consistency", "judge"):
+    # The calibration pairs and the judge are the same for every base (its replies come from the cache):
+    # any base's figures are the run's. Position consistency pools every base's judgments.
+    for key in ("judge_agreement", "judge_validity", "judge"):
         if scores.get(key) is not None:
             merged[key] = scores[key]
+    pairs = scores.get("position_pairs") or 0
+    if pairs:
+        merged["position_consistent"] = merged.get("position_consistent", 0) + pairs * scores["position_consistency"]
+        merged["position_pairs"] = merged.get("position_pairs", 0) + pairs
+        merged["position_consistency"] = merged["position_consistent"] / merged["position_pairs"]
     for key in ("prompt_tokens", "completion_tokens"):
         merged["judge_usage"][key] += (scores.get("judge_usage") or {}).get(key, 0)
     if scores.get("rubric"):
         merged["rubric"] = scores["rubric"]
+
+
+def label_kind(ws: Workspace) -> str:
+    """"strong-vs-weak" when the held-out pairs were generated (phase 3), else "human" (a dataset's)."""
+    return "strong-vs-weak" if ws.pairs_done.exists() else "human"
+
+
+def select_merged(merged: dict, seed: int = 0) -> dict:
+    """The one selection rule (judges/selection.py) over every candidate of every base."""
+    merged["selection"] = finite(selection.select(merged["models"], seed=seed))
+    merged["clear_winner"] = merged["selection"]["winner"]
+    return merged
 
 
 def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict],
@@ -109,15 +131,19 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for index, (base, group) in enumerate(groups.items()):
             weights = {j["id"]: trained_weights(ws, j["id"]) for j in group}
+            limit = ({"value": spec.eval_max_new_tokens, "why": "set in the run (eval_max_new_tokens)"}
+                     if spec.eval_max_new_tokens else token_limit_for(base, load_test(data["test"], spec.max_eval_prompts)[1]))
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates=weights,
                              evaluator=spec.evaluator if evaluator_kind == "evaluator" else None,
                              rubric=spec.rubric, auto_rubric=evaluator_kind == "auto", train_data=data["train"],
                              judge=judge, ledger=ws.ledger, max_prompts=spec.max_eval_prompts,
-                             max_new_tokens=spec.eval_max_new_tokens, seed=spec.seed,
+                             validity_pairs=spec.judge_calibration_pairs, labels=label_kind(ws),
+                             max_new_tokens=limit["value"], seed=spec.seed,
                              served=lora_server(stack, ws, base, weights))
             _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
-    merged["clear_winner"] = clear_winner(merged["models"])
+            merged["max_new_tokens"][short_name(base)] = limit
+    select_merged(merged, spec.seed)
     if merged.get("rubric"):
         (ws.eval_dir / "rubric.md").write_text(Path(merged["rubric"]["path"]).read_text(), encoding="utf-8")
     write_json_atomic(ws.scores, merged)

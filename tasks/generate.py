@@ -19,12 +19,16 @@ from preftune.hf import load_causal_lm, prompt_ids, stop_token_ids
 
 @torch.inference_mode()
 def generate_with(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 64,
-                  batch_size: int = 16, temperature: float = 0.0) -> list[str]:
-    """Completions of an already loaded (model, tokenizer), in the order of ``prompts``."""
+                  batch_size: int = 16, temperature: float = 0.0, cut: list[bool] | None = None) -> list[str]:
+    """Completions of an already loaded (model, tokenizer), in the order of ``prompts``. ``cut``, when
+    given, receives per prompt whether its answer stopped at ``max_new_tokens`` without ending.
+    A prompt that carries ``tools`` (judges/completions.Conversation) is rendered with them."""
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rendered = [prompt_ids(tokenizer, m) for m in prompts]  # as the trainer and a run's server render them
+    # as the trainer and a run's server render them (a Conversation carries its tools)
+    rendered = [prompt_ids(tokenizer, m, getattr(m, "tools", None)) for m in prompts]
     stop = stop_token_ids(model, tokenizer)  # every end token, as a run's server stops (not EOS alone)
+    flags = [False] * len(rendered)
     # Longest first: batches of similar lengths waste less padding.
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]), reverse=True)
     results: list[str] = [""] * len(rendered)
@@ -38,8 +42,11 @@ def generate_with(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens
         new = out[:, enc["input_ids"].shape[1]:]  # (b, ≤ max_new_tokens)
         for row, i in zip(new, idx, strict=True):
             ids = row.tolist()  # the answer ends before its first end token (not kept, as a run's server does)
-            results[i] = tokenizer.decode(ids[:next((j for j, t in enumerate(ids) if t in stop), len(ids))],
-                                          skip_special_tokens=True).strip()
+            end = next((j for j, t in enumerate(ids) if t in stop), None)
+            results[i] = tokenizer.decode(ids[:len(ids) if end is None else end], skip_special_tokens=True).strip()
+            flags[i] = end is None and len(ids) >= max_new_tokens  # stopped by the limit, not by an end token
+    if cut is not None:
+        cut[:] = flags
     return results
 
 

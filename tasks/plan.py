@@ -66,6 +66,19 @@ def prompt_quota(spec: RunSpec, inspection: dict) -> tuple[int, int]:
     return cap - n_test, n_test
 
 
+def eval_tokens_estimate(spec: RunSpec, inspection: dict) -> int:
+    """The evaluation's max new tokens as the plan prices it: the run's setting, else (0: fitted at
+    evaluation) the largest p95 of preferred answers over the base models' tokenizers, or for
+    prompts-only data the pair answers' limit, within phase 5's bounds (tasks/evaluate.py)."""
+    from preftune.tasks.evaluate_checks import EVAL_TOKENS_BOUNDS, EVAL_TOKENS_FALLBACK
+
+    if spec.eval_max_new_tokens:
+        return spec.eval_max_new_tokens
+    p95 = [st["preferred"]["p95"] for st in (inspection.get("token_stats") or {}).values() if "preferred" in st]
+    guess = spec.pair_max_tokens if inspection.get("format") == "prompts" else max(p95, default=EVAL_TOKENS_FALLBACK)
+    return int(max(EVAL_TOKENS_BOUNDS[0], min(EVAL_TOKENS_BOUNDS[1], math.ceil(guess))))
+
+
 WALL_SPREAD = (0.75, 1.5)  # a measured generation time, as a range: load on the machine, lengths
 
 
@@ -149,11 +162,12 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
         phases["evaluation"] = cost.PhaseEstimate(cost.ZERO, {"calls": 0, "note": "Python evaluator, no API calls"})
     else:
         judge = prices["judge"]
-        completion = cost.Range(share[0] * spec.eval_max_new_tokens, share[1] * spec.eval_max_new_tokens)
+        tokens = eval_tokens_estimate(spec, inspection)
+        completion = cost.Range(share[0] * tokens, share[1] * tokens)
         overhead = judge["prompt_overhead_tokens"]
         per_call_in = cost.Range(overhead + prompt_mean + 2 * completion.low, overhead + prompt_mean * factor[1]
                                  + 2 * completion.high)
-        validity = n_eval if inspection["format"] == "pairs" else 0
+        validity = min(spec.judge_calibration_pairs, n_test)  # the judge's calibration on labelled pairs
         calls_high = 2 * n_eval * len(jobs) + 2 * validity + (1 if evaluator_kind == "auto" else 0)
         phases["evaluation"] = cost.estimate_inference(
             calls_high, per_call_in, cost.Range(*judge["output_tokens"]), spec.judge)

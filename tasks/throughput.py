@@ -133,6 +133,7 @@ def measure_models(spec: RunSpec, ws: Workspace, inspection: dict, base_models: 
     """Per base model: (its load time and seconds per evaluation prompt, in-process and batched;
     its training speed, ``measure_training``)."""
     from preftune.tasks.generate import generate_with, load_causal_lm
+    from preftune.tasks.plan import eval_tokens_estimate
 
     test = ws.test_data if ws.test_data.exists() else ws.train_data
     prompts = [rec["messages"] for _, rec in _prompts(test, 16)]
@@ -144,7 +145,7 @@ def measure_models(spec: RunSpec, ws: Workspace, inspection: dict, base_models: 
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if prompts:
-            generate_with(net, tok, prompts, max_new_tokens=spec.eval_max_new_tokens)
+            generate_with(net, tok, prompts, max_new_tokens=eval_tokens_estimate(spec, inspection))
         wall = time.perf_counter() - t1
         evaluation[model] = {"load_s": round(load_s, 2), "prompts": len(prompts),
                              "seconds_per_prompt": round(wall / max(len(prompts), 1), 4)}

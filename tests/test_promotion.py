@@ -4,22 +4,33 @@ unlike the end-to-end flow test, whose tiny models may or may not produce a clea
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from preftune.flows import questions
+from preftune.judges import selection
 from preftune.spec import RunSpec
 from preftune.workspace import Workspace
 
 
-def _model(rate: float, low: float, high: float) -> dict:
-    return {"base_model": "base", "win_rate": rate, "ci_low": low, "ci_high": high, "mean_score": rate,
-            "wins": 0, "ties": 0, "losses": 0, "invalid": 0}
+def _model(values: list[float]) -> dict:
+    rate = sum(values) / len(values)
+    return {"base_model": "base", "win_rate": rate, "ci_low": 0.0, "ci_high": 1.0, "mean_score": rate,
+            "wins": values.count(1.0), "ties": values.count(0.5), "losses": values.count(0.0), "invalid": 0,
+            "per_prompt": {f"p{i}": [v, 0.5] for i, v in enumerate(values)}}
 
 
 def _scores(clear: bool) -> dict:
-    # j-a beats its base and j-b on the point estimate; with `clear` its CI also clears both.
-    return {"kind": "evaluator", "warnings": [], "clear_winner": "j-a" if clear else None,
-            "models": {"j-a": _model(0.9, 0.75, 0.98), "j-b": _model(0.55, 0.3, 0.7)}}
+    """Judged on 30 prompts: j-a wins 27; j-b wins 6 (clear) or, like j-a, 26 (not told apart from j-a)."""
+    from preftune.tasks.evaluate_candidates import select_merged
+
+    b_wins = 6 if clear else 26
+    scores = {"kind": "rubric", "warnings": [], "models": {"j-a": _model([1.0] * 27 + [0.0] * 3),
+                                                             "j-b": _model([1.0] * b_wins + [0.0] * (30 - b_wins))}}
+    scores = select_merged(scores)
+    assert (scores["clear_winner"] == "j-a") is clear and selection.recommended(scores) == "j-a"
+    return scores
 
 
 def _choose(tmp_path, monkeypatch, scores: dict, answers: dict, **spec_kw) -> tuple[str | None, list[tuple]]:
@@ -72,6 +83,17 @@ def test_headless_run_passes_the_gate_automatically(tmp_path, monkeypatch):
     assert chosen == "j-a"
     assert [(kind, auto) for kind, _, auto in asked] == [("comparison", {"deploy": "recommended"}),
                                                          ("promotion", {"decision": "deploy it"})]
+    record = json.loads((tmp_path / "ws" / "decision.json").read_text())
+    assert record["deployed"] == "j-a" and record["verdict"] == "significant winner" and record["gate"] == "deploy it"
+
+
+def test_the_decision_record_names_what_was_held_back(tmp_path, monkeypatch):
+    chosen, _ = _choose(tmp_path, monkeypatch, _scores(True),
+                        {"comparison": {"deploy": "recommended"}, "promotion": {"decision": "do not deploy"}})
+    record = json.loads((tmp_path / "ws" / "decision.json").read_text())
+    assert chosen is None and record["deployed"] is None
+    assert record["summary"] == ("Nothing was deployed: `j-a` was held back by the person's answer "
+                                 "`do not deploy` at the promotion gate.")
 
 
 def test_deploy_off_asks_no_gate_and_deploys_nothing(tmp_path, monkeypatch):

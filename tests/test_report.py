@@ -120,6 +120,14 @@ def _quotes(block: str) -> list[str]:
     return out
 
 
+CELL = re.compile(r'<td valign="top"[^>]*>(.*?)</td>')
+
+
+def _answer_cells(block: str) -> list[str]:
+    """The two answers of a side-by-side table, unescaped, without the notes under them."""
+    return [html.unescape(re.split(r"<br><(?:em|strong)>", c)[0].replace("<br>", "\n")) for c in CELL.findall(block)]
+
+
 def _check_layout(markdown: str, with_tables: bool = True) -> None:
     """Tables narrow enough for a 1280 px window, with a real header; blocks that do not run together.
     ``with_tables=False``: a text that must have none (the approval modal is too narrow for one)."""
@@ -206,10 +214,10 @@ def test_what_changed_shows_five_prompts_with_both_answers_and_the_scores(run):
         scores.setdefault(row["key"].split(":")[0], []).append(round(row["score"], 3))
     assert f"the deployed candidate `{deployed}`" in section
     for block in blocks:
-        assert "**Base model `tiny-llama`:**" in block and f"**`{deployed}` (deployed):**" in block
-        quoted = _quotes(block)
-        assert len(quoted) == 3  # the prompt, the base answer, the tuned answer: all short here, none cut
-        base_answer, tuned_answer = quoted[1], quoted[2]
+        assert f"<th align=\"left\">Base model <code>tiny-llama</code></th><th align=\"left\"><code>{deployed}</code> " \
+               "(deployed)</th>" in block
+        assert len(_quotes(block)) == 1  # the prompt; the answers sit side by side in the table below it
+        base_answer, tuned_answer = _answer_cells(block)
         assert base_answer in [a.strip() for a in answers["base"]]
         assert tuned_answer in [a.strip() for a in answers[deployed]]
         assert base_answer != tuned_answer and "(identical answers)" not in block
@@ -220,7 +228,7 @@ def test_what_changed_shows_five_prompts_with_both_answers_and_the_scores(run):
         heading = block.splitlines()[0]
         expect = ("the tuned answer wins" if tuned_score > base_score else "the base answer wins"
                   if tuned_score < base_score else "a tie")
-        assert heading == f"{block[0]}: {expect}"
+        assert heading in (f"{block[0]}: {expect}", f"{block[0]}: {expect} (an answer was cut at the token limit)")
 
 
 def test_warning_when_the_deployed_model_did_not_beat_its_base(run):
@@ -230,7 +238,8 @@ def test_warning_when_the_deployed_model_did_not_beat_its_base(run):
     assert entry["win_rate"] <= 0.5  # the weakest candidate of this run lost (0.222 measured)
     head = report.split("## Summary")[0]
     assert f"> ⚠ **Warning: the deployed model `{deployed}` is not shown to be better than its base model.**" in head
-    assert f"its win rate against its base is {entry['win_rate']:.3f}" in head
+    vs = json.loads((ws / "eval/scores.json").read_text())["selection"]["vs_base"][deployed]
+    assert not vs["above"] and f"its per-prompt score minus its base's averages {vs['diff']:.3f}, 95% CI [" in head
     assert f"`{deployed}` ⚠ not better than its base" in _section(report, "Summary")
     assert artifact.split("## Summary")[0] == head
 
@@ -280,7 +289,7 @@ def test_judge_verdicts_and_the_warning_follow_who_won(run, tmp_path, prefer):
               (ws / "eval/tiny-llama/judgments" / f"{deployed}.jsonl").read_text().splitlines()}
     tokens = ("A>B", "B>A") if won else ("B>A", "A>B")
     for block in blocks:
-        assert block.splitlines()[0].endswith("the tuned answer wins" if won else "the base answer wins")
+        assert ("the tuned answer wins" if won else "the base answer wins") in block.splitlines()[0]
         assert (f"**Judge:** {'win' if won else 'loss'} for `{deployed}`; verdict with the tuned answer as A: "
                 f"`{tokens[0]}`, with the base answer as A: `{tokens[1]}`.") in block
     assert {r["outcome"] for r in judged.values()} == {"win" if won else "loss"}
@@ -307,7 +316,9 @@ def test_comparison_question_shows_the_base_scores_and_names_the_recommendation(
     assert "|" not in text  # no table: the approval modal is narrow
     assert selection.recommended(scores) is None  # both candidates lost in this run
     assert "**Recommended: deploy nothing.**" in text and "- `recommended`: deploy nothing" in text
-    assert "every other candidate's upper bound.\n\n**Recommended: deploy nothing.** No candidate" in text
+    assert ("**No significant winner: no candidate beats its base (no 95% CI of the difference from its base is "
+            "above 0).** Rule: paired bootstrap") in text
+    assert "\n\n**Recommended: deploy nothing.** No candidate beats its base" in text
 
 
 def test_plan_versus_actual_tokens_after_a_dropped_beta(run):
@@ -372,31 +383,36 @@ def test_long_answers_are_cut_with_a_note_and_stay_quoted(run, tmp_path):
     _check_layout(report)
     section = _section(report, "What changed")
     block = next(b for b in section.split("\n### Prompt ")[1:] if "row 0" in b)
-    shown = next(q for q in _quotes(block) if "row 0" in q)
-    assert long.startswith(shown.split("\n\n*…")[0]) and len(shown.split("\n\n*…")[0]) <= ANSWER_CHARS
-    assert shown.endswith(f"*… cut here: {len(long):,} characters in full.*")
-    assert "<b>" not in block and "&lt;b>bold&lt;/b> &amp; ## not a heading" in block
+    cell = next(c for c in CELL.findall(block) if "row 0" in c)
+    shown = _answer_cells(f'<td valign="top">{cell}</td>')[0]
+    assert long.startswith(shown) and len(shown) <= ANSWER_CHARS
+    assert f"<br><em>… shortened here: {len(long):,} characters in full.</em>" in cell
+    assert "<b>" not in block and "&lt;b&gt;bold&lt;/b&gt; &amp; ## not a heading" in cell
+    assert "\n\n" not in cell  # a blank line would end the HTML block: line breaks are <br>
 
 
 def test_the_warning_rule_on_the_run_scores(run):
-    """not_better on this run's scores, with the deployed entry moved across each limit."""
+    """not_better on this run's scores, with the selection rule's verdict on the deployed entry moved
+    across its limit (the paired bootstrap's CI of the difference from the base against 0)."""
     from preftune.reports.changes import not_better
 
     scores = json.loads((run["ws"] / "eval/scores.json").read_text())
     deployed = run["deployed"]
-    base_score = scores["bases"]["tiny-llama"]["mean_score"]
     outcome = {"deployed": deployed}
 
-    def reasons(**entry) -> list[str]:
+    def reasons(**vs) -> list[str]:
         changed = json.loads(json.dumps(scores))
-        changed["models"][deployed].update(entry)
+        changed["selection"]["vs_base"][deployed].update(vs)
         return not_better(outcome, changed)
 
-    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score + 0.01) == []
-    assert reasons(win_rate=0.6, ci_low=0.45, ci_high=0.8, mean_score=base_score + 0.01) == [
-        "the 95% CI of its win rate, [0.450, 0.800], includes 0.5: the gain may be chance"]
-    assert reasons(win_rate=0.5, ci_low=0.3, ci_high=0.7, mean_score=base_score + 0.01) == [
-        "its win rate against its base is 0.500 (at most 0.5: it did not win more than it lost)"]
-    assert reasons(win_rate=0.8, ci_low=0.6, ci_high=0.9, mean_score=base_score) == [
-        f"its mean evaluator score {base_score:.3f} is not above its base's {base_score:.3f}"]
+    assert reasons(diff=0.1, ci_low=0.02, ci_high=0.2, above=True) == []
+    assert reasons(diff=0.1, ci_low=-0.02, ci_high=0.2, above=False, n=12) == [
+        "its per-prompt score minus its base's averages 0.100, 95% CI [-0.020, 0.200] (paired bootstrap over "
+        "12 prompts): not above 0"]
+    assert reasons(diff=None, ci_low=None, ci_high=None, above=False) == [
+        "no held-out prompt gave a valid comparison with its base"]
+    old = json.loads(json.dumps(scores))
+    del old["selection"]  # a workspace written before the rule: its win rate against 0.5
+    old["models"][deployed].update(win_rate=0.6, ci_low=0.45, ci_high=0.8)
+    assert not_better(outcome, old) == ["the 95% CI of its win rate, [0.450, 0.800], includes 0.5: the gain may be chance"]
     assert not_better({"deployed": "base"}, scores) == [] and not_better({"deployed": None}, scores) == []

@@ -28,7 +28,9 @@ def add_parser(sub: Any) -> None:
     add_endpoint_flags(p, "judge", help="OpenAI-compatible judge endpoint, MODEL@BASE_URL")
     p.add_argument("--train", metavar="DATA", help="training pairs the auto rubric is written from")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (scores.json, completions/, ...)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
+                   help="max tokens per answer; 0 (default): fitted to the held-out preferred answers (their p90 "
+                        "in the base model's tokens, 16-512)")
     p.add_argument("--max-prompts", type=int, default=200, metavar="N", help="use the first N test prompts")
     p.add_argument("--judge-concurrency", type=int, default=16, metavar="N")
     p.add_argument("--seed", type=int, default=0)
@@ -66,9 +68,12 @@ def _print_table(scores: dict) -> None:
             ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
             print(f"{name:<20} {m['n']:>5} {wtl:>15} {_fmt(m['win_rate']):>9} {ci:>17} "
                   f"{_fmt(m['lc_win_rate']):>7}")
-        print(f"judge agreement with labels: {_fmt(scores['judge_agreement'])}; "
-              f"position consistency: {_fmt(scores['position_consistency'])}")
-    print(f"clear winner: {scores['clear_winner'] or 'none'}")
+        cal = scores.get("judge_validity") or {}
+        print(f"judge agreement with {cal.get('labels', 'the')} labels: {_fmt(scores['judge_agreement'])} "
+              f"[{_fmt(cal.get('agreement_ci_low'))}, {_fmt(cal.get('agreement_ci_high'))}]; longer answer wins: "
+              f"{_fmt(cal.get('length_baseline'))}; position consistency: {_fmt(scores['position_consistency'])}")
+    sel = scores.get("selection") or {}
+    print(f"selection: {sel.get('verdict', '?')}; recommended: {sel.get('recommended') or 'none'}")
     for w in scores["warnings"]:
         print(f"warning: {w}")
 
@@ -78,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
 
     from preftune.cli.common import print_json
     from preftune.judges.evaluators import trust_command_line
-    from preftune.tasks.evaluate import EvalConfig, run_evaluation
+    from preftune.tasks.evaluate import EvalConfig, load_test, run_evaluation
+    from preftune.tasks.evaluate_checks import token_limit_for
 
-    if args.max_new_tokens < 1 or args.max_prompts < 1:
-        raise UserError("--max-new-tokens and --max-prompts must be at least 1")
+    if args.max_new_tokens < 0 or args.max_prompts < 1:
+        raise UserError("--max-new-tokens must be at least 0 and --max-prompts at least 1")
     trust_command_line(args.evaluator)  # the owner's own flag: it may name any file
     judge = endpoint_from_args(args, "judge")
     if judge is not None and judge.is_local:
@@ -89,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(test_data=Path(args.test), base_model=args.base, candidates=_candidates(args.candidate),
                      out_dir=Path(args.out), evaluator=args.evaluator, rubric=args.rubric,
                      auto_rubric=args.auto_rubric, train_data=Path(args.train) if args.train else None,
-                     judge=judge, max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
+                     judge=judge, max_prompts=args.max_prompts,
+                     max_new_tokens=args.max_new_tokens or token_limit_for(
+                         args.base, load_test(Path(args.test), args.max_prompts)[1])["value"],
                      judge_concurrency=max(1, args.judge_concurrency), seed=args.seed)
     scores = run_evaluation(cfg)
     if args.json:
