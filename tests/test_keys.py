@@ -76,6 +76,29 @@ def test_a_reply_quoting_the_key_is_redacted_before_it_is_written(tmp_path, monk
     assert f"JUDGE_TOKEN={REDACTED}" in written and f"called with key {REDACTED}" in written
 
 
+def test_a_generator_quoting_its_key_leaves_no_key_in_the_pairs(tmp_path, monkeypatch):
+    """The pairs phase (strong and weak replies) writes pairs, caches and provenance: none keeps it."""
+    from preftune.cli import build_parser
+    from preftune.cli.run import spec_from_args
+    from preftune.tasks.pairs import pairs_phase
+    from preftune.workspace import Workspace
+    from tests.test_secret_block import _phase_one_split
+
+    monkeypatch.setenv("GEN_SECRET", KEY)
+    ws = Workspace(tmp_path / "ws")
+    inspection = _phase_one_split(ws)
+    with StubServer(lambda req: Reply(text=f"{req.body['model']} answers; my key is {KEY}.")) as srv:
+        spec = spec_from_args(build_parser().parse_args([
+            "run", "--dataset", str(tmp_path / "prompts.jsonl"), "--workspace", str(ws.root),
+            "--strong", f"big@{srv.base_url}", "--strong-api-key-env", "GEN_SECRET",
+            "--weak", f"small@{srv.base_url}", "--weak-api-key-env", "GEN_SECRET"]))
+        result = pairs_phase(spec, ws, inspection)
+    pairs = [json.loads(line) for line in open(result["train"])]
+    assert pairs and pairs[0]["preferred_output"][0]["content"] == "big answers; my key is <redacted>."
+    written = "\n".join(p.read_bytes().decode("utf-8", errors="replace") for p in ws.root.rglob("*") if p.is_file())
+    assert KEY not in written
+
+
 @pytest.fixture
 def key_in_odd_names(monkeypatch):
     """A key under a name no suffix rule would catch, and one an endpoint names as its key env."""
