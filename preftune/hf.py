@@ -67,8 +67,8 @@ def model_fingerprint(model: str | Path) -> str:
         memo = {}
     before = dict(memo)
     identity = model_identity(root, memo)
-    if memo != before:
-        write_json_atomic(memo_path, memo)
+    if memo != before:  # entries of files that are gone (a deleted copy, a test's folder) are dropped
+        write_json_atomic(memo_path, {tag: d for tag, d in memo.items() if Path(tag.split("|")[0]).exists()})
     return "local:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 

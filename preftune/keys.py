@@ -33,11 +33,13 @@ _CHILD_ENV_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP",
     "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS",
     "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH", "XDG_CACHE_HOME", "TOKENIZERS_PARALLELISM",
-    "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"})
+    "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "CC", "CXX"})  # torch.compile / triton build kernels with the compiler the owner chose
 _CHILD_ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_", "NVIDIA_", "NCCL_", "CUBLAS_",
-                       "HF_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "ACCELERATE_", "PREFTUNE_", "PREFECT_")
-# Within those prefixes a name that reads like a credential stays behind (HF_TOKEN, PREFECT_API_KEY,
-# PREFECT_API_AUTH_STRING): children never download and never call the Prefect API as the owner.
+                       "HF_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "ACCELERATE_", "TRITON_", "VLLM_", "PREFTUNE_")
+# Within those prefixes a name that reads like a credential stays behind (HF_TOKEN): children never
+# download. No PREFECT_* either (a database URL may hold a password): a Prefect server preftune starts
+# is handed its settings explicitly (preftune.cli.up, preftune.cli.prefect_server).
 _CREDENTIAL_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "AUTH", "CREDENTIAL")
 _SECRET_NAMES: set[str] = set()  # every api_key_env an endpoint named in this process
 _SECRET_VALUES: set[str] = set()  # keys read from elsewhere (a Prefect Secret block)

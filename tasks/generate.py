@@ -1,8 +1,9 @@
 """In-process, batched generation from a local model folder (optionally with a LoRA adapter).
 
-Prompts (message lists) go through the chat template with the generation prompt, are
-left-padded so every row's last prompt token sits at the same position, and are decoded greedily
-unless a temperature is given; each row stops at EOS.
+Prompts (message lists) go through the chat template with the generation prompt (``prompt_ids``,
+as the trainer and a run's server render them), are left-padded so every row's last prompt token
+sits at the same position, and are decoded greedily unless a temperature is given; each row stops
+at any end token the generation config lists, or EOS (``stop_token_ids``, as a run's server stops).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from preftune.paths import EXAMPLES_DIR
 from tests.stub_server import Reply, StubRequest, StubServer
 from tests.test_evaluate import QUESTIONS, length_judge, write_pairs
 
@@ -31,10 +32,12 @@ def test_child_environ_is_an_allow_list(monkeypatch):
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:pw")
     monkeypatch.setenv("PREFTUNE_ODD_NAME", "named as a key below")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "postgresql+asyncpg://u:pw@db/prefect")
     Endpoint(model="j", base_url="http://127.0.0.1:1/v1", api_key_env="PREFTUNE_ODD_NAME")
     env = child_environ({"EXTRA": "given"})
     assert env["OMP_NUM_THREADS"] == "3" and env["EXTRA"] == "given" and env["PATH"]
-    assert not {"JUDGE_TOKEN", "MYSTUFF", "HF_TOKEN", "PREFECT_API_AUTH_STRING", "PREFTUNE_ODD_NAME"} & env.keys()
+    assert not {"JUDGE_TOKEN", "MYSTUFF", "HF_TOKEN", "PREFECT_API_AUTH_STRING", "PREFTUNE_ODD_NAME",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL"} & env.keys()
     monkeypatch.setenv("PREFTUNE_PASS_ENV", "MYSTUFF")  # the owner's escape hatch for one more name
     assert child_environ()["MYSTUFF"] == "x"
 
@@ -73,6 +76,29 @@ def test_a_reply_quoting_the_key_is_redacted_before_it_is_written(tmp_path, monk
     assert f"JUDGE_TOKEN={REDACTED}" in written and f"called with key {REDACTED}" in written
 
 
+def test_a_generator_quoting_its_key_leaves_no_key_in_the_pairs(tmp_path, monkeypatch):
+    """The pairs phase (strong and weak replies) writes pairs, caches and provenance: none keeps it."""
+    from preftune.cli import build_parser
+    from preftune.cli.run import spec_from_args
+    from preftune.tasks.pairs import pairs_phase
+    from preftune.workspace import Workspace
+    from tests.test_secret_block import _phase_one_split
+
+    monkeypatch.setenv("GEN_SECRET", KEY)
+    ws = Workspace(tmp_path / "ws")
+    inspection = _phase_one_split(ws)
+    with StubServer(lambda req: Reply(text=f"{req.body['model']} answers; my key is {KEY}.")) as srv:
+        spec = spec_from_args(build_parser().parse_args([
+            "run", "--dataset", str(tmp_path / "prompts.jsonl"), "--workspace", str(ws.root),
+            "--strong", f"big@{srv.base_url}", "--strong-api-key-env", "GEN_SECRET",
+            "--weak", f"small@{srv.base_url}", "--weak-api-key-env", "GEN_SECRET"]))
+        result = pairs_phase(spec, ws, inspection)
+    pairs = [json.loads(line) for line in open(result["train"])]
+    assert pairs and pairs[0]["preferred_output"][0]["content"] == "big answers; my key is <redacted>."
+    written = "\n".join(p.read_bytes().decode("utf-8", errors="replace") for p in ws.root.rglob("*") if p.is_file())
+    assert KEY not in written
+
+
 @pytest.fixture
 def key_in_odd_names(monkeypatch):
     """A key under a name no suffix rule would catch, and one an endpoint names as its key env."""
@@ -94,9 +120,11 @@ def test_generation_server_environment_holds_no_key(zoo, tmp_path, key_in_odd_na
     assert KEY not in "".join(env.values())
 
 
-def test_trainer_environment_holds_no_key(tmp_path, monkeypatch, key_in_odd_names):
-    """The trainer's environment, read from /proc/self/environ by the real `preftune train` child at
-    start-up (a sitecustomize on its PYTHONPATH); the job itself then fails on a missing config."""
+def test_trainer_environment_holds_no_key(zoo, tmp_path, monkeypatch, key_in_odd_names):
+    """A real training job, started as the sweep starts one (run_job_processes), trains with the
+    allow-listed environment; what it held is read from /proc/self/environ at its start-up (a
+    sitecustomize on its PYTHONPATH)."""
+    from preftune.job import TrainConfig
     from preftune.tasks.sweep import run_job_processes
 
     hook = tmp_path / "hook"
@@ -108,17 +136,24 @@ def test_trainer_environment_holds_no_key(tmp_path, monkeypatch, key_in_odd_name
         "    shutil.copyfile('/proc/self/environ', os.environ['PREFTUNE_TEST_ENV_DUMP'])\n")
     monkeypatch.setenv("PYTHONPATH", str(hook))
     monkeypatch.setenv("PREFTUNE_TEST_ENV_DUMP", str(dump))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines(keepends=True)[:8]))
     job = tmp_path / "jobs" / "j1"
+    config = TrainConfig(model=zoo["models"]["tiny-llama"], data=data, out=job, beta=0.1, batch_size=4,
+                         max_length=64, num_threads=1)
     job.mkdir(parents=True)
-    with pytest.raises(RuntimeError, match="exited with"):
-        run_job_processes(job / "job.json", {"OMP_NUM_THREADS": "1"})
+    (job / "job.json").write_text(config.model_dump_json())
+    summary = run_job_processes(job / "job.json", {"OMP_NUM_THREADS": "1"})
+    assert summary["steps"] == 2 and (job / "summary.json").exists()
     env = dict(x.split("=", 1) for x in dump.read_text().split("\0") if "=" in x)
     assert env["OMP_NUM_THREADS"] == "1" and env["PREFTUNE_TEST_ENV_DUMP"] == str(dump)
     assert not key_in_odd_names & env.keys()
 
 
-def test_evaluator_worker_environment_holds_no_key(tmp_path, key_in_odd_names):
+def test_evaluator_worker_environment_holds_no_key(tmp_path, monkeypatch, key_in_odd_names):
     from preftune.judges.evaluators import EvalItem, run_evaluator
+
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))
 
     evaluator = tmp_path / "peek.py"
     evaluator.write_text("import os\n"

@@ -45,7 +45,7 @@ def start_server(api_url: str, home: str, auth: str) -> subprocess.Popen:
     """`prefect server start` on the host and port of `api_url`, asking every API request for `auth`
     (preftune.cli.prefect_auth), in its own process group (so the terminal's Ctrl-C reaches us first
     and we stop it after the serve loop); it dies with us."""
-    from preftune.cli.prefect_auth import SERVER_SETTING
+    from preftune.cli.prefect_auth import CLIENT_SETTING, SERVER_SETTING
     from preftune.keys import child_environ
     from preftune.procs import popen
 
@@ -55,7 +55,10 @@ def start_server(api_url: str, home: str, auth: str) -> subprocess.Popen:
                         "cannot start it: start it there, or unset PREFECT_API_URL for a local one")
     os.makedirs(home, exist_ok=True)
     # The UI asks its API at PREFECT_UI_API_URL, which defaults to port 4200, not the one it serves on.
-    env = child_environ({"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The owner's Prefect settings (database URL, logging...), not a client's credentials.
+    settings = {k: v for k, v in os.environ.items()
+                if k.startswith("PREFECT_") and k not in (CLIENT_SETTING, "PREFECT_API_KEY")}
+    env = child_environ({**settings, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                          "PREFECT_UI_API_URL": api_url, SERVER_SETTING: auth})
     env.pop("PREFECT_API_URL", None)
     log = open(os.path.join(home, "server.log"), "ab")  # noqa: SIM115 - the child holds it for its life
