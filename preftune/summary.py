@@ -37,8 +37,10 @@ def verified_summary(out: str | Path) -> dict | None:
         return None
     folder = weights_dir(out, bool(summary.get("full")))
     named = summary.get("model_dir" if summary.get("full") else "adapter_dir")
-    if not isinstance(named, str) or Path(named).resolve() != folder.resolve():
+    # A workspace moved or copied elsewhere names its old path: the same <job>/<weights> tail is this
+    # job's own folder (checked by content below), and the summary handed on names where it is now.
+    if not isinstance(named, str) or Path(named).parts[-2:] != folder.parts[-2:]:
         return stale(path, f"names weights outside the job folder ({named!r})", _RERUN)
     if not folder.is_dir() or tree_fingerprint(folder) != summary.get("weights_sha256"):
         return stale(path, f"{folder} is missing or changed since the job finished", _RERUN)
-    return summary
+    return summary | {"model_dir" if summary.get("full") else "adapter_dir": str(folder)}

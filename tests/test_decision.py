@@ -49,7 +49,7 @@ def _workspace(tmp_path, scores: dict, deployed: str | None, answer: str, by: st
     write_json_atomic(ws.root / decision.FILE, record)
     write_json_atomic(ws.outcome, {"status": "completed", "deployed": deployed, "clear_winner": scores["clear_winner"]})
     ws.approvals.write_text(json.dumps({"time": "2026-12-02T10:00:00+00:00", "kind": "comparison", "by": by,
-                                        "values": {"deploy": answer}, "context": {}}) + "\n")
+                                        "flow_run_id": "00000000-0000-0000-0000-000000000000", "values": {"deploy": answer}, "context": {}}) + "\n")
     write_report(ws)
     return ws, ws.report.read_text(encoding="utf-8"), record
 

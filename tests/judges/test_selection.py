@@ -57,10 +57,11 @@ def test_the_best_point_estimate_that_does_not_beat_its_base_is_not_recommended(
     assert out["verdict"] == selection.NOT_APART  # y cannot be told better than the runner-up x
 
 
-def test_evaluate_and_the_flow_agree_on_the_same_judgments(tmp_path) -> None:
+def test_evaluate_and_the_flow_agree_on_the_same_judgments(tmp_path, monkeypatch) -> None:
     """The base's scores swing from 0 to 1 across prompts; the candidate scores 0.05 above it on every
     prompt. Before the one rule, `preftune evaluate` compared the mean scores' CIs (overlapping: no
     clear winner) while the flow compared the per-prompt win rate (40 of 40: clear winner `cand`)."""
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))  # the owner's folder of evaluators
     evaluator = tmp_path / "lookup.py"
     evaluator.write_text("def score(messages, completion):\n    return float(completion)\n")
     prompts = [(f"h{i}", [{"role": "user", "content": f"q{i}"}]) for i in range(N)]
