@@ -55,13 +55,12 @@ from preftune.endpoint import Endpoint
 from preftune.errors import UserError
 from preftune.keys import note_secret, read_key_file, redact
 from preftune.ledger import Ledger
-from preftune.response_cache import ResponseCache, request_key
+from preftune.response_cache import MAX_REPLY_BYTES, ResponseCache, request_key
 
 AUTH_STATUS = frozenset({401, 403})
 MAX_REASKS = 2  # re-asks of a request whose cached reply was not accepted, across runs
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, the SDK insists on one
-MAX_REPLY_BYTES = 1_000_000  # a chat reply larger than this is a bad reply (a judge answer is a few KB)
 # Prompt tokens a request can be billed for: at most one per byte of its body (every tokenizer's token
 # covers at least a byte) plus what a chat template adds around it (system prompt, role markers, tools).
 PROMPT_ALLOWANCE = 512

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from preftune.endpoint import Endpoint
 
 KEY_LEN = 64  # hex sha256
+MAX_REPLY_BYTES = 1_000_000  # a chat reply larger than this is a bad reply (preftune.client): never stored
+# A cache line longer than any reply within that limit can be (JSON escaping at most doubles it) was
+# written before replies were bounded (issue 21: 10 MB judge replies): not read back, asked again.
+MAX_LINE = 2 * MAX_REPLY_BYTES + 65_536
 
 
 def request_key(endpoint: Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
@@ -65,7 +69,8 @@ class ResponseCache:
         offset = 0
         with open(seg, "rb") as fh:
             for line in fh:
-                if len(line) > KEY_LEN + 1 and line.endswith(b"\n") and line[KEY_LEN:KEY_LEN + 1] == b"\t":
+                if (KEY_LEN + 1 < len(line) <= MAX_LINE and line.endswith(b"\n")
+                        and line[KEY_LEN:KEY_LEN + 1] == b"\t"):
                     key = line[:KEY_LEN].decode("ascii", errors="replace")
                     old = self._index.get(key)
                     # a key seen twice (rare: a re-ask): parse both, keep the more final reply

@@ -4,6 +4,7 @@ under it), and held while money is spent (issue 21: $195.01 spent under a $1 cap
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -208,3 +209,28 @@ def test_a_bad_approvals_or_ledger_line_stops_a_resumed_run_before_anything_is_s
     assert (ws / name).read_text() == line + "\n"  # never rewritten
     assert not (ws / "plan.json").exists()  # refused at the start, before the plan
     assert flow_state(ws).type.value == "FAILED"
+
+
+def test_a_phase_run_alone_stops_at_the_cap_its_ledger_holds(tmp_path):
+    """`preftune pairs --out WORKSPACE` on a workspace whose ledger holds a cap of 1 cent: a request's
+    worst case is ~$0.008 and a settled one costs $0.00027 (12 + 5 tokens), so a few prompts are paired,
+    then the next request would pass the cap: it is not sent; one line, exit 1, no traceback."""
+    prompts, out = write_prompts(tmp_path / "prompts.jsonl", 20), tmp_path / "ws"
+    out.mkdir()
+    (out / "ledger.jsonl").write_text(json.dumps({"time": "t", "kind": "cap", "usd": 0.01}) + "\n")
+    with StubServer(lambda req: Reply(text=f"{req.body['model']} {req.last_user}", prompt_tokens=12,
+                                      completion_tokens=5)) as srv:
+        cmd = [sys.executable, "-m", "preftune.cli", "pairs", "--prompts", str(prompts), "--out", str(out),
+               "--concurrency", "1", "--max-tokens", "32"]
+        for role, model in (("strong", "big"), ("weak", "small")):
+            cmd += [f"--{role}", f"{model}@{srv.base_url}", f"--{role}-price-in", "10", f"--{role}-price-out", "30"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        sent = len(srv.requests)
+    entries = read_ledger(out / "ledger.jsonl")
+    total = sum(e["usd"] for e in entries)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert re.fullmatch(rf"preftune pairs: failed: budget cap \$0\.01 reached: \$0\.\d\d spent or reserved "
+                        rf"\({re.escape(str(out / 'ledger.jsonl'))}\); the next request \(up to \$0\.00\d\d\) was not "
+                        r"sent", line), line
+    assert 0 < sent == len(entries) < 40 and total <= 0.01

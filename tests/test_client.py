@@ -449,3 +449,18 @@ def test_an_http_error_releases_its_reservation(tmp_path):
     assert read_ledger(tmp_path / "ledger.jsonl") == []  # refused by the server: nothing billed
     kinds = [json.loads(x)["kind"] for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert kinds == ["reserved", "released"]
+
+
+def test_an_oversized_reply_cached_before_replies_were_bounded_is_asked_again(tmp_path):
+    """A cache written by an earlier version holds a 3 MB reply for this request: it is not read back."""
+    from preftune.response_cache import ResponseCache
+
+    with StubServer(lambda req: Reply(text="a short answer")) as srv:
+        client = _priced_client(srv, tmp_path)
+        key = request_key(client.endpoint, msgs("q"), {"max_tokens": 16, "temperature": 0.0})
+        old = ResponseCache(tmp_path / "cache")
+        old.put(key, {"text": "x" * 3_000_000, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1})
+        old.close()
+        client = _priced_client(srv, tmp_path)
+        result = run(_chat(client, "q", max_tokens=16))
+        assert (result.text, result.cached, len(srv.requests)) == ("a short answer", False, 1)

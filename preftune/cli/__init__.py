@@ -17,7 +17,7 @@ import threading
 import warnings
 
 from preftune.cli.prefect_auth import refused, refused_message, use_saved_auth
-from preftune.errors import UserError
+from preftune.errors import RunEnded, UserError
 
 COMMANDS = ["inspect", "zoo", "train", "pairs", "evaluate", "run", "plan", "demo", "serve", "up", "approve", "deploy"]
 
@@ -161,6 +161,9 @@ def _main(args: argparse.Namespace) -> int:
     except UserError as err:
         print(f"preftune {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except RunEnded as end:  # a phase run alone stopped on purpose (e.g. at the ledger's budget cap)
+        print(f"preftune {args.command}: {end.status}: {end.reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return _interrupted()
     except (OSError, MemoryError, RuntimeError) as err:
