@@ -10,6 +10,7 @@ as the process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import queue
@@ -17,7 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -102,3 +104,50 @@ def popen(argv: list[str], *, death_signal: int | None = signal.SIGKILL, **kwarg
     if threading.current_thread() is threading.main_thread():
         return start()
     return _in_spawner(start)
+
+
+def terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM each live process in ``procs`` (a job then checkpoints and exits), wait up to
+    ``grace_s`` for all of them together, then SIGKILL what is left."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# A process whose work can stop cleanly between two steps (a training job: it checkpoints first)
+# asks for SIGTERM/SIGINT to be a request, not an interruption: the CLI's handler then sets this
+# event instead of raising KeyboardInterrupt, and the work checks it after each step. The CLI's exit
+# deadline still holds: a step that does not end in time is cut off, and resumes from the last
+# checkpoint.
+_stop_requested = threading.Event()
+_graceful = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_between_steps() -> Iterator[None]:
+    """While inside, a signal to this process sets ``stop_requested()`` instead of interrupting it."""
+    _graceful.set()
+    try:
+        yield
+    finally:
+        _graceful.clear()
+
+
+def request_stop() -> bool:
+    """Called by the signal handler: True when the work in progress will stop by itself."""
+    if not _graceful.is_set():
+        return False
+    _stop_requested.set()
+    return True
+
+
+def stop_requested() -> bool:
+    return _stop_requested.is_set()

@@ -19,12 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from preftune.backends import choose_backend, cuda_available, launch_for, vllm_installed
 from preftune.client import ChatClient, ChatError
 from preftune.errors import UserError
 from preftune.files import atomic_dir, read_json, tree_fingerprint, write_json_atomic
 from preftune.hf import load_tokenizer, model_fingerprint
-from preftune.server import ServerError, ServerHandle, device_name, serve_local, stop_server
+from preftune.server import ServerError, ServerHandle, device_name, free_port, serve_local, stop_server
 from preftune.spec import RunSpec
 from preftune.tasks.sweep import trained_weights
 from preftune.workspace import Workspace
@@ -117,6 +119,7 @@ def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | No
     else:
         folder = str(merge_adapter(base, adapter_path, ws.deploy_dir / "model")) if adapter_path else base
         launch = launch_for("transformers", folder, device)
+    port = _starting(ws, folder, port)  # recorded first: a deploy killed now leaves a server --stop finds
     handle = serve_local(folder, ws.logs_dir, device=device, port=port, timeout=timeout, detach=True,
                          launch=launch, key_file=key_file)
     try:
@@ -135,12 +138,53 @@ def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | No
     ws.deploy_dir.mkdir(parents=True, exist_ok=True)
     (ws.deploy_dir / "client_snippet.py").write_text(snippet(handle.base_url, handle.model, key_file))
     write_json_atomic(ws.endpoint, info)
+    (ws.deploy_dir / STARTING).unlink(missing_ok=True)
     return info
 
 
+# The server a deploy is starting, recorded before it is launched: a deploy killed (kill -9) before
+# endpoint.json exists leaves a detached server that `deploy --stop` and the next deploy find here.
+STARTING = "starting.json"
+
+
+def _starting(ws: Workspace, folder: str, port: int | None) -> int:
+    """Choose the server's port now and record (folder, port) in deploy/starting.json."""
+    port = port or free_port()
+    write_json_atomic(ws.deploy_dir / STARTING, {"served_folder": folder, "port": port,
+                                                 "started_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    return port
+
+
+def _stop_starting(ws: Workspace) -> int | None:
+    """Stop the server a killed deploy was starting (matched by its folder and port on its command
+    line, so nothing else is signalled); returns its pid, or None when none runs."""
+    path = ws.deploy_dir / STARTING
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    found = None
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if str(record.get("port")) in cmd and stop_server(record["served_folder"], pid=proc.info["pid"]):
+            found = proc.info["pid"]
+    path.unlink(missing_ok=True)
+    return found
+
+
 def stop_deployment(workspace: str | Path) -> dict[str, Any]:
-    """Stop the workspace's deployed server (if any) and mark endpoint.json stopped."""
-    path = Workspace(Path(workspace)).endpoint
+    """Stop the workspace's deployed server (if any) and mark endpoint.json stopped; also the server
+    a killed deploy was starting (deploy/starting.json)."""
+    ws = Workspace(Path(workspace))
+    leftover = _stop_starting(ws)
+    result = _stop_endpoint(ws.endpoint)
+    if leftover is not None and not result["stopped"]:
+        return {"stopped": True, "pid": leftover, "base_url": None}
+    return result
+
+
+def _stop_endpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"stopped": False, "reason": "no deployment in this workspace"}
     info = read_json(path)

@@ -24,7 +24,7 @@ from preftune.errors import UserError
 from preftune.files import write_text_atomic
 from preftune.job import TrainConfig, shared_fields, train_command
 from preftune.keys import child_environ
-from preftune.procs import popen
+from preftune.procs import popen, terminate
 from preftune.spec import RunSpec
 from preftune.summary import verified_summary, weights_dir
 from preftune.tasks.training.health import assess, flag_names, metrics_rows
@@ -56,16 +56,26 @@ def run_job_processes(config: Path, env: dict | None = None) -> dict:
     with open(log_path, "ab") as log:  # the job dies with the caller's process, even on kill -9
         proc = popen(train_command(config), stdout=subprocess.PIPE, stderr=log, env=child_environ(env),
                      death_signal=signal.SIGTERM)
+        _RUNNING.add(proc)
         try:
             stdout, _ = proc.communicate()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            _RUNNING.discard(proc)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"job {config.parent.name} exited with {proc.returncode}: " + " | ".join(tail))
     return json.loads(stdout)
+
+
+# The job processes this process is waiting on (run_sweep stops them when it is interrupted).
+_RUNNING: set[subprocess.Popen] = set()
+# How long an interrupted sweep gives its jobs to checkpoint and exit before killing them: inside
+# the 10 s a signalled run has to end, with room for the flow's own teardown after it.
+JOB_STOP_GRACE_S = 5.0
 
 
 def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict], dict]:
@@ -102,7 +112,13 @@ def run_sweep(jobs: list[dict], launch: Callable[[dict], dict], *, max_concurren
                 active[pool.submit(contextvars.copy_context().run, launch, job)] = job
             if not active:
                 break
-            done, _ = wait(list(active), return_when=FIRST_COMPLETED)
+            try:
+                done, _ = wait(list(active), return_when=FIRST_COMPLETED)
+            except BaseException:  # a signal (SIGTERM arrives as Prefect's TerminationSignal): end the jobs too,
+                stop.set()  # or leaving the pool would wait for each of them to finish training
+                pending.clear()
+                terminate(list(_RUNNING), JOB_STOP_GRACE_S)
+                raise
             for fut in done:
                 job = active.pop(fut)
                 try:

@@ -150,3 +150,99 @@ def _answers(httpx, url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _train_children(pid: int) -> list[psutil.Process]:
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            if "train" in kid.cmdline():
+                out.append(kid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _metrics_lines(ws: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in ws.glob("jobs/*/metrics.jsonl"))
+
+
+def test_sigterm_during_training_ends_the_run_and_its_job_within_10s_and_the_job_resumes(tmp_path, zoo):
+    """Before: SIGTERM to `preftune run` while a sweep job trained left the CLI waiting for the job to
+    finish (9.5 minutes for 150 steps): Prefect's SIGTERM bridge raised in the flow, and leaving the
+    sweep's thread pool waited for the job. Now the sweep stops its jobs; a job checkpoints the step it
+    is on and exits; the run ends within 10 s, nothing of it left; the job resumes from that step."""
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ws = tmp_path / "ws"
+    data = tmp_path / "pairs.jsonl"  # 80 pairs: a short reference pass, then ~32 steps to train
+    data.write_text("".join((Path(__file__).parent.parent / "examples" / "pairs.jsonl").read_text()
+                            .splitlines(keepends=True)[:80]))
+    argv = PREFTUNE + ["run", "--dataset", str(data),
+                       "--workspace", str(ws), "--base-model", zoo["models"]["tiny-llama"], "--beta", "0.1",
+                       "--evaluator", "preftune.judges.builtin:answer_quality", "--yes", "--no-deploy",
+                       "--batch-size", "2", "--max-length", "64"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: _metrics_lines(ws) >= 2, 600, "the sweep job to train two steps")
+        jobs = _train_children(proc.pid)
+        assert jobs, "the job runs as a child process of the run"
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        print(f"SIGTERM during training: the run exited after {took:.1f} s with {proc.returncode}")
+        assert took < 10 and proc.returncode == 128 + signal.SIGTERM
+        assert all_gone(jobs, 1.0), [j.pid for j in jobs if j.is_running()]
+        assert "Traceback" not in proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    (job_dir,) = [p.parent for p in ws.glob("jobs/*/job.json")]
+    ckpt_step = torch.load(job_dir / "checkpoint.pt", weights_only=True)["state"]["step"]
+    assert ckpt_step >= 2
+    done = subprocess.run(PREFTUNE + ["train", "--config", str(job_dir / "job.json"), "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["resumed_from_step"] == ckpt_step and summary["steps"] > ckpt_step
+    steps = [json.loads(x)["step"] for x in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, summary["steps"] + 1))  # no step lost or repeated
+
+
+def test_sigterm_during_a_training_job_checkpoints_the_step_and_resumes(tmp_path, zoo):
+    """`preftune train` alone: SIGTERM ends it within 10 s with a checkpoint of the step it was on."""
+    import torch
+
+    out = tmp_path / "job"
+    argv = PREFTUNE + ["train", "--data", str(Path(__file__).parent.parent / "examples" / "pairs.jsonl"),
+                       "--model", zoo["models"]["tiny-llama"], "--out", str(out), "--num-threads", "1",
+                       "--batch-size", "2", "--max-length", "96", "--save-every", "1000", "--ref-cache",
+                       str(tmp_path / "rc"), "--epochs", "1", "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3,
+                 600, "three training steps")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 10 and proc.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ckpt_step = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"]
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ckpt_step >= 3 and logged[-1] == ckpt_step  # the step in progress finished and was saved
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["resumed_from_step"] == ckpt_step

@@ -16,6 +16,7 @@ import sys
 import threading
 import warnings
 
+from preftune import procs
 from preftune.cli.prefect_auth import refused, refused_message, use_saved_auth
 from preftune.errors import RunEnded, UserError
 
@@ -61,6 +62,7 @@ def _quiet_library_warnings() -> None:
 EXIT_DEADLINE_S = 7.0
 PREFECT_COMMANDS = {"run", "demo", "approve", "serve", "up"}
 _signalled: list[int] = []
+_armed: list[int] = []  # the signal that started the exit deadline (it runs once)
 
 
 def _hard_exit(code: int) -> None:
@@ -71,12 +73,39 @@ def _hard_exit(code: int) -> None:
         os._exit(code)
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    if not _signalled:
+def _arm_deadline(signum: int) -> None:
+    """Start the exit deadline (once): at EXIT_DEADLINE_S after the first signal, the process exits."""
+    if not _armed:
+        _armed.append(signum)
         timer = threading.Timer(EXIT_DEADLINE_S, _hard_exit, (128 + signum,))
         timer.daemon = True
         timer.start()
+
+
+def _deadline_on_prefect_sigterm() -> None:
+    """Inside a flow run, Prefect's engine replaces our SIGTERM handler with its own, which raises
+    TerminationSignal in the flow and calls ours only once the flow has unwound — after the sweep's
+    jobs have trained to the end (a 9.5-minute wait was seen). So Prefect's handler (installed by
+    name from its module) arms our deadline first."""
+    from prefect.utilities import engine
+
+    prefect_handler = engine._prefect_sigterm_handler
+    if getattr(prefect_handler, "preftune_deadline", False):
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        _arm_deadline(signum)
+        prefect_handler(signum, frame)
+
+    handler.preftune_deadline = True  # type: ignore[attr-defined]
+    engine._prefect_sigterm_handler = handler
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _arm_deadline(signum)
     _signalled.append(signum)
+    if len(_signalled) == 1 and procs.request_stop():  # the work stops at its next step (a job checkpoints)
+        return
     if len(_signalled) == 1 and threading.current_thread() is threading.main_thread():
         raise KeyboardInterrupt
 
@@ -104,9 +133,7 @@ def _interrupted() -> int:
 def _on_signal_deadline() -> None:
     if not _signalled:  # a KeyboardInterrupt not from our handler: arm the deadline all the same
         _signalled.append(signal.SIGINT)
-        timer = threading.Timer(EXIT_DEADLINE_S, _hard_exit, (130,))
-        timer.daemon = True
-        timer.start()
+        _arm_deadline(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _signalled.clear()
+    _armed.clear()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     install_signal_handlers()
     try:
@@ -157,6 +185,7 @@ def _main(args: argparse.Namespace) -> int:
             from preftune.cli.prefect_server import die_with_us
 
             die_with_us()
+            _deadline_on_prefect_sigterm()
         code = args.func(args)
     except UserError as err:
         print(f"preftune {args.command}: error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from preftune.errors import UserError
 from preftune.files import append_jsonl, read_json, read_jsonl_rows, write_jsonl_atomic
 from preftune.hf import load_tokenizer
 from preftune.job import SUMMARY_FILE, TrainConfig
+from preftune.procs import stop_between_steps, stop_requested
 from preftune.summary import verified_summary, write_summary
 from preftune.tasks.training.checkpoint import (
     peek_checkpoint,
@@ -187,8 +189,11 @@ def _hooks(cfg, acc, config_hash: str, module, optimizer, scheduler, total_steps
     def on_step(st: TrainState) -> None:
         if bar is not None:
             bar.update(1)
-        if st.step % cfg.save_every == 0 and st.step < total_steps and acc.is_main_process:
+        stop = stop_requested()  # SIGTERM/SIGINT: checkpoint this step, then end (a re-run resumes here)
+        if (stop or st.step % cfg.save_every == 0 and st.step < total_steps) and acc.is_main_process:
             save_checkpoint(out, config_hash, module, optimizer, scheduler, st)
+        if stop:
+            raise KeyboardInterrupt
 
     return on_log, on_step
 
@@ -236,7 +241,10 @@ def run_training(cfg: TrainConfig) -> dict:
                           params=params, pairs=pairs, ref=refs.get("train"), settings=settings,
                           pad_id=pad_id(tokenizer))
     bar = _progress(cfg, acc, total_steps, state.step)
-    state = train_loop(ctx, state, *_hooks(cfg, acc, config_hash, module, optimizer, scheduler, total_steps, bar))
+    # One process: a signal ends the job after the step in progress, with a checkpoint. Several: each
+    # would stop at its own step, so a signal interrupts them and they resume from the last checkpoint.
+    with stop_between_steps() if acc.num_processes == 1 else nullcontext():
+        state = train_loop(ctx, state, *_hooks(cfg, acc, config_hash, module, optimizer, scheduler, total_steps, bar))
     if bar is not None:
         bar.close()
 
