@@ -34,7 +34,7 @@ from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
-from preftune.tasks.diagnostics import run_diagnostics
+from preftune.tasks.diagnostics import run_diagnostics, with_reference_view
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resolve
@@ -285,6 +285,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
                       throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
+    plan = with_reference_view(plan, spec, ws, inspection, jobs)  # free local CPU: the base's own margins
     write_json_atomic(ws.plan, plan)
     decision = questions.approve_plan(spec, ws, plan)
     jobs, plan = questions.apply_decision(

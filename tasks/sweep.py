@@ -10,13 +10,14 @@ A finished job (summary.json with the same config hash) returns at once, so a re
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -78,15 +79,61 @@ _RUNNING: set[subprocess.Popen] = set()
 JOB_STOP_GRACE_S = 5.0
 
 
+class ReferenceGate:
+    """One reference pass per base model, also when its jobs start together: the first job of a base
+    that needs the reference log-probs starts at once; the base's other such jobs wait until it has
+    computed them — its metrics.jsonl appears (the reference pass comes before the first step) or it
+    ends — and then find them in the cache. The cache's file lock alone leaves which job computes to
+    a race, and a job that misses it computes them again."""
+
+    POLL_S = 0.5
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.passes: dict[str, threading.Event] = {}
+
+    @contextlib.contextmanager
+    def hold(self, base: str, metrics: Path) -> Iterator[None]:
+        with self.lock:
+            done = self.passes.get(base)
+            first = done is None
+            if first:
+                done = self.passes[base] = threading.Event()
+        if not first:
+            done.wait()
+            yield
+            return
+        ended = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(metrics, done, ended), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            ended.set()
+            done.set()
+
+    def _watch(self, metrics: Path, done: threading.Event, ended: threading.Event) -> None:
+        while not ended.wait(self.POLL_S):
+            if metrics.exists():
+                done.set()
+                return
+
+
 def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict], dict]:
     """Run each job as a `preftune train --config` child process (`run_job_processes`), the
-    machine's threads shared between the jobs at once and each job's processes."""
+    machine's threads shared between the jobs at once and each job's processes; a base model's
+    reference log-probs are computed by its first job only (`ReferenceGate`)."""
     per_process = max(1, threads // spec.processes)
+    gate = ReferenceGate()
 
     def launch(job: dict) -> dict:
         config = write_job_config(spec, ws, job, per_process)
         env = {"OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false"}
-        return run_job_processes(config, env)
+        if not TrainConfig.load(config).needs_reference:
+            return run_job_processes(config, env)
+        # a job that resumes has its metrics.jsonl already: it opens the gate at once (its cache exists)
+        with gate.hold(job["base_model"], ws.job_dir(job["id"]) / "metrics.jsonl"):
+            return run_job_processes(config, env)
 
     return launch
 

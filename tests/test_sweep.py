@@ -107,3 +107,28 @@ def test_the_sweep_table_shows_running_jobs_with_their_latest_loss(tmp_path):
     assert (rows["j2"]["step"], rows["j2"]["train_loss"], rows["j2"]["eval_loss"]) == (8, 0.4, 0.45)
     assert rows["j0"]["train_loss"] is None and rows["j3"]["train_loss"] is None
     assert [rows[j]["health"] for j in ("j0", "j1", "j2", "j3")] == ["", "", "", "diverged (step 2)"]
+
+
+def test_one_reference_pass_per_base_when_its_jobs_start_together(tmp_path, zoo):
+    """A real 2-job sweep of one base model, both jobs started at once (`make demo`'s tiny-llama pair):
+    the first computes the reference log-probs (train and eval), the second waits for them and hits
+    the cache — one miss per base in the sweep table, one cache file per data file."""
+    import json
+
+    from preftune.tasks.sweep import local_launcher
+    from tests.training.marker_data import corpus_chats, marker_pair
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(marker_pair(c)) + "\n" for c in corpus_chats("train")[:12]))
+    held.write_text("".join(json.dumps(marker_pair(c)) + "\n" for c in corpus_chats("heldout")[:4]))
+    spec = RunSpec(dataset=str(train), betas=[0.1, 0.5], max_length=96, batch_size=4, epochs=1, lora_r=4)
+    ws = Workspace(tmp_path / "ws")
+    jobs = [{**j, "train_data": str(train), "eval_data": str(held)}
+            for j in job_grid(spec, [zoo["models"]["tiny-llama"]])]
+    results = run_sweep(jobs, local_launcher(spec, ws, threads=2), max_concurrent=2)
+    assert [r["status"] for r in results] == ["finished", "finished"], results
+    # which of the two claims the base first is the threads' race; that only one computes is not
+    assert sorted(r["summary"]["ref_cache"] for r in results) == ["hit", "miss"]
+    assert len(list(ws.refcache.glob("*.pt"))) == 2  # train and eval, each computed once
+    rows = sweep_rows(ws, jobs, {r["job"]["id"]: r for r in results})
+    assert sorted(r["ref_cache"] for r in rows) == ["hit", "miss"]

@@ -1,0 +1,84 @@
+"""The base model's own view of the training pairs, at plan time: reference log-prob margins.
+
+The margin of a pair is the base model's summed log-prob of the preferred answer minus that of the
+non-preferred one — exactly the reference log-probs a sweep job computes first (same tokenization,
+truncation, model loading and precision as ``job.run_training``). A seeded sample of at most
+``sample`` training pairs is scored, batch by batch, until ``budget_s`` seconds have passed (on a
+CPU a big model scores few pairs in that time: the sample shrinks and says so). When every training
+pair was scored, the result is stored as the sweep's reference cache under the job's own key, so
+the sweep reuses it instead of computing it again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from preftune.hf import load_tokenizer
+from preftune.job import TrainConfig
+from preftune.tasks.training.data import load_pair_records, tokenize_pairs
+from preftune.tasks.training.logps import SequenceLogps
+from preftune.tasks.training.loop import dataset_logps
+from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode
+from preftune.tasks.training.refcache import load_or_compute, reference_key
+
+CHUNK = 8  # pairs scored between two looks at the clock
+
+
+def margin_summary(margins: np.ndarray, bins: int = 8, bar: int = 20) -> dict:
+    """Share already preferred (margin > 0), quantiles and a small histogram of the margins."""
+    q = np.quantile(margins, [0.1, 0.25, 0.5, 0.75, 0.9])
+    counts, edges = np.histogram(margins, bins=bins)
+    top = max(int(counts.max()), 1)
+    return {"pairs": int(len(margins)), "preferred_share": round(float((margins > 0).mean()), 4),
+            "quantiles": {k: round(float(v), 3) for k, v in zip(("p10", "p25", "p50", "p75", "p90"), q, strict=True)},
+            "histogram": [{"low": round(float(lo), 2), "high": round(float(hi), 2), "count": int(c),
+                           "bar": round(bar * int(c) / top)} for lo, hi, c in zip(edges[:-1], edges[1:], counts,
+                                                                                   strict=True)]}
+
+
+def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, seed: int = 0) -> dict:
+    """The base model's margins on a sample of ``cfg.data`` (see the module docstring); on a CPU only,
+    in float32, as a CPU job computes them. Returns margin_summary plus what was scored and how long."""
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    pairs = tokenize_pairs(load_pair_records(cfg.data), tokenizer, cfg.max_length, cfg.max_prompt_length)
+    module = SequenceLogps(load_policy(cfg)).eval()
+    order = np.random.default_rng(seed).permutation(len(pairs))[:sample].tolist()
+    chosen, rejected, done = [], [], []
+    t_score = time.perf_counter()  # the budget is for scoring: loading is paid once whatever the sample
+    with reference_mode(module.lm):
+        for k in range(0, len(order), CHUNK):
+            idx = order[k:k + CHUNK]
+            c, r = dataset_logps(module, [pairs[i] for i in idx], CHUNK, pad_id(tokenizer), "cpu")
+            chosen.append(c)
+            rejected.append(r)
+            done += idx
+            if time.perf_counter() - t_score > budget_s:
+                break
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    out = margin_summary((c - r).numpy())
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["scoring_seconds"] = round(time.perf_counter() - t_score, 1)
+    out["note"] = (f"all {len(pairs)} training pairs" if len(done) == len(pairs)
+                   else f"a sample of {len(done)} of {len(pairs)} training pairs"
+                        + (f", cut to fit {budget_s:g} s" if len(done) < min(sample, len(pairs)) else ""))
+    if len(done) == len(pairs) and not torch.cuda.is_available():  # a CPU job's key: fp32
+        out["cached"] = _store(cfg, tokenizer, done, c, r)
+    return out
+
+
+def _store(cfg: TrainConfig, tokenizer, done: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> str:
+    """Store every pair's log-probs (in data order) as the job's reference cache; "miss" when written."""
+    full_c, full_r = torch.empty(len(done)), torch.empty(len(done))
+    full_c[done], full_r[done] = chosen, rejected
+    cache = cfg.resolved_ref_cache()
+    key, fields = reference_key(cache, cfg.model, tokenizer.chat_template, cfg.data, cfg.max_length,
+                                cfg.max_prompt_length, "fp32")
+
+    def compute(idx: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (full_c, full_r) if idx is None else (full_c[idx], full_r[idx])
+
+    return load_or_compute(cache, key, fields, len(done), compute, "fp32")[1]
