@@ -25,6 +25,7 @@ from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
 from preftune.flows import questions
 from preftune.judges import selection
+from preftune.placement import Placement, inventory, plan_for
 from preftune.records import validate_files
 from preftune.reports.build import write_report
 from preftune.server import device_name
@@ -122,8 +123,11 @@ def _progress(key: str, description: str) -> tuple[_Live, object]:
     return live, report
 
 
-def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) -> list[dict]:
+def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str,
+           placement: Placement | None = None) -> list[dict]:
     logger = get_run_logger()
+    slots = placement.slots if placement else None  # GPUs: one job per slot, pinned to its devices
+    cap = len(slots) if slots else spec.max_concurrent_jobs
     status: dict[str, dict] = {}
     table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table, every=TABLE_REFRESH_S)
     progress, report = _progress("sweep-progress", "Sweep jobs finished")
@@ -132,7 +136,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
 
         launch = deployment_launcher(spec, ws)
     else:
-        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, len(jobs)))
+        launch = local_launcher(spec, ws, job_threads(cap, len(jobs)), slots)
 
     def run_one(job: dict) -> dict:
         return train_job_task.with_options(task_run_name=f"train-{job['id']}")(launch, job)
@@ -158,7 +162,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
             logger.error("job %s failed: %s", payload["job"]["id"], payload["error"])
 
     try:
-        results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish,
+        results = run_sweep(jobs, run_one, max_concurrent=cap, on_finish=on_finish,
                             on_event=on_event)
         status.update({r["job"]["id"]: r for r in results})
         report(len(jobs), len(jobs))
@@ -273,9 +277,11 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
         raise RunEnded("failed", "the held-out split is empty (too few distinct prompts to split): nothing to "
                        "evaluate on; give a --test-dataset or more prompts")
     jobs = job_grid(spec, base_models)
+    placement = plan_for(spec, jobs, inventory())  # a job too big for a GPU is refused here, before any spend
     throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
-                      throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
+                      throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None,
+                      placement=placement.to_json() if placement else None)
     write_json_atomic(ws.plan, plan)
     jobs, plan = questions.apply_decision(
         spec, plan, jobs, questions.approve_plan(spec, ws, plan),
@@ -285,7 +291,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     data = _pairs(spec, ws, inspection)
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
-    results = _sweep(spec, ws, jobs, evaluator_kind)
+    results = _sweep(spec, ws, jobs, evaluator_kind, placement)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:
         raise RunEnded("failed", "no training job finished; see jobs/*/train.log")
