@@ -19,7 +19,6 @@ It is not a user setting (a simulated GPU trains on the CPU).
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import re
@@ -91,14 +90,17 @@ class ModelShape:
 def model_shape(folder: str | Path) -> ModelShape:
     """The shape of the model in ``folder``: its parameter count (built on the meta device, no weights
     read) and the sizes the activations scale with."""
+    from transformers import AutoConfig
+
     from preftune.cost import model_params
 
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)  # a multimodal wrapper: the language model's sizes
+    params = model_params(str(folder))  # a folder or a cached id; a one-line UserError otherwise
+    cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True).to_dict()
+    cfg = cfg.get("text_config") or cfg  # a multimodal wrapper: the language model's sizes
     hidden = int(cfg["hidden_size"])
     heads = int(cfg.get("num_attention_heads") or 1)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
-    return ModelShape(params=model_params(str(folder)), hidden=hidden, layers=int(cfg["num_hidden_layers"]),
+    return ModelShape(params=params, hidden=hidden, layers=int(cfg["num_hidden_layers"]),
                       intermediate=int(cfg.get("intermediate_size") or 4 * hidden),
                       kv_dim=int(cfg.get("num_key_value_heads") or heads) * head_dim, vocab=int(cfg["vocab_size"]))
 
