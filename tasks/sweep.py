@@ -158,10 +158,11 @@ def latest_metrics(ws: Workspace, job_id: str) -> dict | None:
     return None
 
 
-def _device_column(ws: Workspace, job_id: str, summary: dict) -> str:
-    """Where a job ran or runs: `cuda:<ids>` as pinned (its summary, else its job.json), else cpu/cuda."""
+def _device_column(ws: Workspace, job_id: str, summary: dict, running: bool) -> str:
+    """Where a job ran or runs: `cuda:<ids>` as pinned (its summary, else a running job's job.json),
+    else its summary's device."""
     pinned = summary.get("cuda_visible_devices")
-    if pinned is None and ws.job_config(job_id).exists():
+    if pinned is None and running and ws.job_config(job_id).exists():
         pinned = read_json(ws.job_config(job_id)).get("devices")
     return f"cuda:{pinned}" if pinned else summary.get("device", "")
 
@@ -180,5 +181,5 @@ def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list
                      "train_loss": (latest or {}).get("loss", summary.get("train_loss")),
                      "eval_loss": summary.get("eval_loss"), "eval_reward_accuracy": summary.get("eval_reward_accuracy"),
                      "samples_per_s": summary.get("train_samples_per_second"), "ref_cache": summary.get("ref_cache"),
-                     "device": _device_column(ws, job["id"], summary)})
+                     "device": _device_column(ws, job["id"], summary, record["status"] == "running")})
     return rows

@@ -26,7 +26,7 @@ from preftune.placement import (
 )
 from preftune.spec import RunSpec
 from preftune.tasks.plan import build_plan, job_grid, plan_markdown
-from preftune.tasks.sweep import local_launcher, run_sweep, sweep_rows
+from preftune.tasks.sweep import local_launcher, run_sweep, sweep_rows, write_job_config
 from preftune.workspace import Workspace
 
 
@@ -199,11 +199,26 @@ def test_placement_sweep_on_two_simulated_gpus(zoo, tmp_path, monkeypatch):
     assert [r["status"] for r in results] == ["finished"] * 4, results
     assert {dev for _, _, dev in spans.values()} == {"0", "1"}
     ids = sorted(spans)
+    # never more than 2 at once: at each job's start, the jobs running then (itself included)
+    assert max(sum(s[0] <= spans[a][0] < s[1] for s in spans.values()) for a in ids) <= 2
     for a in ids:
-        overlapping = [b for b in ids if b != a and spans[b][0] < spans[a][1] and spans[a][0] < spans[b][1]]
-        assert len(overlapping) <= 1  # never more than 2 at once
-        assert all(spans[b][2] != spans[a][2] for b in overlapping)  # side by side: different GPUs
+        beside = [b for b in ids if b != a and spans[b][0] < spans[a][1] and spans[a][0] < spans[b][1]]
+        assert all(spans[b][2] != spans[a][2] for b in beside)  # side by side: different GPUs
     for job in jobs:
         assert TrainConfig.load(ws.job_config(job["id"])).devices == spans[job["id"]][2]
     rows = sweep_rows(ws, jobs, {r["job"]["id"]: r for r in results})
     assert sorted(r["device"] for r in rows) == sorted(f"cuda:{d}" for _, _, d in spans.values())
+
+
+def test_placement_sweep_table_shows_each_jobs_device(tmp_path):
+    """The UI's sweep table: a running job's device from its job.json, a finished one's from what its
+    process saw; a queued job shows none (a job.json left by an earlier run is not its placement)."""
+    spec = RunSpec(dataset="d.jsonl", betas=[0.1, 0.2, 0.3])
+    ws = Workspace(tmp_path)
+    jobs = [{**j, "train_data": "t.jsonl"} for j in job_grid(spec, ["/models/m"])]
+    for job, devices in zip(jobs, ("1", "0", "0"), strict=True):
+        write_job_config(spec, ws, job, threads=1, devices=devices)
+    status = {jobs[0]["id"]: {"status": "running"},
+              jobs[1]["id"]: {"status": "finished", "summary": {"cuda_visible_devices": "2,3", "device": "cuda"}}}
+    rows = sweep_rows(ws, jobs, status)
+    assert [r["device"] for r in rows] == ["cuda:1", "cuda:2,3", ""]
