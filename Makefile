@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean chromium postgresql
+.PHONY: demo test lint bench venv clean chromium postgresql check-vllm-install
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,17 @@ postgresql:
 test: $(STAMP) chromium postgresql
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# `pip install 'preftune[vllm]'` resolves beside vLLM's own (CUDA) torch: a dry run against the registry
+# with no constraints, as a user's pip sees it (needs the registry; ~5-9 min here). fast-deps reads each
+# wheel's metadata with HTTP range requests: the registry serves no PEP 658 metadata for torch's 555 MB
+# wheel, which a plain dry run downloads (GBs with vLLM's CUDA libraries).
+check-vllm-install: $(STAMP)
+	$(BIN)/python -m pip install --dry-run --ignore-installed --no-build-isolation \
+		--use-feature=fast-deps -q --report $(VENV)/vllm-resolution.json '.[vllm]'
+	$(BIN)/python -c "import json; r = json.load(open('$(VENV)/vllm-resolution.json'))['install']; \
+		print('preftune[vllm] resolves:', ', '.join(f\"{i['metadata']['name']} {i['metadata']['version']}\" \
+		for i in r if i['metadata']['name'] in ('vllm', 'torch', 'prefect', 'fastapi', 'transformers')))"
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'

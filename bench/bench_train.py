@@ -146,6 +146,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _peak_gpu_mb() -> float | None:
+    """Peak GPU memory allocated by this worker's tensors (None on the CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def _device(spec: dict) -> str:
     """The device this worker trains on; the harness hid the GPUs for cpu (before torch loaded)."""
     import torch
@@ -208,7 +215,7 @@ def worker_ours(spec: dict) -> dict:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "wall_s": wall, "cpu_s": cpu, "samples_per_s": spec["n"] / wall, "peak_rss_mb": _peak_rss_mb(),
-        "device": summary.get("device", device),
+        "peak_gpu_mb": _peak_gpu_mb(), "device": summary.get("device", device),
         "reference_s": summary.get("reference_seconds"), "train_s": summary.get("train_seconds"),
         "ref_cache": summary.get("ref_cache"), "train_loss": summary.get("train_loss"),
         "train_tokens": summary.get("train_tokens"),
@@ -243,7 +250,8 @@ def worker_trl(spec: dict) -> dict:
     conv = [{"prompt": r["input"]["messages"], "chosen": r["preferred_output"],
              "rejected": r["non_preferred_output"]} for r in rows]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    # float32 weights (bench_train's runs) or, for the GPU check, bf16 as a TRL user loads a LoRA base
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec.get("load_dtype", "float32")))
     # Mixed precision as ours chooses it: bf16 on a GPU that supports it, else float32.
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     args = DPOConfig(
@@ -267,7 +275,7 @@ def worker_trl(spec: dict) -> dict:
     ref_wall, ref_cpu = sum(p[0] for p in precompute), sum(p[1] for p in precompute)
     wall, cpu = train_wall + ref_wall, train_cpu + ref_cpu
     return {"wall_s": wall, "cpu_s": cpu, "samples_per_s": spec["n"] / wall, "peak_rss_mb": _peak_rss_mb(),
-            "device": str(trainer.args.device.type), "train_s": train_wall,
+            "peak_gpu_mb": _peak_gpu_mb(), "device": str(trainer.args.device.type), "train_s": train_wall,
             "reference_s": ref_wall if spec["precompute"] else None,
             "precompute_ref_log_probs": spec["precompute"], "train_loss": out.training_loss}
 
@@ -285,7 +293,8 @@ def run_worker(kind: str, spec: dict, workdir: Path) -> dict:
                HF_DATASETS_CACHE=str(workdir / f"hf-datasets-{spec['tag']}"))  # cold for every job
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # before the child imports torch: the CPU figures are CPU-only
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # the caller's path first: bench/gpu_check.py puts an uninstalled checkout's package there
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO)]))
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--spec", str(spec_path)],
                           capture_output=True, text=True, env=env, cwd=REPO)
     for line in reversed(proc.stdout.splitlines()):
@@ -408,23 +417,24 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     return report(n, args, first, trls, sweep, load, targets, flops, best.get("before"))
 
 
-def matmul_peak(threads: int, device: str) -> float:
-    """The machine's float32 matmul FLOP/s now: best of 20 timed 1024 x 1024 x 1024 products."""
+def matmul_peak(threads: int, device: str, size: int = 1024, dtype: str = "float32") -> float:
+    """The machine's matmul FLOP/s now in ``dtype``: best of 20 timed size^3 products (after 3)."""
     import torch
 
     torch.set_num_threads(threads)
     dev = "cuda" if device == "cuda" else "cpu"
-    a, b = torch.randn(1024, 1024, device=dev), torch.randn(1024, 1024, device=dev)
+    a, b = (torch.randn(size, size, device=dev, dtype=getattr(torch, dtype)) for _ in range(2))
     best = float("inf")
-    for _ in range(23):
+    for i in range(23):
         if dev == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
         if dev == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024**3 / best
+        if i >= 3:  # the first products warm the kernels and caches up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def model_flops(params: int, first: dict, trls: dict[str, dict], peak: float) -> dict:

@@ -29,6 +29,7 @@ from preftune.flows import questions
 from preftune.flows.approvals import spending_cap
 from preftune.judges import selection
 from preftune.ledger import Ledger, read_ledger
+from preftune.placement import Placement, inventory, plan_for
 from preftune.records import validate_files
 from preftune.reports.build import write_report
 from preftune.server import device_name
@@ -127,8 +128,11 @@ def _progress(key: str, description: str) -> tuple[_Live, object]:
     return live, report
 
 
-def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) -> list[dict]:
+def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str,
+           placement: Placement | None = None) -> list[dict]:
     logger = get_run_logger()
+    slots = placement.slots if placement else None  # GPUs: one job per slot, pinned to its devices
+    cap = len(slots) if slots else spec.max_concurrent_jobs
     status: dict[str, dict] = {}
     table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table, every=TABLE_REFRESH_S)
     progress, report = _progress("sweep-progress", "Sweep jobs finished")
@@ -137,7 +141,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
 
         launch = deployment_launcher(spec, ws)
     else:
-        launch = local_launcher(spec, ws, job_threads(spec.max_concurrent_jobs, len(jobs)))
+        launch = local_launcher(spec, ws, job_threads(cap, len(jobs)), slots)
 
     def run_one(job: dict) -> dict:
         return train_job_task.with_options(task_run_name=f"train-{job['id']}")(launch, job)
@@ -163,7 +167,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str) 
             logger.error("job %s failed: %s", payload["job"]["id"], payload["error"])
 
     try:
-        results = run_sweep(jobs, run_one, max_concurrent=spec.max_concurrent_jobs, on_finish=on_finish,
+        results = run_sweep(jobs, run_one, max_concurrent=cap, on_finish=on_finish,
                             on_event=on_event)
         status.update({r["job"]["id"]: r for r in results})
         report(len(jobs), len(jobs))
@@ -282,9 +286,11 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
         raise RunEnded("failed", "the held-out split is empty (too few distinct prompts to split): nothing to "
                        "evaluate on; give a --test-dataset or more prompts")
     jobs = job_grid(spec, base_models)
+    placement = plan_for(spec, jobs, inventory())  # a job too big for a GPU is refused here, before any spend
     throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
-                      throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None)
+                      throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None,
+                      placement=placement.to_json() if placement else None)
     plan = with_reference_view(plan, spec, ws, inspection, jobs)  # free local CPU: the base's own margins
     write_json_atomic(ws.plan, plan)
     decision = questions.approve_plan(spec, ws, plan)
@@ -297,7 +303,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     run_diagnostics(ws.root, inspection, data, (plan.get("diagnostics") or {}).get("reference"))
     questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
-    results = _sweep(spec, ws, jobs, evaluator_kind)
+    results = _sweep(spec, ws, jobs, evaluator_kind, placement)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:
         raise RunEnded("failed", "no training job finished; see jobs/*/train.log")

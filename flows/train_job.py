@@ -13,6 +13,7 @@ reports that job failed instead of waiting for ever.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -44,6 +45,12 @@ def train_job(config: str) -> dict:
     except FileNotFoundError:
         raise UserError("job file not found on this worker: is the workspace on shared storage?",
                         path=config) from None
+    from preftune.placement import claim_devices, inventory
+
+    devices = inventory()
+    if devices:  # the sweep's placement rule, per worker: this job's own GPU(s), pinned in a child process
+        with claim_devices(devices, cfg.processes) as visible:
+            return run_job_processes(config, {**os.environ, "CUDA_VISIBLE_DEVICES": visible})
     if cfg.processes > 1:
         return run_job_processes(config)
     from preftune.tasks.training import run_training

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -113,6 +114,13 @@ class LossSettings(LossOptions):
         return self.loss_type.needs_reference and not self.reference_free
 
 
+class Quantize(StrEnum):
+    """How a LoRA job holds its frozen base on a CUDA GPU (``choose_precision``)."""
+
+    none = "none"
+    four_bit = "4bit"
+
+
 class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,10 +130,64 @@ class LoraOptions(BaseModel):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_target: str = Field("all-linear", min_length=1,
                              description="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'.")
+    quantize: Quantize = Field(
+        Quantize.none, description="Base weights on a CUDA GPU: 'none' (bfloat16) or '4bit' (QLoRA, NF4; LoRA only; "
+        "needs `pip install 'preftune[qlora]'`).")
+
+    @model_validator(mode="after")
+    def _quantize_lora_only(self):
+        if self.quantize != "none" and self.full:
+            raise ValueError(f"quantize '{self.quantize}' needs LoRA: a quantized base cannot be fully fine-tuned "
+                             "(set full to false or quantize to 'none')")
+        return self
 
     @property
     def method(self) -> str:
-        return "full fine-tuning" if self.full else f"LoRA r={self.lora_r} alpha={self.lora_alpha}"
+        if self.full:
+            return "full fine-tuning"
+        return f"LoRA r={self.lora_r} alpha={self.lora_alpha}" + (" on a 4-bit base (QLoRA)" if self.quantize is Quantize.four_bit else "")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a job holds and computes its weights on one device (``choose_precision``).
+
+    ``weights``: the dtype the base model is loaded in ("float32", "bfloat16", or "nf4" for 4-bit);
+    ``mixed``: accelerate's mixed precision ("bf16" autocast or "no"); ``key``: the exact name of the
+    arithmetic the reference log-probs come from, part of the reference cache's key."""
+
+    weights: str
+    mixed: str
+    key: str
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes per base parameter in memory (NF4: 4 bits plus its block scales, ~0.55 byte)."""
+        return {"float32": 4.0, "bfloat16": 2.0, "nf4": 0.55}[self.weights]
+
+
+def choose_precision(device_type: str, full: bool, quantize: str = "none", bf16_supported: bool = True) -> Precision:
+    """The job's precision, a pure function of where and how it trains.
+
+    - CPU: float32 weights, no autocast (what the trainer always did there).
+    - CUDA with bfloat16, LoRA: the frozen base in bfloat16 (half of float32's memory; the adapters
+      stay float32), bf16 autocast; with ``quantize="4bit"`` the base is NF4 (QLoRA) instead.
+    - CUDA, full fine-tuning: float32 master weights and optimizer state, bf16 autocast (mixed precision).
+    - A GPU without bfloat16: float32, no autocast; 4-bit is refused there.
+    Raises ValueError (one line) for 4-bit off CUDA or without bfloat16, or with full fine-tuning."""
+    quantize = str(quantize)
+    if quantize != "none" and (device_type != "cuda" or not bf16_supported):
+        raise ValueError(f"quantize {quantize!r} needs a CUDA GPU with bfloat16 (QLoRA); this machine has "
+                         f"{'a GPU without bfloat16' if device_type == 'cuda' else 'no CUDA GPU'}: set quantize to 'none'")
+    if quantize != "none" and full:
+        raise ValueError(f"quantize {quantize!r} needs LoRA, not full fine-tuning")
+    if device_type != "cuda" or not bf16_supported:
+        return Precision("float32", "no", "fp32")
+    if full:
+        return Precision("float32", "bf16", "bf16")  # the key full jobs on a GPU always had
+    if quantize == "4bit":
+        return Precision("nf4", "bf16", "nf4-base-bf16")
+    return Precision("bfloat16", "bf16", "bf16-base-bf16")
 
 
 class Scheduler(StrEnum):
@@ -161,7 +223,7 @@ class TrainingOptions(BaseModel):
 
 
 # Fields that do not change the result (output placement, logging cadence, threads).
-_NOT_HASHED = {"out", "ref_cache", "log_every", "save_every", "num_threads", "progress"}
+_NOT_HASHED = {"out", "ref_cache", "log_every", "save_every", "num_threads", "progress", "devices"}
 
 
 class TrainConfig(LossSettings, LoraOptions, TrainingOptions):
@@ -180,6 +242,10 @@ class TrainConfig(LossSettings, LoraOptions, TrainingOptions):
     save_every: int = Field(50, ge=1, le=1000000, description="Checkpoint every N optimizer steps.")
     num_threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads. Empty: torch's default.")
     progress: bool = Field(False, description="Show a tqdm progress bar.")
+    devices: str | None = Field(
+        None, pattern=r"^[0-9A-Za-z:-]+(,[0-9A-Za-z:-]+)*$",
+        description="CUDA devices this job is pinned to (CUDA_VISIBLE_DEVICES, e.g. '0' or '2,3'); the sweep sets it "
+        "from its placement (preftune/placement.py). Empty: the devices the process inherits.")
 
     def resolved_ref_cache(self) -> Path:
         if self.ref_cache is not None:
@@ -195,8 +261,9 @@ class TrainConfig(LossSettings, LoraOptions, TrainingOptions):
         fields["data"] = file_sha256(self.data)
         fields["eval_data"] = file_sha256(self.eval_data) if self.eval_data else None
         fields["trainer_version"] = TRAINER_VERSION
-        if fields["processes"] == 1:  # one process hashes as before the field existed: old jobs stay finished
-            del fields["processes"]
+        for name, default in (("processes", 1), ("quantize", "none")):
+            if fields[name] == default:  # the default hashes as before the field existed: old jobs stay finished
+                del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -127,9 +127,10 @@ def wall_parts(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
 
 
 def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
-             prices: dict | None = None, throughput: dict | None = None) -> dict:
+             prices: dict | None = None, throughput: dict | None = None, placement: dict | None = None) -> dict:
     """Cost ranges per phase and the wall time: its parts (``wall_parts``) and their sum.
-    ``throughput``: the measured generation speeds (``tasks/throughput.calibrate``)."""
+    ``throughput``: the measured generation speeds (``tasks/throughput.calibrate``); ``placement``: the
+    jobs' layout on this machine's GPUs (``preftune/placement.py``), whose slots run at once."""
     prices = prices or cost.load_prices()
     models = sorted({j["base_model"] for j in jobs})
     per_example = {m: example_tokens(spec, inspection, m, prices) for m in models}
@@ -175,13 +176,16 @@ def estimate(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: 
         phases["evaluation"].usd = cost.Range(phases["evaluation"].usd.low * low_calls / max(calls_high, 1),
                                               phases["evaluation"].usd.high)
     total = cost.total(phases)
-    waves = math.ceil(len(jobs) / spec.max_concurrent_jobs)
     train = phases["training"].detail
-    # Concurrent jobs share the machine: on CPU they run no faster together than in turn.
-    parallel = 1 if device == "cpu" else spec.max_concurrent_jobs
-    training_wall = cost.Range(train["job_seconds_low"] * min_jobs,
-                               train["job_seconds_high"] * (len(jobs) if parallel == 1 else waves))
+    # Concurrent jobs share the machine: on CPU they run no faster together than in turn; on GPUs the
+    # placement's slots (one job each) run at once; a work pool runs up to max_concurrent_jobs.
+    parallel = placement["concurrent"] if placement else 1 if device == "cpu" else spec.max_concurrent_jobs
+    waves = math.ceil(len(jobs) / parallel)
+    training_wall = cost.Range(train["job_seconds_low"] * min_jobs, train["job_seconds_high"] * waves)
     parts = wall_parts(spec, inspection, jobs, evaluator_kind, min_jobs, training_wall, throughput)
+    if placement:
+        parts["training"]["note"] += (f"; {waves} wave(s) of up to {parallel} job(s), "
+                                      f"{placement['gpus_per_job']} GPU(s) each")
     wall = cost.Range(sum(p["low"] or 0.0 for p in parts.values()), sum(p["high"] or 0.0 for p in parts.values()))
     # The totals count priced endpoints only; `unpriced` names the ones whose cost is unknown.
     unpriced = [name for phase in phases.values() for name in phase.detail.get("unpriced", [])]
@@ -204,10 +208,11 @@ def evaluator_summary(kind: str, spec: RunSpec) -> str:
 
 
 def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind: str, device: str,
-               prices: dict | None = None, throughput: dict | None = None, resolved: list[dict] | None = None) -> dict:
+               prices: dict | None = None, throughput: dict | None = None, resolved: list[dict] | None = None,
+               placement: dict | None = None) -> dict:
     """Everything the approver sees, as data (plan.json) — the Markdown is rendered from it.
     ``resolved``: a run started from an instruction shows its spec, each field with its source
-    (``tasks/instruction/resolve.plan_rows``)."""
+    (``tasks/instruction/resolve.plan_rows``); ``placement``: ``Placement.to_json()`` on a GPU machine."""
     warnings = list(inspection.get("warnings", []))
     pairs = None
     if inspection["format"] == "prompts":
@@ -230,8 +235,9 @@ def build_plan(spec: RunSpec, inspection: dict, jobs: list[dict], evaluator_kind
         "learning_rate": spec.lr, "epochs": spec.epochs, "batch_size": spec.batch_size,
         "max_length": spec.max_length,
         "evaluator": {"kind": evaluator_kind, "summary": evaluator_summary(evaluator_kind, spec)},
-        "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices, throughput),
+        "estimate": estimate(spec, inspection, jobs, evaluator_kind, device, prices, throughput, placement),
         "budget_usd": spec.budget_usd,
+        "placement": placement,
     }
     if resolved is not None:
         plan["instruction"] = {"text": spec.instruction, "planner": (spec.instruction_plan or {}).get("planner"),
@@ -251,7 +257,7 @@ def with_approved(spec: RunSpec, inspection: dict, plan: dict, kept: list[dict],
         "jobs": [j["id"] for j in plan["jobs"] if j["id"] in kept_ids],
         "dropped": [j["id"] for j in plan["jobs"] if j["id"] not in kept_ids],
         "estimate": estimate(spec, inspection, kept, evaluator_kind, plan["estimate"]["device"],
-                             throughput=throughput)}}
+                             throughput=throughput, placement=plan.get("placement"))}}
 
 
 def plan_digest(plan: dict) -> str:

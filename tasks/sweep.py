@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -22,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from preftune.errors import UserError
-from preftune.files import write_text_atomic
+from preftune.files import read_json, write_text_atomic
 from preftune.job import TrainConfig, shared_fields, train_command
 from preftune.keys import child_environ
 from preftune.procs import popen, terminate
@@ -32,18 +33,19 @@ from preftune.tasks.training.health import assess, flag_names, metrics_rows
 from preftune.workspace import Workspace
 
 
-def job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None) -> TrainConfig:
+def job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None, devices: str | None = None) -> TrainConfig:
     """One job of the grid as a TrainConfig: the spec's training and LoRA fields, the job's loss
-    options, beta, base model and data. `threads`: torch threads (None: the worker's own choice)."""
+    options, beta, base model and data. `threads`: torch threads (None: the worker's own choice);
+    `devices`: the CUDA devices the sweep placed it on (preftune/placement.py)."""
     return TrainConfig(**spec.model_dump(include=shared_fields(RunSpec)), **job["loss"], beta=job["beta"],
                        model=job["base_model"], data=job["train_data"], eval_data=job.get("eval_data"),
-                       out=ws.job_dir(job["id"]), ref_cache=ws.refcache, num_threads=threads)
+                       out=ws.job_dir(job["id"]), ref_cache=ws.refcache, num_threads=threads, devices=devices)
 
 
-def write_job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None) -> Path:
+def write_job_config(spec: RunSpec, ws: Workspace, job: dict, threads: int | None, devices: str | None = None) -> Path:
     """Write jobs/<id>/job.json (what `preftune train --config` and the work-pool flow read)."""
     path = ws.job_config(job["id"])
-    write_text_atomic(path, job_config(spec, ws, job, threads).model_dump_json(indent=2) + "\n")
+    write_text_atomic(path, job_config(spec, ws, job, threads, devices).model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -119,21 +121,37 @@ class ReferenceGate:
                 return
 
 
-def local_launcher(spec: RunSpec, ws: Workspace, threads: int) -> Callable[[dict], dict]:
+def local_launcher(spec: RunSpec, ws: Workspace, threads: int, slots: list[tuple[str, ...]] | None = None
+                   ) -> Callable[[dict], dict]:
     """Run each job as a `preftune train --config` child process (`run_job_processes`), the
-    machine's threads shared between the jobs at once and each job's processes; a base model's
-    reference log-probs are computed by its first job only (`ReferenceGate`)."""
+    machine's threads shared between the jobs at once and each job's processes. `slots`: the GPU
+    placement's device groups (`Placement.slots`): a job takes a free one, pinned to it with
+    CUDA_VISIBLE_DEVICES, and gives it back when it ends; run at most len(slots) jobs at once.
+    A base model's reference log-probs are computed by its first job only (`ReferenceGate`)."""
     per_process = max(1, threads // spec.processes)
     gate = ReferenceGate()
+    free: queue.SimpleQueue[tuple[str, ...] | None] = queue.SimpleQueue()
+    for slot in slots or [None]:
+        free.put(slot)
 
     def launch(job: dict) -> dict:
-        config = write_job_config(spec, ws, job, per_process)
-        env = {"OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false"}
-        if not TrainConfig.load(config).needs_reference:
-            return run_job_processes(config, env)
+        if not job_config(spec, ws, job, per_process).needs_reference:
+            return pinned(job)
         # a job that resumes has its metrics.jsonl already: it opens the gate at once (its cache exists)
         with gate.hold(job["base_model"], ws.job_dir(job["id"]) / "metrics.jsonl"):
+            return pinned(job)
+
+    def pinned(job: dict) -> dict:
+        slot = free.get() if slots else None
+        try:
+            devices = ",".join(slot) if slot else None
+            config = write_job_config(spec, ws, job, per_process, devices)
+            env = {"OMP_NUM_THREADS": str(per_process), "TOKENIZERS_PARALLELISM": "false",
+                   **({"CUDA_VISIBLE_DEVICES": devices} if devices else {})}
             return run_job_processes(config, env)
+        finally:
+            if slot:
+                free.put(slot)
 
     return launch
 
@@ -220,6 +238,15 @@ def with_health(ws: Workspace, results: list[dict]) -> list[dict]:
     return [{**r, "health": job_health(ws, r["job"]["id"], r)} for r in results]
 
 
+def _device_column(ws: Workspace, job_id: str, summary: dict, running: bool) -> str:
+    """Where a job ran or runs: `cuda:<ids>` as pinned (its summary, else a running job's job.json),
+    else its summary's device."""
+    pinned = summary.get("cuda_visible_devices")
+    if pinned is None and running and ws.job_config(job_id).exists():
+        pinned = read_json(ws.job_config(job_id)).get("devices")
+    return f"cuda:{pinned}" if pinned else summary.get("device", "")
+
+
 def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list[dict]:
     """One row per job for the sweep table: queued, running (its latest step and loss from
     metrics.jsonl), finished (its summary's metrics), failed or not started. `status` maps a job id to
@@ -234,5 +261,6 @@ def sweep_rows(ws: Workspace, jobs: list[dict], status: dict[str, dict]) -> list
                      "train_loss": (latest or {}).get("loss", summary.get("train_loss")),
                      "eval_loss": summary.get("eval_loss"), "eval_reward_accuracy": summary.get("eval_reward_accuracy"),
                      "samples_per_s": summary.get("train_samples_per_second"), "ref_cache": summary.get("ref_cache"),
-                     "health": flag_names(job_health(ws, job["id"], record)) if record["status"] != "queued" else ""})
+                     "health": flag_names(job_health(ws, job["id"], record)) if record["status"] != "queued" else "",
+                     "device": _device_column(ws, job["id"], summary, record["status"] == "running")})
     return rows

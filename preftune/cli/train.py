@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     for path in filter(None, (cfg.data, cfg.eval_data)):
         if path.is_file():
             load_pairs(path)
+    if cfg.devices:  # pinned (by the sweep's placement, or --devices): before torch sees a GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.devices
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         _launch_processes(cfg, args.json)  # does not return
     if "TORCHELASTIC_RUN_ID" in os.environ:  # one of torchrun's processes: never outlive it

@@ -44,7 +44,7 @@ from preftune.tasks.training.loop import (
     steps_per_epoch,
     train_loop,
 )
-from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode, save_trained
+from preftune.tasks.training.modeling import job_precision, load_policy, pad_id, reference_mode, save_trained
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
 METRICS = "metrics.jsonl"
@@ -211,19 +211,21 @@ def run_training(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
 
-    mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = _accelerator(mixed)
+    precision = job_precision(cfg)  # before the data: a 4-bit job on a CPU fails at once
+    acc = _accelerator(precision.mixed)
     if acc.num_processes != cfg.processes:
         raise UserError(f"the job is for {cfg.processes} process(es) but runs on {acc.num_processes}: "
                         "start it with `preftune train`, which launches them", path=cfg.out)
     tokenizer = load_tokenizer(cfg.model)
     pairs, truncated = _tokenized(cfg.data, tokenizer, cfg)
     eval_pairs, eval_truncated = _tokenized(cfg.eval_data, tokenizer, cfg) if cfg.eval_data else ([], 0)
-    module = SequenceLogps(load_policy(cfg)).to(acc.device)
+    policy = load_policy(cfg, precision)
+    # A 4-bit base is placed on its device as it loads (bitsandbytes' weights cannot be moved after).
+    module = SequenceLogps(policy) if precision.weights == "nf4" else SequenceLogps(policy).to(acc.device)
 
     t_ref = time.perf_counter()  # before any training step: the weights are still the base model's
     datasets = {"train": (cfg.data, pairs)} | ({"eval": (cfg.eval_data, eval_pairs)} if eval_pairs else {})
-    refs, ref_status = _references(cfg, acc, module, tokenizer, datasets, "bf16" if mixed == "bf16" else "fp32")
+    refs, ref_status = _references(cfg, acc, module, tokenizer, datasets, precision.key)
     ref_seconds = time.perf_counter() - t_ref
 
     params, optimizer, scheduler, total_steps = _optimizer(cfg, module, len(pairs), acc.num_processes)
@@ -260,6 +262,7 @@ def run_training(cfg: TrainConfig) -> dict:
                            truncated, eval_truncated, len(pairs), resumed_from, time.perf_counter() - t_start)
         summary["processes"] = acc.num_processes
         summary["health"] = assess(metrics_rows(out / METRICS), total_steps)
+        summary["base_weights"] = precision.weights
         write_summary(out, summary)  # last: its presence means "finished"
         remove_checkpoint(out)
     acc.wait_for_everyone()
@@ -281,5 +284,7 @@ def _summary(cfg, config_hash, state, ev, ref_status, ref_seconds, folder, trunc
         "full": cfg.full, "adapter_dir": None if cfg.full else str(folder),
         "model_dir": str(folder) if cfg.full else None,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        # where the sweep pinned it (preftune/placement.py): the environment the process really ran in
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "config": cfg.model_dump(mode="json"),
     }

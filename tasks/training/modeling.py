@@ -10,6 +10,7 @@ job as its own `preftune train --config` process; see docs/ARCHITECTURE.md.) ``t
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from preftune.errors import UserError
 from preftune.files import atomic_dir
 from preftune.hf import check_model_config
+from preftune.job import Precision, choose_precision
 
 
 def pad_id(tokenizer) -> int:
@@ -30,12 +32,42 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def load_policy(cfg) -> torch.nn.Module:
-    """The base causal LM, wrapped with LoRA adapters unless ``cfg.full``."""
+def job_precision(cfg) -> Precision:
+    """``choose_precision`` for this process's device; a 4-bit job off CUDA is a one-line UserError."""
+    cuda = torch.cuda.is_available()
+    try:
+        return choose_precision("cuda" if cuda else "cpu", cfg.full, cfg.quantize,
+                                bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _load_kwargs(precision: Precision) -> dict:
+    """from_pretrained's dtype (and the 4-bit quantization config) for ``precision``."""
+    if precision.weights != "nf4":
+        return {"dtype": getattr(torch, precision.weights)}
+    if importlib.util.find_spec("bitsandbytes") is None:  # transformers imports it itself
+        raise UserError("quantize '4bit' needs bitsandbytes: pip install 'preftune[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    # device_map: 4-bit weights are quantized as they land on this process's GPU (they cannot move after)
+    return {"dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()},
+            "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True)}
+
+
+def load_policy(cfg, precision: Precision | None = None) -> torch.nn.Module:
+    """The base causal LM in ``precision`` (default: ``job_precision(cfg)``), wrapped with LoRA
+    adapters unless ``cfg.full``. The adapters are float32 whatever the base's dtype: their updates
+    are small against their values, which bfloat16's 8-bit mantissa would round away."""
     check_model_config(cfg.model)  # before anything is allocated from its config
-    lm = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32, local_files_only=True)
+    precision = precision or job_precision(cfg)
+    lm = AutoModelForCausalLM.from_pretrained(str(cfg.model), local_files_only=True, **_load_kwargs(precision))
     lm.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    if precision.weights == "nf4":  # norms in float32, inputs' grads on: what a k-bit base needs to train through
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.full:
         return lm
@@ -46,9 +78,13 @@ def load_policy(cfg) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return peft.get_peft_model(lm, lora)
+            model = peft.get_peft_model(lm, lora)
     except ValueError as err:
         raise UserError(f"lora_target {cfg.lora_target!r}: {err}") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 @contextmanager
