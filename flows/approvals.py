@@ -221,6 +221,8 @@ def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict
         answer, problem = _problem(form, raw.model_dump(mode="json"), check)
         if answer is not None:
             _log(ws, kind, "user", answer.model_dump(mode="json"), context)
+            if card != markdown:  # answered now: the card no longer says the last answer was not used
+                show_markdown(f"approval-{kind}", markdown, description=f"Question: {kind}")
             return answer
         logger.warning("%s: answer not used: %s; asking again", kind, problem)
         card, dialog = reasked(problem, markdown), reasked(problem, summary or markdown)

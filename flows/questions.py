@@ -203,9 +203,9 @@ def plan_summary(plan: dict) -> str:
              f"- **Evaluator:** {plan['evaluator']['summary']}"]
     problems = [*data.get("warnings", []), *(plan.get("instruction") or {}).get("notes", [])]
     lines += [f"- ⚠ {p}" for p in problems] or ["- No problems found in the data."]
-    lines.append("\nThe full plan (every job, cost by phase, time by part) is this run's **approval-plan** "
-                 "artifact (Artifacts tab).")
-    return "\n".join(lines)
+    # Blank lines around the list: the UI's Markdown renderer runs a list on from a paragraph into it.
+    return (lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\nThe full plan (every job, cost by phase, time by "
+            "part) is this run's **approval-plan** artifact (Artifacts tab).")
 
 
 def _plan_problem(plan: dict):

@@ -11,8 +11,9 @@ from preftune import fmt
 from preftune.paths import TEMPLATES_DIR
 
 
-def _num(value: float | None, digits: int | None = None) -> str:
-    """`num` is fmt.number: significant digits by default, `num(1)` a fixed place (never a false zero)."""
+def _num(value: float | None, digits: int = 3) -> str:
+    """`num` is fmt.number at `digits` fixed places (3 unless given; integers as they are), never a
+    false zero: a rate of 0.03 at one place is "0.03", not "0.0"."""
     return fmt.number(value, decimals=digits)
 
 
@@ -38,6 +39,7 @@ def environment() -> Environment:
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["usd"] = fmt.usd
     env.filters["num"] = _num
+    env.filters["sig"] = fmt.number  # significant digits: a beta of 0.1 is "0.1", 0.6640313809568231 "0.664"
     env.filters["rate"] = fmt.rate
     env.filters["duration"] = fmt.duration
     env.filters["percent"] = fmt.percent

@@ -234,9 +234,12 @@ def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> 
         state = _state(api, run_id)
         if state["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
             return state, answered
-        if state["type"] == "PAUSED" and (state["state_details"] or {}).get("run_input_keyset"):
+        keyset = (state["state_details"] or {}).get("run_input_keyset")
+        if state["type"] == "PAUSED" and keyset:
             answered.append(_answer_in_the_ui(page, ui_url, run_id, shot, answered))
-            wait_for(lambda: _state(api, run_id)["type"] != "PAUSED", 60, "the run to resume")
+            # resumed; or, an answer not used, paused again at once with a new form (the question re-asked)
+            wait_for(lambda asked=keyset: (s := _state(api, run_id))["type"] != "PAUSED"
+                     or (s["state_details"] or {}).get("run_input_keyset") != asked, 60, "the run to resume")
         time.sleep(1)
     raise AssertionError(f"the run did not end within {RUN_TIMEOUT_S} s (answered {answered})")
 
@@ -341,7 +344,9 @@ def _every_card_once_and_no_table_cut(page, ui_url: str, api: str, run_id: str, 
     assert {"sweep-results", "approval-plan", "sweep-progress", "final-report"} <= set(keys), keys
     progress = next(r for r in rows if r["key"] == "sweep-progress")
     assert progress["data"] == 100.0 and "1/1 jobs finished" in progress["description"], progress
-    page.goto(f"{ui_url}/runs/flow-run/{run_id}?tab=Artifacts", wait_until="networkidle")
+    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.locator(".artifact-card, .artifacts-card, [class*=artifact]").first.wait_for()
     shot(page, "run-artifacts")
     for row in rows:
         page.goto(f"{ui_url}/artifacts/artifact/{row['id']}", wait_until="networkidle")
