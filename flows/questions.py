@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from pydantic import ValidationError
 
+from preftune import fmt
 from preftune.endpoint import Endpoint
 from preftune.errors import RunEnded, UserError
 from preftune.files import write_json_atomic
@@ -44,6 +46,37 @@ def _timing(spec: RunSpec) -> dict:
 def _hinted(hint: str, text: str) -> str:
     """A question with what the instruction said above it (e.g. a model name nothing matched)."""
     return f"> {hint}\n\n{text}" if hint else text
+
+
+def _model_path(name: str, known: list[str], field: str) -> str:
+    """A bare model name (`tiny-llama`) as the folder preftune knows by that name; a folder or a hub id
+    (`org/name`) as it is. A bare name nothing knows is one line naming the near matches."""
+    if "/" in name or Path(name).expanduser().is_dir():
+        return name
+    by_name = {Path(m).name: m for m in reversed(known)}  # the first known wins (catalogue, then folders)
+    if name in by_name:
+        return by_name[name]
+    near = difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(f'`{n}`' for n in near)}? " if near else ""
+    raise UserError(f"{field}: {name!r} is neither a local folder nor a model preftune knows; {hint}"
+                    f"(known: {', '.join(sorted(by_name)) or 'none'}: the zoo, the catalogue and the folders "
+                    "under PREFTUNE_MODEL_DIRS)")
+
+
+def resolve_model_names(spec: RunSpec) -> RunSpec:
+    """The model names `preftune run --instruction` resolves (zoo names, catalogue names, folders under
+    PREFTUNE_MODEL_DIRS) resolve the same way when typed in the UI form's model fields."""
+    from preftune.tasks.instruction.resolve import known_models
+
+    local = {role: ep for role in ("strong", "weak", "judge") if (ep := getattr(spec, role)) is not None and ep.is_local}
+    names = [*spec.base_models, *(ep.model for ep in local.values())]
+    if all("/" in n or Path(n).expanduser().is_dir() for n in names):
+        return spec  # folders and hub ids only: nothing to look up (and no zoo to build for it)
+    known = known_models()
+    update: dict = {"base_models": [_model_path(m, known, "base_models") for m in spec.base_models]}
+    for role, ep in local.items():
+        update[role] = ep.model_copy(update={"model": _model_path(ep.model, known, f"{role}.model")})
+    return spec.model_copy(update=update)
 
 
 def resolve_base_models(spec: RunSpec, ws: Workspace, hint: str = "") -> list[str]:
@@ -150,7 +183,34 @@ def approve_plan(spec: RunSpec, ws: Workspace, plan: dict) -> PlanDecision:
                            high, spec.auto_approve_max_usd)
     return ask(ws, "plan", plan_markdown(plan), PlanDecision, context={"plan": plan_digest(plan)},
                defaults={"budget_usd": spec.budget_usd}, auto=auto, check=_plan_problem(plan),
-               **_timing(spec))
+               summary=plan_summary(plan), **_timing(spec))
+
+
+def plan_summary(plan: dict) -> str:
+    """What the Resume dialog shows of the plan: a few lines a person can approve from (jobs, cost and
+    time ranges, the problems found); the plan in full is the run's `approval-plan` artifact."""
+    est = plan["estimate"]
+    models = list(dict.fromkeys(j.get("base_model_name") or short_name(j["base_model"]) for j in plan["jobs"]))
+    betas = sorted({j["beta"] for j in plan["jobs"]})
+    cost = ("unknown (unpriced: " + ", ".join(est["unpriced"]) + ")" if est.get("unpriced")
+            else fmt.usd(est['total']['high']) if est['total']['low'] == est['total']['high']
+            else f"{fmt.usd(est['total']['low'])}–{fmt.usd(est['total']['high'])}")
+    wall = est["wall_seconds"]
+    data = plan["dataset"]
+    n = len(plan["jobs"])
+    lines = [f"**Approve this plan?** {n} training job{'s' if n != 1 else ''} ({', '.join(f'`{m}`' for m in models)} × "
+             f"β {', '.join(fmt.number(b) for b in betas)}) on `{Path(data['path']).name}` "
+             f"({fmt.number(data['train_examples'])} train / {fmt.number(data['test_examples'])} test)"
+             + (f", {fmt.number(plan['pairs']['prompts'])} prompts paired first" if plan.get("pairs") else "") + ".",
+             f"- **Cost:** {cost}" + (f" (budget cap {fmt.usd(plan['budget_usd'])})" if plan.get("budget_usd") is not None
+                                      else ""),
+             f"- **Time:** {fmt.duration(wall['low'])} to {fmt.duration(wall['high'])}",
+             f"- **Evaluator:** {plan['evaluator']['summary']}"]
+    problems = [*data.get("warnings", []), *(plan.get("instruction") or {}).get("notes", [])]
+    lines += [f"- ⚠ {p}" for p in problems] or ["- No problems found in the data."]
+    # Blank lines around the list: the UI's Markdown renderer runs a list on from a paragraph into it.
+    return (lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\nThe full plan (every job, cost by phase, time by "
+            "part) is this run's **approval-plan** artifact (Artifacts tab).")
 
 
 def _plan_problem(plan: dict):

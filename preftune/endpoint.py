@@ -36,7 +36,7 @@ class Endpoint(BaseModel):
                                             "unpriced (a local folder is free).")
     price_output_per_m: float | None = Field(None, ge=0, description="USD per 1M output (completion) tokens. "
                                              "Empty: unpriced (a local folder is free).")
-    cache_id: str | None = Field(None, description="What identifies the model in the response cache instead "
+    cache_id: SkipJsonSchema[str | None] = Field(None, description="What identifies the model in the response cache instead "
                                  "of base_url (a local server's port changes between runs). Set by preftune.")
     # What preftune knows of a server it started itself (run-time only: never serialised, not on the form).
     concurrency: SkipJsonSchema[int | None] = Field(

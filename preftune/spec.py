@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -48,11 +49,29 @@ def _run_fields_first(schema: dict, cls: type) -> None:
         {k: v for k, v in props.items() if k in inherited}
 
 
+_OPTIONAL_TEXT = [{"type": "string"}, {"type": "null"}]
+
+
+def _plain_text(schema: dict) -> None:
+    """Optional text is a plain text box on the form, empty by default: the Prefect UI shows a
+    `str | None` field as a two-button type switch captioned 'Property is type "None"'. The form's
+    empty string is read back as None (`RunSpec._empty_text_is_none`)."""
+    for prop in schema.get("properties", {}).values():
+        if prop.get("anyOf") == _OPTIONAL_TEXT and prop.get("default", "") is None:
+            del prop["anyOf"]
+            prop.update(type="string", default="")
+
+
+def _form_layout(schema: dict, cls: type) -> None:
+    _run_fields_first(schema, cls)
+    _plain_text(schema)
+
+
 class RunSpec(TrainingOptions, LoraOptions):
     """Everything one preference-learning run needs. Empty lists mean 'use the defaults'.
     Every job of the sweep gets the training and LoRA fields inherited from preftune.job."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_run_fields_first)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_form_layout)
 
     instruction: str | None = Field(
         None, description="Say what you want in one sentence, e.g. 'Run DPO on prefs.jsonl using Qwen3 32B with beta "
@@ -111,6 +130,15 @@ class RunSpec(TrainingOptions, LoraOptions):
     auto_approve_max_usd: float | None = Field(
         None, ge=0, description="Headless: approve by itself when the high estimate is within this many USD "
         "(and take the recommended answer at later prompts). Empty: always ask.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_text_is_none(cls, data: Any) -> Any:
+        """The form's empty text box for an optional text field (see `_plain_text`) means "not given"."""
+        if not isinstance(data, dict):
+            return data
+        optional = {k for k, f in cls.model_fields.items() if f.default is None and f.annotation == str | None}
+        return {k: (None if k in optional and v == "" else v) for k, v in data.items()}
 
     @model_validator(mode="after")
     def _dataset_or_instruction(self):

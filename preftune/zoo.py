@@ -147,10 +147,20 @@ def _token_stream(records: list[dict], tokenizer):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def train_model(spec: ModelSpec, tokenizer, stream):
+# A build prints a progress line at least this often: on a loaded 2-core machine one model took 15 min.
+PROGRESS_EVERY_S = 10.0
+
+
+def _say(text: str) -> None:
+    print(f"zoo: {text}", file=sys.stderr, flush=True)
+
+
+def train_model(spec: ModelSpec, tokenizer, stream, name: str = "model"):
     """Packed causal-LM training on `stream`, the concatenated token ids of the training records
-    (N,): AdamW, linear warm-up then cosine decay."""
+    (N,): AdamW, linear warm-up then cosine decay. Says how far it is every PROGRESS_EVERY_S."""
     import torch
+
+    from preftune import fmt
 
     model = make_model(spec, tokenizer)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -159,7 +169,13 @@ def train_model(spec: ModelSpec, tokenizer, stream):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / spec.steps))) + 0.02)
     model.train()
-    for _ in range(spec.steps):
+    t0 = shown = time.monotonic()
+    for step in range(spec.steps):
+        now = time.monotonic()
+        if now - shown >= PROGRESS_EVERY_S:
+            _say(f"{name:<12} step {step}/{spec.steps}, "
+                 f"{fmt.duration(now - t0)} so far, ~{fmt.duration((spec.steps - step) * (now - t0) / step)} left")
+            shown = now
         starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
         batch = torch.stack([stream[s:s + spec.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone()).loss
@@ -212,7 +228,7 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
 def build_model(name: str, spec: ModelSpec, tokenizer, stream, held: list[dict], out_dir: Path) -> dict:
     """Train, score and save one model; returns its manifest entry."""
     t0 = time.perf_counter()
-    model = train_model(spec, tokenizer, stream)
+    model = train_model(spec, tokenizer, stream, name)
     ppl = perplexity(model, tokenizer, held)
     save_model(model, tokenizer, out_dir)
     seconds = time.perf_counter() - t0
@@ -279,8 +295,10 @@ def build_into(out: Path, specs: dict[str, ModelSpec] = SPECS, records: list[dic
         print(f"zoo: tokenizer    vocab {len(tokenizer)}  {time.perf_counter() - t0:6.1f}s", file=sys.stderr)
         stream = _token_stream([r for r in records if r["split"] == "train"], tokenizer)
         held = [r for r in records if r["split"] == "heldout"]
-        models = {name: build_model(name, spec, tokenizer, stream, held, out / name)
-                  for name, spec in specs.items()}
+        models = {}
+        for i, (name, spec) in enumerate(specs.items(), 1):
+            _say(f"{name:<12} training ({i}/{len(specs)}, {spec.steps} steps) ...")
+            models[name] = build_model(name, spec, tokenizer, stream, held, out / name)
     manifest = {"build_key": key, "build_version": BUILD_VERSION, "tokenizer": "tokenizer",
                 "models": models, "build_seconds": round(time.perf_counter() - t0, 2)}
     (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -103,12 +103,16 @@ class Shots:
         page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"))
 
 
+EVALUATOR = "preftune.judges.builtin:answer_quality"
+
+
 def _spec(zoo: dict, tmp_path: Path) -> dict:
-    """Tiny and quick: 40 of the bundled pairs, one tiny zoo model, one beta, the bundled evaluator."""
+    """Tiny and quick: 40 of the bundled pairs, one tiny zoo model, one beta. No evaluator: the run asks
+    for one (the person first forgets to name it, then gives the bundled one)."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines()[:40]) + "\n")
     return {"dataset": str(pairs), "workspace": str(tmp_path / "ws"), "base_models": [zoo["models"]["tiny-llama"]],
-            "betas": [0.1], "evaluator": "preftune.judges.builtin:answer_quality", "epochs": 1, "batch_size": 8,
+            "betas": [0.1], "epochs": 1, "batch_size": 8,
             "max_length": 128, "eval_max_new_tokens": 16, "max_eval_prompts": 8, "target_win_rate": None,
             "deploy": False, "approval_poll_s": 1}
 
@@ -155,17 +159,70 @@ CUT_TABLES_JS = """Array.from(document.querySelectorAll('table')).filter(t => t.
 }).filter(x => x.right > x.limit + 1)"""
 
 
+# Where a text is on screen: its box's height and whether all of it lies inside the window.
+SHOWN_JS = """text => { const els = Array.from(document.querySelectorAll('.p-modal__card *'))
+  .filter(e => e.innerText && e.innerText.includes(text)
+    && !Array.from(e.children).some(c => c.innerText && c.innerText.includes(text)));
+  return els.map(e => { const r = e.getBoundingClientRect();
+    return {height: Math.round(r.height), top: Math.round(r.top), inView: r.height > 0 && r.top >= 0 && r.bottom <= innerHeight}; }); }"""
+
+
+def _assert_shown(page, text: str, what: str) -> None:
+    """`text` is on screen in the Resume dialog at 1280x900 as it opens: not squeezed to no height,
+    not below the window's edge."""
+    where = page.evaluate(SHOWN_JS, text)
+    assert any(w["inView"] for w in where), f"{what}: {text!r} is not in view at 1280x900: {where}"
+
+
 def _state(api: str, run_id: str) -> dict:
     return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60, auth=_auth()).json()["state"]
 
 
-def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots) -> str:
+def _field(page, label: str):
+    return page.locator(".schema-form-property").filter(
+        has=page.locator(f".schema-form-property__label:text-is('{label}')"))
+
+
+def _choose(page, field, option: str) -> None:
+    control = field.locator(".p-select-button__control").first
+    control.click()
+    # The click alone does not keep the list open inside Prefect 3.8's Resume dialog (its focus trap
+    # takes the focus back from the list's filter box); ArrowDown opens it.
+    control.press("ArrowDown")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _answer_the_evaluator_question(page, shot: Shots, answered: list[str]) -> str:
+    """First 'a Python evaluator' without naming one: the question comes back with the reason on top,
+    in view; then with the bundled evaluator's id."""
+    submit = page.get_by_role("button", name="Submit", exact=True)
+    if "evaluator-unnamed" not in answered:
+        _assert_shown(page, "No evaluator id and no judge endpoint were given", "the evaluator question")
+        _choose(page, _field(page, "Decision"), "a Python evaluator")
+        shot(page, "question-evaluator-unnamed")
+        submit.click()
+        return "evaluator-unnamed"
+    _assert_shown(page, "Your last answer was not used", "the re-asked evaluator question")
+    _assert_shown(page, "'a Python evaluator' needs its id in 'evaluator'", "the re-asked evaluator question")
+    shot(page, "question-evaluator-reasked")
+    _choose(page, _field(page, "Decision"), "a Python evaluator")
+    _field(page, "Evaluator (Optional)").locator("textarea, input").first.fill(EVALUATOR)
+    submit.click()
+    return "evaluator"
+
+
+def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots, answered: list[str]) -> str:
     """Open the paused run, press Resume, choose this question's decision in its dropdown, submit."""
     page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
     page.get_by_role("button", name="Resume").first.click()
     submit = page.get_by_role("button", name="Submit", exact=True)
     submit.wait_for()
     page.locator(".schema-form-property__label").first.wait_for()  # the form inside the modal
+    if _field(page, "Evaluator (Optional)").count():
+        return _answer_the_evaluator_question(page, shot, answered)
+    if _field(page, "Drop Betas (Optional)").count():  # the plan: its summary is what a person approves from
+        for text in ("Approve this plan?", "1 training job (", "Cost:", "Time:"):
+            _assert_shown(page, text, "the plan question")
     for label, options in ANSWERS.items():
         field = page.locator(".schema-form-property").filter(
             has=page.locator(f".schema-form-property__label:text-is('{label}')"))
@@ -195,9 +252,12 @@ def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> 
         state = _state(api, run_id)
         if state["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
             return state, answered
-        if state["type"] == "PAUSED" and (state["state_details"] or {}).get("run_input_keyset"):
-            answered.append(_answer_in_the_ui(page, ui_url, run_id, shot))
-            wait_for(lambda: _state(api, run_id)["type"] != "PAUSED", 60, "the run to resume")
+        keyset = (state["state_details"] or {}).get("run_input_keyset")
+        if state["type"] == "PAUSED" and keyset:
+            answered.append(_answer_in_the_ui(page, ui_url, run_id, shot, answered))
+            # resumed; or, an answer not used, paused again at once with a new form (the question re-asked)
+            wait_for(lambda asked=keyset: (s := _state(api, run_id))["type"] != "PAUSED"
+                     or (s["state_details"] or {}).get("run_input_keyset") != asked, 60, "the run to resume")
         time.sleep(1)
     raise AssertionError(f"the run did not end within {RUN_TIMEOUT_S} s (answered {answered})")
 
@@ -255,7 +315,9 @@ def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
     page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
     shot(page, "run-ended")
     assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}"
-    assert answered[0] == "approve" and "recommended" in answered, answered  # the plan, then the comparison
+    # the evaluator (asked again when not named), the plan, then the comparison
+    assert answered[:3] == ["evaluator-unnamed", "evaluator", "approve"] and "recommended" in answered, answered
+    _every_card_once_and_no_table_cut(page, ui_url, api, run_id, shot)
 
     page.goto(f"{ui_url}/artifacts/artifact/{_report_artifact(api, run_id)}", wait_until="networkidle")
     report = (tmp_path / "ws" / "final_report.md").read_text(encoding="utf-8")
@@ -276,3 +338,38 @@ def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
     assert page.locator("table").count() >= 3  # summary, sweep, evaluation...
     cut = page.evaluate(CUT_TABLES_JS)
     assert not cut, f"report tables cut off at a 1280 px window: {cut}"
+    # What changed: the base answer and the tuned answer side by side, a table of (at least) two columns
+    columns = page.evaluate(WHAT_CHANGED_COLUMNS_JS)
+    assert columns and min(columns) >= 2, f"What changed is not shown side by side (columns per table: {columns})"
+
+
+# The number of columns of each table in the report's "What changed" section (up to the next h2).
+WHAT_CHANGED_COLUMNS_JS = """(() => { const h = Array.from(document.querySelectorAll('h2'))
+  .find(e => e.innerText.trim().startsWith('What changed')); const out = [];
+  for (let el = h && h.nextElementSibling; el && el.tagName !== 'H2'; el = el.nextElementSibling)
+    for (const t of (el.tagName === 'TABLE' ? [el] : el.querySelectorAll('table')))
+      out.push(t.rows.length ? t.rows[0].cells.length : 0);
+  return out; })()"""
+
+
+def _every_card_once_and_no_table_cut(page, ui_url: str, api: str, run_id: str, shot: Shots) -> None:
+    """The run's Artifacts are a dashboard: one card per kind (a table or a question refreshed in place,
+    not a new card each time), and no card's table runs past its box at 1280 px."""
+    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+        "artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), f"cards shown more than once: {sorted(keys)}"
+    assert {"sweep-results", "approval-plan", "sweep-progress", "final-report"} <= set(keys), keys
+    progress = next(r for r in rows if r["key"] == "sweep-progress")
+    assert progress["data"] == 100.0 and "1/1 jobs finished" in progress["description"], progress
+    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.locator(".artifact-card, .artifacts-card, [class*=artifact]").first.wait_for()
+    shot(page, "run-artifacts")
+    for row in rows:
+        page.goto(f"{ui_url}/artifacts/artifact/{row['id']}", wait_until="networkidle")
+        if row["type"] == "table":
+            page.locator("table").first.wait_for()
+        cut = page.evaluate(CUT_TABLES_JS)
+        assert not cut, f"artifact {row['key']}: tables cut off at a 1280 px window: {cut}"
+    shot(page, "last-artifact")

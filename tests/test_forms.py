@@ -118,11 +118,19 @@ def test_the_evaluator_question_asks_again_until_the_evaluator_imports(zoo, tmp_
     pairs.write_text("\n".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines()[:40]) + "\n")
     ws = tmp_path / "ws"
     fut = start_flow(_spec(zoo, pairs, ws, evaluator=None))
-    answer(ws, fut, "judge_model", {"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"})
-    run_id, schema = wait_for_question(ws, fut)
-    assert "judge_model" in schema["properties"]
-    assert question_text(run_id).startswith("> **Your last answer was not used:** evaluator 'no_such_pkg.mod:fn': "
-                                            "module not found (no_such_pkg)")
+    # every answer not used comes back with its reason at the top: the dialog's own text box and the
+    # first field's description (the one the Resume dialog always shows at 1280x900)
+    for values, reason in [
+            ({"decision": "a Python evaluator"}, "'a Python evaluator' needs its id in 'evaluator'"),
+            ({"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"},
+             "evaluator 'no_such_pkg.mod:fn': module not found (no_such_pkg)")]:
+        answer(ws, fut, "judge_model", values)
+        run_id, schema = wait_for_question(ws, fut)
+        assert "judge_model" in schema["properties"]
+        top = f"### ⚠ Your last answer was not used\n\n**{reason}"
+        assert question_text(run_id).startswith(top), question_text(run_id)
+        assert schema["properties"]["decision"]["description"].startswith(top)
+        assert "Property is type" not in json.dumps(schema) and "null" not in json.dumps(schema["properties"])
     assert _approvals(ws) == []
     good = "preftune.judges.builtin:answer_quality"
     answer(ws, fut, "judge_model", {"decision": "a Python evaluator", "evaluator": good})
@@ -130,3 +138,42 @@ def test_the_evaluator_question_asks_again_until_the_evaluator_imports(zoo, tmp_
     assert fut.result(timeout=300)["status"] == "rejected"
     assert [(a["kind"], a["values"].get("evaluator")) for a in _approvals(ws)] == [("evaluator", good), ("plan", None)]
     assert Path(ws / "plan.json").exists()
+
+
+def test_the_runspec_form_has_no_internal_fields_and_optional_text_is_a_plain_text_box():
+    """No "Cache Id ... Set by preftune" on the endpoints; an optional text field is a text box, empty
+    by default (not a `str | None` switch), and its empty string means "not given"."""
+    from preftune.spec import RunSpec
+
+    defs = parameter_schema(preference_learning).model_dump()["definitions"]
+    assert "cache_id" not in defs["Endpoint"]["properties"]
+    props = defs["RunSpec"]["properties"]
+    for name in ("instruction", "test_dataset", "workspace", "evaluator", "rubric", "work_pool"):
+        assert {k: props[name].get(k) for k in ("type", "default", "anyOf")} == \
+            {"type": "string", "default": "", "anyOf": None}, name
+    spec = RunSpec(dataset="d.jsonl", workspace="", evaluator="", rubric="", test_dataset="", work_pool="")
+    assert (spec.workspace, spec.evaluator, spec.rubric, spec.test_dataset, spec.work_pool) == (None,) * 5
+    assert spec.digest() == RunSpec(dataset="d.jsonl").digest()  # the form's empty boxes: the same run
+
+
+def test_model_names_resolve_in_the_form_as_in_the_cli(zoo, tmp_path, monkeypatch):
+    """`tiny-llama` typed in the form is the zoo's folder, a folder under PREFTUNE_MODEL_DIRS is found by
+    its name, and a name nothing knows is one line naming the near matches."""
+    from preftune.endpoint import Endpoint
+    from preftune.errors import UserError
+    from preftune.flows.questions import resolve_model_names
+    from preftune.spec import RunSpec
+
+    mine = tmp_path / "models" / "my-model"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    monkeypatch.setenv("PREFTUNE_MODEL_DIRS", str(tmp_path / "models"))
+    spec = resolve_model_names(RunSpec(dataset="d.jsonl", base_models=["tiny-llama", "my-model"],
+                                       strong=Endpoint(model="tiny-strong"), weak=Endpoint(model=zoo["models"]["tiny-weak"])))
+    assert [Path(m).resolve() for m in spec.base_models] == [Path(zoo["models"]["tiny-llama"]).resolve(), mine]
+    assert Path(spec.strong.model).resolve() == Path(zoo["models"]["tiny-strong"]).resolve()
+    assert spec.weak.model == zoo["models"]["tiny-weak"]
+    with pytest.raises(UserError) as err:
+        resolve_model_names(RunSpec(dataset="d.jsonl", base_models=["tiny-lama"]))
+    assert str(err.value).startswith("base_models: 'tiny-lama' is neither a local folder nor a model preftune knows; "
+                                     "did you mean `tiny-llama`")

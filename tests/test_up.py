@@ -22,11 +22,11 @@ def _deployments(api: str, auth: tuple[str, str] | None = None) -> set[tuple[str
     return {(flows.get(d["flow_id"]), d["name"]) for d in rows}
 
 
-def _up(tmp_path, api: str) -> tuple[subprocess.Popen, object]:
+def _up(tmp_path, api: str, *extra: str) -> tuple[subprocess.Popen, object]:
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     log = tmp_path / "up.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(PREFTUNE + ["up", "--home", str(tmp_path / "home")], stdout=out,
+        proc = subprocess.Popen(PREFTUNE + ["up", "--home", str(tmp_path / "home"), *extra], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
     return proc, log
 
@@ -41,10 +41,13 @@ def _stop_with_sigint(proc: subprocess.Popen) -> tuple[list[psutil.Process], lis
 
 
 def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
+    """--port N puts the server on N (PREFECT_API_URL names another port: --port wins), and Ctrl-C says
+    what `up` stopped, not a run's "re-run to resume"."""
     from preftune.server import free_port
 
-    api = f"http://127.0.0.1:{free_port()}/api"
-    proc, log = _up(tmp_path, api)
+    port, other = free_port(), free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    proc, log = _up(tmp_path, f"http://127.0.0.1:{other}/api", "--port", str(port))
     try:
         wait_for(lambda: "being served" in log.read_text(), 900, f"the deployments to be served ({log})")
         text = log.read_text()
@@ -66,6 +69,9 @@ def test_up_starts_a_server_serves_and_ctrl_c_stops_everything(tmp_path):
         assert any("preftune.cli.serve" in c for c in cmdlines), cmdlines
         assert all_gone(children, 10.0), [c for c in children if c.is_running()]
         assert proc.returncode == 128 + signal.SIGINT
+        said = log.read_text()
+        assert "preftune up: stopped the serve loop and the Prefect server it started" in said
+        assert "re-run to resume" not in said
         try:
             httpx.get(f"{api}/health", timeout=2)
             raise AssertionError("the server still answers after Ctrl-C")
@@ -159,3 +165,11 @@ def test_up_leaves_a_server_it_found_running(tmp_path, prefect_api):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_up_port_out_of_range_is_one_line(tmp_path):
+    done = subprocess.run(PREFTUNE + ["up", "--port", "70000", "--home", str(tmp_path / "home")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "preftune up: error: --port 70000: expected a port number from 1 to 65535"
+    assert not (tmp_path / "home").exists()

@@ -117,11 +117,14 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _on_signal)
 
 
-def _interrupted() -> int:
-    """Stop what we started and exit now: non-daemon threads (requests in flight) are not waited for."""
+def _interrupted(args: argparse.Namespace | None = None) -> int:
+    """Stop what we started and exit now: non-daemon threads (requests in flight) are not waited for.
+    A command whose module defines INTERRUPTED says that instead of a run's message."""
     code = 128 + (_signalled[0] if _signalled else signal.SIGINT)
     _on_signal_deadline()
-    print("interrupted; finished work is kept in the workspace, re-run to resume", file=sys.stderr)
+    module = sys.modules.get(getattr(getattr(args, "func", None), "__module__", ""))
+    print(getattr(module, "INTERRUPTED", "interrupted; finished work is kept in the workspace, re-run to resume"),
+          file=sys.stderr)
     server = sys.modules.get("preftune.server")
     if server is not None:
         server.stop_owned()
@@ -194,7 +197,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"preftune {args.command}: {end.status}: {end.reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(args)
     except (OSError, MemoryError, RuntimeError) as err:
         what = _ran_out(err)
         if what is None:
@@ -211,7 +214,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"preftune {args.command}: error: {refused_message()}", file=sys.stderr)
         return 2
     if _signalled:  # a signal the command itself caught (Prefect's serve loop): still exit promptly
-        return _interrupted()
+        return _interrupted(args)
     return int(code or 0)
 
 

@@ -160,7 +160,8 @@ def print_outcome(outcome: dict) -> None:
     ep = outcome.get("endpoint")
     if ep:
         print(f"endpoint:  {ep['base_url']}  (model {ep['model']})")
-        print(f"stop it:   preftune deploy --stop --workspace {outcome['workspace']}")
+        print(f"still running: the deployed model's server at {ep['base_url']}; stop it with "
+              f"`preftune deploy --stop --workspace {outcome['workspace']}`")
 
 
 def add_parser(sub) -> None:

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("up", help="Start a local Prefect server (if none is running) and serve the deployments.")
     p.add_argument("--home", help="Folder for the server's SQLite database and settings (default: "
                    "<cache>/prefect-server; only used when a server is started).")
+    p.add_argument("--port", type=int, default=None,
+                   help="Port of the Prefect server (default: the one in PREFECT_API_URL, else 4200). A server "
+                   "already answering there is used; otherwise one is started on 127.0.0.1 at that port.")
     p.add_argument("--job-limit", type=int, default=6, help="Training jobs at once (default %(default)s).")
     p.set_defaults(func=run)
 
@@ -101,6 +104,21 @@ def stop(proc: subprocess.Popen | None, *, group: bool = False, grace_s: float =
         pass
 
 
+def with_port(api_url: str, port: int) -> str:
+    """`api_url` on `port` (--port): the host stays, so a remote PREFECT_API_URL is refused as before."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: expected a port number from 1 to 65535")
+    where = urlsplit(api_url)
+    host = f"[{where.hostname}]" if ":" in (where.hostname or "") else where.hostname
+    return where._replace(netloc=f"{host}:{port}").geturl()
+
+
+# What Ctrl-C leaves behind, printed by preftune.cli when this command is interrupted (a run's message,
+# "re-run to resume", would not be true of `up`).
+INTERRUPTED = ("preftune up: stopped the serve loop and the Prefect server it started (a server it found "
+               "running is left running); flow runs and their workspaces are kept")
+
+
 def ui_url(api_url: str) -> str:
     from prefect.settings import PREFECT_UI_URL
 
@@ -117,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     from preftune.paths import cache_dir
 
     api_url = PREFECT_API_URL.value() or DEFAULT_API  # the environment, else the active Prefect profile
+    if args.port is not None:
+        api_url = with_port(api_url, args.port)
     home = os.path.abspath(args.home or str(cache_dir() / "prefect-server"))
     server = None
     loop = None
