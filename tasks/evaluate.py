@@ -148,12 +148,14 @@ def _generator(cfg: EvalConfig, model: str, adapter: str | None, warnings: list[
     loaded: list = []  # (model, tokenizer), loaded on the first chunk and kept for the rest
 
     def local(batch: list[list[dict]]) -> list[tuple[str, bool]]:
-        from preftune.tasks.generate import generate_with, load_causal_lm
+        from preftune.tasks.generate import generate_with, load_causal_lm, small_model_threads
 
         if not loaded:
             loaded.extend(load_causal_lm(model, adapter))
         cut: list[bool] = []
-        texts = generate_with(*loaded, batch, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, cut=cut)
+        with small_model_threads(loaded[0]):
+            texts = generate_with(*loaded, batch, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  cut=cut)
         return list(zip(texts, cut, strict=True))
     return local
 

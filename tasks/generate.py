@@ -9,6 +9,8 @@ at any end token the generation config lists, or EOS (``stop_token_ids``, as a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,10 +63,11 @@ def generate_completions(model_path: str | Path, prompts: list[list[dict]], *,
 
 
 def answer_with_backend(endpoint: Endpoint, prompts: list[list[dict]], *, max_new_tokens: int = 64,
-                        temperature: float = 0.0) -> list[str | None]:
+                        temperature: float = 0.0) -> list[tuple[str, bool] | None]:
     """Completions from a server preftune started (phase 5 on vLLM: ``endpoint.model`` names the
-    candidate's LoRA module), in the order of ``prompts``; None where a request failed. Greedy and
-    stripped as ``generate_with``'s, so both paths fill the same completions cache."""
+    candidate's LoRA module), in the order of ``prompts``, each with whether it was cut at
+    ``max_new_tokens`` (finish_reason "length"); None where a request failed. Greedy and stripped as
+    ``generate_with``'s, so both paths fill the same completions cache."""
     client = ChatClient(endpoint, concurrency=endpoint.concurrency or 16, timeout=600.0)
 
     async def go() -> list:
@@ -73,4 +76,23 @@ def answer_with_backend(endpoint: Endpoint, prompts: list[list[dict]], *, max_ne
         finally:
             await client.aclose()
 
-    return [o.text.strip() if hasattr(o, "text") else None for o in asyncio.run(go())]
+    return [(o.text.strip(), o.finish_reason == "length") if hasattr(o, "text") else None
+            for o in asyncio.run(go())]
+
+
+@contextlib.contextmanager
+def small_model_threads(model) -> Iterator[None]:
+    """One torch thread while a small model generates on CPU (as preftune's server gives it,
+    preftune/backends.py): its step is Python overhead, and on a loaded machine two OpenMP threads
+    spin against each other. tiny-llama, 64 prompts x 64 tokens, load average 22 on 2 cores:
+    1.2 s on one thread, 80.9 s on two. The thread count is restored after."""
+    from preftune.backends import BATCHING_MIN_PARAMS
+
+    small = model.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < BATCHING_MIN_PARAMS
+    before = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -155,9 +155,10 @@ def test_phase5_through_a_server_answers_as_in_process(zoo, tmp_path):
 
     folder = zoo["models"]["tiny-llama"]
     prompts = [[{"role": "user", "content": f"Question {i}: explain item {i} briefly."}] for i in range(6)]
-    expected = generate_with(*load_causal_lm(folder, device="cpu"), prompts, max_new_tokens=12)
-    with serve_local(folder, tmp_path / "logs") as handle:
-        assert answer_with_backend(handle.endpoint(), prompts, max_new_tokens=12) == expected
+    cut: list[bool] = []
+    expected = generate_with(*load_causal_lm(folder, device="cpu"), prompts, max_new_tokens=12, cut=cut)
+    with serve_local(folder, tmp_path / "logs") as handle:  # the same texts, cut (by the limit) the same
+        assert answer_with_backend(handle.endpoint(), prompts, max_new_tokens=12) == list(zip(expected, cut, strict=True))
 
 
 def test_phase5_uses_one_lora_server_only_on_vllm_and_only_for_adapters(zoo, tmp_path):
@@ -173,3 +174,22 @@ def test_phase5_uses_one_lora_server_only_on_vllm_and_only_for_adapters(zoo, tmp
         assert lora_server(stack, ws, base, adapters, backend="preftune") == {}  # CPU: in process
         assert lora_server(stack, ws, base, {**adapters, "full": base}, backend="vllm") == {}  # a full model
         assert lora_server(stack, ws, base, {}, backend="vllm") == {}
+
+
+def test_phase5_in_process_gives_a_small_model_one_thread_and_restores_the_count(zoo):
+    """In process (phase 5 on CPU), a tiny model on two OpenMP threads of a loaded machine took
+    80.9 s for what one thread did in 1.2 s (tasks/generate.small_model_threads)."""
+    import torch
+
+    from preftune.hf import load_causal_lm
+    from preftune.tasks.generate import small_model_threads
+
+    model, _ = load_causal_lm(zoo["models"]["tiny-llama"], device="cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with small_model_threads(model):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

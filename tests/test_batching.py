@@ -301,7 +301,8 @@ def test_cancelled_requests_stop_early_and_the_others_finish(tiny):
     drop.cancelled = queued.cancelled = True
     engine.submit(queued)
     run(engine, [])
-    assert isinstance(drop.error, Cancelled) and len(drop.tokens) == 3
+    # 3 steps: the first prefills (one token) and decodes (another), then one token a step.
+    assert isinstance(drop.error, Cancelled) and len(drop.tokens) == 4
     assert isinstance(queued.error, Cancelled) and queued.tokens == []
     assert keep.error is None and len(keep.tokens) == 40 and engine.dropped == 2
 
