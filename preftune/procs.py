@@ -134,6 +134,7 @@ _graceful = threading.Event()
 @contextlib.contextmanager
 def stop_between_steps() -> Iterator[None]:
     """While inside, a signal to this process sets ``stop_requested()`` instead of interrupting it."""
+    _stop_requested.clear()  # a signal before this point has interrupted the process already
     _graceful.set()
     try:
         yield

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from preftune.errors import UserError
+from preftune.errors import RunEnded, UserError
 from preftune.files import read_json, write_text_atomic
 from preftune.job import TrainConfig, shared_fields, train_command
 from preftune.keys import child_environ
@@ -68,6 +68,8 @@ def run_job_processes(config: Path, env: dict | None = None) -> dict:
             raise
         finally:
             _RUNNING.discard(proc)
+    if proc.returncode != 0 and _STOPPING.is_set():  # we stopped it: one line in the run's log, no traceback
+        raise RunEnded("failed", f"job {config.parent.name} stopped by a signal; a re-run resumes it")
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"job {config.parent.name} exited with {proc.returncode}: " + " | ".join(tail))
@@ -76,9 +78,10 @@ def run_job_processes(config: Path, env: dict | None = None) -> dict:
 
 # The job processes this process is waiting on (run_sweep stops them when it is interrupted).
 _RUNNING: set[subprocess.Popen] = set()
+_STOPPING = threading.Event()  # set while an interrupted sweep stops its jobs
 # How long an interrupted sweep gives its jobs to checkpoint and exit before killing them: inside
-# the 10 s a signalled run has to end, with room for the flow's own teardown after it.
-JOB_STOP_GRACE_S = 5.0
+# the 10 s a signalled run has to end, and before the CLI's own exit deadline (7 s) cuts everything off.
+JOB_STOP_GRACE_S = 6.0
 
 
 class ReferenceGate:
@@ -164,6 +167,7 @@ def run_sweep(jobs: list[dict], launch: Callable[[dict], dict], *, max_concurren
     job: {"job", "status": finished|failed|not_started, "summary"?, "error"?}."""
     results: dict[str, dict] = {}
     pending = list(jobs)
+    _STOPPING.clear()
     stop = threading.Event()
     active: dict[Future, dict] = {}
     notify = on_event or (lambda kind, payload: None)
@@ -182,6 +186,7 @@ def run_sweep(jobs: list[dict], launch: Callable[[dict], dict], *, max_concurren
             except BaseException:  # a signal (SIGTERM arrives as Prefect's TerminationSignal): end the jobs too,
                 stop.set()  # or leaving the pool would wait for each of them to finish training
                 pending.clear()
+                _STOPPING.set()
                 terminate(list(_RUNNING), JOB_STOP_GRACE_S)
                 raise
             for fut in done:
