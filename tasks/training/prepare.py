@@ -24,7 +24,7 @@ from preftune.tasks.training.loop import dataset_logps
 from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
-CHUNK = 8  # pairs scored between two looks at the clock
+CHUNK = 2  # pairs scored between two looks at the clock (a CPU job also runs a pair at a time)
 
 
 def margin_summary(margins: np.ndarray, bins: int = 8, bar: int = 20) -> dict:

@@ -37,6 +37,6 @@ def test_the_plan_time_pass_is_the_sweeps_reference_cache(small_cfg, tmp_path):
 def test_the_sample_shrinks_to_the_time_budget_and_stores_nothing(small_cfg, tmp_path):
     cfg = small_cfg(out=tmp_path / "job", ref_cache=tmp_path / "rc")
     view = base_view(cfg, sample=256, budget_s=0.0)
-    assert view["pairs"] == 8  # one chunk of 8, then the clock says stop
-    assert view["note"] == "a sample of 8 of 16 training pairs, cut to fit 0 s" and "cached" not in view
+    assert view["pairs"] == 2  # one chunk of 2, then the clock says stop
+    assert view["note"] == "a sample of 2 of 16 training pairs, cut to fit 0 s" and "cached" not in view
     assert not list((tmp_path / "rc").glob("*.pt"))
