@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from preftune.hf import load_tokenizer
@@ -24,19 +23,23 @@ from preftune.tasks.training.loop import dataset_logps
 from preftune.tasks.training.modeling import load_policy, pad_id, reference_mode
 from preftune.tasks.training.refcache import load_or_compute, reference_key
 
-CHUNK = 8  # pairs scored between two looks at the clock
+CHUNK = 2  # pairs scored between two looks at the clock (a CPU job also runs a pair at a time)
 
 
-def margin_summary(margins: np.ndarray, bins: int = 8, bar: int = 20) -> dict:
-    """Share already preferred (margin > 0), quantiles and a small histogram of the margins."""
-    q = np.quantile(margins, [0.1, 0.25, 0.5, 0.75, 0.9])
-    counts, edges = np.histogram(margins, bins=bins)
-    top = max(int(counts.max()), 1)
-    return {"pairs": int(len(margins)), "preferred_share": round(float((margins > 0).mean()), 4),
+def margin_summary(margins: torch.Tensor, bins: int = 8, bar: int = 20) -> dict:
+    """Share already preferred (margin > 0), quantiles (linear interpolation) and a small histogram."""
+    margins = margins.double()
+    q = torch.quantile(margins, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
+    lo, hi = float(margins.min()), float(margins.max())
+    if lo == hi:  # one value: a unit-wide range around it, as numpy.histogram does
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(margins, bins=bins, min=lo, max=hi).long().tolist()
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
+    top = max(max(counts), 1)
+    return {"pairs": len(margins), "preferred_share": round(float((margins > 0).double().mean()), 4),
             "quantiles": {k: round(float(v), 3) for k, v in zip(("p10", "p25", "p50", "p75", "p90"), q, strict=True)},
-            "histogram": [{"low": round(float(lo), 2), "high": round(float(hi), 2), "count": int(c),
-                           "bar": round(bar * int(c) / top)} for lo, hi, c in zip(edges[:-1], edges[1:], counts,
-                                                                                   strict=True)]}
+            "histogram": [{"low": round(a, 2), "high": round(b, 2), "count": c, "bar": round(bar * c / top)}
+                          for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)]}
 
 
 def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, seed: int = 0) -> dict:
@@ -46,7 +49,7 @@ def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, se
     tokenizer = load_tokenizer(cfg.model)
     pairs = tokenize_pairs(load_pair_records(cfg.data), tokenizer, cfg.max_length, cfg.max_prompt_length)
     module = SequenceLogps(load_policy(cfg)).eval()
-    order = np.random.default_rng(seed).permutation(len(pairs))[:sample].tolist()
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:sample].tolist()
     chosen, rejected, done = [], [], []
     t_score = time.perf_counter()  # the budget is for scoring: loading is paid once whatever the sample
     with reference_mode(module.lm):
@@ -59,7 +62,7 @@ def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, se
             if time.perf_counter() - t_score > budget_s:
                 break
     c, r = torch.cat(chosen), torch.cat(rejected)
-    out = margin_summary((c - r).numpy())
+    out = margin_summary(c - r)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["scoring_seconds"] = round(time.perf_counter() - t_score, 1)
     out["note"] = (f"all {len(pairs)} training pairs" if len(done) == len(pairs)

@@ -13,7 +13,7 @@ from preftune.tasks.training.prepare import base_view, margin_summary
 def test_margin_summary_by_hand():
     """Margins −3, −1, 1, 2, 5: 3 of 5 positive; median 1; p10 by linear interpolation −3 + 0.4·2 = −2.2;
     2 bins over [−3, 5] split at 1: [−3, 1) holds −3, −1; [1, 5] holds 1, 2, 5."""
-    out = margin_summary(np.array([-3.0, -1.0, 1.0, 2.0, 5.0]), bins=2, bar=10)
+    out = margin_summary(torch.tensor([-3.0, -1.0, 1.0, 2.0, 5.0]), bins=2, bar=10)
     assert out["pairs"] == 5 and out["preferred_share"] == 0.6
     assert out["quantiles"]["p50"] == 1.0 and out["quantiles"]["p10"] == -2.2
     assert [(b["low"], b["high"], b["count"], b["bar"]) for b in out["histogram"]] == [(-3.0, 1.0, 2, 7),
@@ -37,6 +37,6 @@ def test_the_plan_time_pass_is_the_sweeps_reference_cache(small_cfg, tmp_path):
 def test_the_sample_shrinks_to_the_time_budget_and_stores_nothing(small_cfg, tmp_path):
     cfg = small_cfg(out=tmp_path / "job", ref_cache=tmp_path / "rc")
     view = base_view(cfg, sample=256, budget_s=0.0)
-    assert view["pairs"] == 8  # one chunk of 8, then the clock says stop
-    assert view["note"] == "a sample of 8 of 16 training pairs, cut to fit 0 s" and "cached" not in view
+    assert view["pairs"] == 2  # one chunk of 2, then the clock says stop
+    assert view["note"] == "a sample of 2 of 16 training pairs, cut to fit 0 s" and "cached" not in view
     assert not list((tmp_path / "rc").glob("*.pt"))
