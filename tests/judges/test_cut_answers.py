@@ -9,7 +9,7 @@ import re
 
 from preftune.endpoint import Endpoint
 from preftune.hf import load_tokenizer
-from preftune.reports.build import write_report
+from preftune.reports.build import comparison_markdown, write_report
 from preftune.reports.measures import distinct2, measure
 from preftune.tasks.evaluate import EvalConfig, load_test, run_evaluation
 from preftune.tasks.evaluate_candidates import _empty, _merge, select_merged
@@ -53,6 +53,10 @@ def test_cut_answers_are_counted_marked_and_shown_side_by_side(tmp_path):
     merged = _empty("rubric")
     _merge(merged, "stub-base", scores)
     ws.scores.write_text(json.dumps(select_merged(merged)))
+    # the UI's comparison question names a judge no better than "the longer answer wins" (5 of 6 pairs here)
+    question = comparison_markdown(json.loads(ws.scores.read_text()), "cand")
+    assert ('**Judge calibration:** agreement with human labels 83.3% (95% CI 50.0%–100.0%); "the longer answer '
+            'wins" 83.3%: ⚠ the judge is not above the length baseline.') in question
     write_report(ws)
     report = ws.report.read_text()
     assert "Answers cut at that limit (they did not end), per candidate — its own / its base's / verdicts that " \
