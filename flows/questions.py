@@ -198,19 +198,19 @@ def plan_summary(plan: dict) -> str:
     wall = est["wall_seconds"]
     data = plan["dataset"]
     n = len(plan["jobs"])
-    lines = [f"**Approve this plan?** {n} training job{'s' if n != 1 else ''} ({', '.join(f'`{m}`' for m in models)} × "
-             f"β {', '.join(fmt.number(b) for b in betas)}) on `{Path(data['path']).name}` "
-             f"({fmt.number(data['train_examples'])} train / {fmt.number(data['test_examples'])} test)"
-             + (f", {fmt.number(plan['pairs']['prompts'])} prompts paired first" if plan.get("pairs") else "") + ".",
-             f"- **Cost:** {cost}" + (f" (budget cap {fmt.usd(plan['budget_usd'])})" if plan.get("budget_usd") is not None
-                                      else ""),
-             f"- **Time:** {fmt.duration(wall['low'])} to {fmt.duration(wall['high'])}",
-             f"- **Evaluator:** {plan['evaluator']['summary']}"]
+    head = (f"**Approve this plan?** {n} training job{'s' if n != 1 else ''} ({', '.join(f'`{m}`' for m in models)} × "
+            f"β {', '.join(fmt.number(b) for b in betas)}) on `{Path(data['path']).name}` "
+            f"({fmt.number(data['train_examples'])} train / {fmt.number(data['test_examples'])} test)"
+            + (f", {fmt.number(plan['pairs']['prompts'])} prompts paired first" if plan.get("pairs") else "") + ".")
+    cap = f" (budget cap {fmt.usd(plan['budget_usd'])})" if plan.get("budget_usd") is not None else ""
     problems = [*data.get("warnings", []), *(plan.get("instruction") or {}).get("notes", [])]
-    lines += [f"- ⚠ {p}" for p in problems] or ["- No problems found in the data."]
-    # Blank lines around the list: the UI's Markdown renderer runs a list on from a paragraph into it.
-    return (lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\nThe full plan (every job, cost by phase, time by "
-            "part) is this run's **approval-plan** artifact (Artifacts tab).")
+    # Paragraphs, not a list: the Resume dialog's Markdown renderer runs list items into one.
+    return "\n\n".join([
+        head, f"**Cost:** {cost}{cap} · **Time:** {fmt.duration(wall['low'])} to {fmt.duration(wall['high'])}",
+        f"**Evaluator:** {plan['evaluator']['summary']}",
+        *([f"⚠ {p}" for p in problems] or ["No problems found in the data."]),
+        "The full plan (every job, cost by phase, time by part) is this run's **approval-plan** artifact "
+        "(Artifacts tab)."])
 
 
 def _plan_problem(plan: dict):

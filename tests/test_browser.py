@@ -27,7 +27,9 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run"]
 # What to answer at each question the run asks, by the field that holds its decision.
 ANSWERS = {"Decision": {"approve", "deploy it", "continue"}, "Deploy": {"recommended"}}
-RUN_TIMEOUT_S = 900  # only a guard against a hang: the run takes a few minutes on a loaded machine
+# A guard against a hang only: the run fails when it shows no activity (no log line, no card refreshed) for
+# this long. Its length depends on the machine's load (a few minutes quiet; over 15 at load 25).
+RUN_TIMEOUT_S = 900
 _AUTH: list[tuple[str, str]] = []  # (user, password) of the server the `ui` fixture started
 
 
@@ -247,8 +249,11 @@ def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots, answered: lis
 
 def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> tuple[dict, list[str]]:
     answered: list[str] = []
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline, seen = time.monotonic() + RUN_TIMEOUT_S, None
     while time.monotonic() < deadline:
+        moved = _activity(api, run_id)
+        if moved != seen:  # the run is working (a new log line, a card refreshed): not hung
+            deadline, seen = time.monotonic() + RUN_TIMEOUT_S, moved
         state = _state(api, run_id)
         if state["type"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
             return state, answered
@@ -259,7 +264,17 @@ def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> 
             wait_for(lambda asked=keyset: (s := _state(api, run_id))["type"] != "PAUSED"
                      or (s["state_details"] or {}).get("run_input_keyset") != asked, 60, "the run to resume")
         time.sleep(1)
-    raise AssertionError(f"the run did not end within {RUN_TIMEOUT_S} s (answered {answered})")
+    raise AssertionError(f"the run showed no activity for {RUN_TIMEOUT_S} s (answered {answered})")
+
+
+def _activity(api: str, run_id: str) -> tuple:
+    """What changes while a run works: its log lines and its cards' last update (the sweep table shows
+    each running job's step every 10 s)."""
+    logs = httpx.post(f"{api}/logs/filter", timeout=60, json={
+        "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 1}).json()
+    cards = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+        "artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
+    return (logs[0]["id"] if logs else None, max((c["updated"] for c in cards), default=None))
 
 
 def _end(api: str, run_id: str) -> dict:
