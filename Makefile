@@ -38,8 +38,8 @@ postgresql:
 
 test: $(STAMP) chromium postgresql
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
 	$(MAKE) check-vllm-install
+	$(BIN)/python -m pytest -q
 
 # `pip install 'preftune[vllm]'` resolves beside vLLM's own (CUDA) torch: a dry run against the registry
 # with no constraints, as a user's pip sees it (needs the registry; ~5-9 min here). fast-deps reads each
