@@ -220,7 +220,10 @@ SWEEP_LABELS = {"train_loss": "train loss", "eval_loss": "eval loss", "eval_rewa
 
 
 def _sweep_table(rows: list[dict]) -> None:
-    rows = [{**r, "samples_per_s": fmt.rate(r["samples_per_s"], "")} for r in rows]
+    # beta and loss are in the job id (tiny-llama-dpo-b0.1): without their columns the table fits the
+    # artifact page at 1280 px (it ran 126 px past its box).
+    rows = [{**{k: v for k, v in r.items() if k not in ("beta", "loss")},
+             "samples_per_s": fmt.rate(r["samples_per_s"], "")} for r in rows]
     cards.show_table("sweep-results", cards.table_rows(rows, SWEEP_LABELS),
                      description="Every sweep job: running ones with their latest step and training loss")
 

@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Loading torch, transformers and prefect takes seconds quiet and a minute under load: say so first.
+    print("preftune demo: loading torch, transformers and prefect ...", flush=True)
     from preftune.cli.run import run_flow
     from preftune.workspace import default_workspace
     from preftune.zoo import build_zoo
