@@ -270,9 +270,9 @@ def _wait_for_the_end(page, ui_url: str, api: str, run_id: str, shot: Shots) -> 
 def _activity(api: str, run_id: str) -> tuple:
     """What changes while a run works: its log lines and its cards' last update (the sweep table shows
     each running job's step every 10 s)."""
-    logs = httpx.post(f"{api}/logs/filter", timeout=60, json={
+    logs = httpx.post(f"{api}/logs/filter", timeout=60, auth=_auth(), json={
         "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 1}).json()
-    cards = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+    cards = httpx.post(f"{api}/artifacts/filter", timeout=60, auth=_auth(), json={
         "artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
     return (logs[0]["id"] if logs else None, max((c["updated"] for c in cards), default=None))
 
@@ -370,7 +370,7 @@ WHAT_CHANGED_COLUMNS_JS = """(() => { const h = Array.from(document.querySelecto
 def _every_card_once_and_no_table_cut(page, ui_url: str, api: str, run_id: str, shot: Shots) -> None:
     """The run's Artifacts are a dashboard: one card per kind (a table or a question refreshed in place,
     not a new card each time), and no card's table runs past its box at 1280 px."""
-    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, json={
+    rows = httpx.post(f"{api}/artifacts/filter", timeout=60, auth=_auth(), json={
         "artifacts": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)), f"cards shown more than once: {sorted(keys)}"

@@ -188,9 +188,10 @@ def test_rejection_spends_nothing(zoo, tmp_path):
     assert approvals[-1]["values"]["note"] == "too expensive"
 
 
-def test_crash_then_resume_does_not_redo_jobs(zoo, small_pairs, tmp_path):
+def test_crash_then_resume_does_not_redo_jobs(zoo, small_pairs, tmp_path, monkeypatch):
     """The evaluator file is missing, so the run fails after the sweep; with it in place, the same
     spec and workspace resume: both jobs are found finished and not trained again."""
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))  # the owner's folder of evaluators
     ws = tmp_path / "ws"
     evaluator_file = tmp_path / "my_eval.py"
     spec = _spec(zoo, small_pairs, ws, evaluator=f"{evaluator_file}:score", auto_approve_max_usd=0.0,
@@ -255,5 +256,6 @@ def test_prompts_only_generates_pairs_then_trains(zoo, tmp_path):
     first = json.loads(train[0])
     assert first["preferred_output"][0]["content"].startswith("A careful answer")
     assert first["non_preferred_output"][0]["content"] == "no idea"
-    assert artifact_data("pairs-progress") == [100.0]
+    # this run's card (an earlier test's run stopped at its budget cap keeps its own, under the same key)
+    assert artifact_data("pairs-progress", json.loads((ws / "run.json").read_text())["flow_run_id"]) == [100.0]
     assert "## Pair generation (delta learning)" in (ws / "final_report.md").read_text()

@@ -172,7 +172,8 @@ def test_an_answer_that_does_not_fit_is_asked_again_and_not_recorded(zoo, tmp_pa
     answer(ws, fut, "decision", {"decision": "approve", "drop_betas": [9.9]})
     run_id, _ = wait_for_question(ws, fut)
     text = question_text(run_id)
-    assert text.startswith("> **Your last answer was not used:** drop_betas: [9.9] not in the plan (its betas: [0.1, 0.5])")
+    assert text.startswith("### ⚠ Your last answer was not used\n\n"
+                           "**drop_betas: [9.9] not in the plan (its betas: [0.1, 0.5])** Answer again below.")
     assert _approvals(ws) == []
     answer(ws, fut, "decision", {"decision": "reject", "note": "second thoughts"})
     outcome = fut.result(timeout=300)
