@@ -216,13 +216,16 @@ def _evaluate(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict
 
 # Short column names: the sweep table's eleven columns fit a 1280 px window.
 SWEEP_LABELS = {"train_loss": "train loss", "eval_loss": "eval loss", "eval_reward_accuracy": "reward acc.",
-                "samples_per_s": "samples/s", "ref_cache": "ref. cache"}
+                "samples_per_s": "samples/s", "ref_cache": "ref. cache"}  # ref. cache: in the report
 
 
 def _sweep_table(rows: list[dict]) -> None:
     # beta and loss are in the job id (tiny-llama-dpo-b0.1): without their columns the table fits the
     # artifact page at 1280 px (it ran 126 px past its box).
-    rows = [{**{k: v for k, v in r.items() if k not in ("beta", "loss")},
+    # A column empty in every row (the device on a CPU machine, health before any step) is left out too:
+    # with the health and device columns the table ran 156 px past its box.
+    empty = {k for k in (rows[0] if rows else {}) if all(r.get(k) in (None, "", "cpu") for r in rows)}
+    rows = [{**{k: v for k, v in r.items() if k not in ("beta", "loss", "ref_cache", *empty)},
              "samples_per_s": fmt.rate(r["samples_per_s"], "")} for r in rows]
     cards.show_table("sweep-results", cards.table_rows(rows, SWEEP_LABELS),
                      description="Every sweep job: running ones with their latest step and training loss")

@@ -131,7 +131,8 @@ def test_end_to_end_with_approvals(zoo, small_pairs, tmp_path):
         assert published[0] == embedded, "\n".join(difflib.unified_diff(
             embedded.splitlines(), published[0].splitlines(), "final_report.md, figures embedded", "the artifact",
             lineterm="", n=1))[:4000]
-        assert artifact_data("sweep-progress") == [100.0]
+        run_id = json.loads((ws / "run.json").read_text())["flow_run_id"]
+        assert artifact_data("sweep-progress", run_id) == [100.0]  # one card, updated in place
         assert artifact_data("evaluation-progress")[0] == 100.0  # this run's, the newest
         # Training jobs run in pool threads; their task runs' logs must still reach this flow run.
         logs = _task_run_logs(json.loads((ws / "run.json").read_text())["flow_run_id"])
@@ -189,11 +190,13 @@ def test_rejection_spends_nothing(zoo, tmp_path):
 
 
 def test_crash_then_resume_does_not_redo_jobs(zoo, small_pairs, tmp_path, monkeypatch):
-    """The evaluator file is missing, so the run fails after the sweep; with it in place, the same
-    spec and workspace resume: both jobs are found finished and not trained again."""
+    """The evaluator fails when it scores, so the run fails after the sweep; fixed, the same spec and
+    workspace resume: both jobs are found finished and not trained again. (A missing evaluator file is
+    refused at the run's first question, before anything is spent.)"""
     monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path))  # the owner's folder of evaluators
     ws = tmp_path / "ws"
     evaluator_file = tmp_path / "my_eval.py"
+    evaluator_file.write_text("def score(messages, completion):\n    raise RuntimeError('my_eval is broken')\n")
     spec = _spec(zoo, small_pairs, ws, evaluator=f"{evaluator_file}:score", auto_approve_max_usd=0.0,
                  deploy=False)
     with pytest.raises(Exception, match="my_eval"):
