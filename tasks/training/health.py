@@ -22,10 +22,11 @@ training pairs' completions, averaged over chosen and rejected rows, as the loop
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+
+from preftune.files import read_jsonl_rows
 
 DIVERGED, DISPLACEMENT, SATURATED = "diverged", "likelihood displacement", "accuracy saturated"
 EXPLODE_FACTOR, EXPLODE_MIN = 10.0, 5.0
@@ -133,14 +134,4 @@ def flag_names(health: dict | None) -> str:
 
 def metrics_rows(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl, a line being written (torn) skipped; [] when there is none yet."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return read_jsonl_rows(path)  # the append-only reader every JSONL of a job goes through
