@@ -18,7 +18,7 @@ win rate exactly, because the unpenalised intercept-only fit reproduces the mean
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -98,18 +98,6 @@ def lc_win_rate(outcomes: Sequence[str], candidate_lengths: Sequence[float],
     x = np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
     theta0, _ = fit_logistic(x, y)
     return float(_sigmoid(np.array(theta0)))
-
-
-def clear_winner(candidates: Mapping[str, Mapping[str, float]], *, threshold: float = 0.5) -> str | None:
-    """The candidate whose ``ci_low`` is above ``threshold`` and above every other one's ``ci_high``."""
-    for name, ci in candidates.items():
-        low = ci.get("ci_low")
-        if low is None or not np.isfinite(low) or low <= threshold:
-            continue
-        others = [c.get("ci_high") for n, c in candidates.items() if n != name]
-        if all(h is not None and np.isfinite(h) and low > h for h in others):
-            return name
-    return None
 
 
 def mean_score(scores: Sequence[float | None], *, seed: int = 0,

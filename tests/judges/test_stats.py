@@ -89,19 +89,6 @@ def test_lc_discounts_a_length_biased_judge() -> None:
     assert lc_m > 0.3
 
 
-def test_clear_winner() -> None:
-    assert stats.clear_winner({"a": {"ci_low": 0.6, "ci_high": 0.8},
-                               "b": {"ci_low": 0.4, "ci_high": 0.55}}) == "a"
-    # a's low bound not above b's high bound → no clear winner
-    assert stats.clear_winner({"a": {"ci_low": 0.6, "ci_high": 0.8},
-                               "b": {"ci_low": 0.5, "ci_high": 0.65}}) is None
-    # above the others but not above 0.5
-    assert stats.clear_winner({"a": {"ci_low": 0.5, "ci_high": 0.7}}) is None
-    assert stats.clear_winner({"a": {"ci_low": 0.51, "ci_high": 0.7}}) == "a"
-    assert stats.clear_winner({}) is None
-    assert stats.clear_winner({"a": {"ci_low": float("nan"), "ci_high": float("nan")}}) is None
-
-
 def test_mean_score_counts_errors_apart() -> None:
     """[1, 0, error, ½]: 3 scored, mean ½, 1 error."""
     r = stats.mean_score([1.0, 0.0, None, 0.5], seed=0)
