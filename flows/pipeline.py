@@ -32,7 +32,7 @@ from preftune.reports.build import write_report
 from preftune.server import device_name
 from preftune.spec import RunSpec
 from preftune.tasks.deploy import deploy_phase as _deploy_phase
-from preftune.tasks.diagnostics import run_diagnostics, with_reference_view
+from preftune.tasks.diagnostics import diagnostics_path, reference_views, run_diagnostics, with_reference_view
 from preftune.tasks.evaluate_candidates import evaluate_candidates
 from preftune.tasks.inspect import inspect_phase as _inspect_phase
 from preftune.tasks.instruction.resolve import explicit_fields, plan_rows, resolve
@@ -270,8 +270,16 @@ def preference_learning(spec: RunSpec) -> State:
         return Cancelled(message=reason, data=RunEnded("refused", reason, refused))
 
 
+def _api_url() -> str | None:
+    """The Prefect API this run reports to: PREFECT_API_URL's, else the temporary server this process
+    started (preftune.cli.prefect_server), for `preftune approve WORKSPACE`."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or os.environ.get("PREFTUNE_TEMPORARY_API_URL")
+
+
 def _owned_run(spec: RunSpec, ws: Workspace) -> State:
-    write_json_atomic(ws.run_record, {"flow_run_id": str(runtime.flow_run.id or ""),
+    write_json_atomic(ws.run_record, {"flow_run_id": str(runtime.flow_run.id or ""), "api_url": _api_url(),
                                       "spec": spec.model_dump(mode="json")})
     try:
         with cards.heartbeat():
@@ -332,9 +340,12 @@ def _run(spec: RunSpec, ws: Workspace) -> dict:
     Ledger(ws.ledger, "plan").set_cap(spending_cap(ws, decision, spec.budget_usd, spec.auto_approve_max_usd))
     # ---- nothing above this line spends; everything below does ----
     data = _pairs(spec, ws, inspection)
-    run_diagnostics(ws.root, inspection, data, (plan.get("diagnostics") or {}).get("reference"))
-    questions.check_pair_yield(spec, ws, data)
     jobs = [{**j, "train_data": data["train"], "eval_data": data["test"]} for j in jobs]
+    diag = run_diagnostics(ws.root, inspection, data, (plan.get("diagnostics") or {}).get("reference"))
+    questions.check_pair_yield(spec, ws, data)
+    if inspection["format"] == "prompts":  # the generated pairs seen by each base, as a dataset's at plan time
+        cards.say("phase 3/7 pairs: the base models' own view of the generated pairs (reference log-probs)")
+        write_json_atomic(diagnostics_path(ws.root), {**diag, "reference": reference_views(spec, ws, jobs)})
     results = _sweep(spec, ws, jobs, evaluator_kind, placement)
     finished = [r["job"] for r in results if r["status"] == "finished"]
     if not finished:

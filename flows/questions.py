@@ -281,7 +281,9 @@ def judge_caution(scores: dict) -> str:
     cal = scores.get("judge_validity") or {}
     if not cal.get("judgments_valid") or cal.get("above_length_baseline"):
         return ""
-    return (f"\n\n> ⚠ **The judge `{scores.get('judge') or '?'}` is not above the length baseline:** it agrees "
+    scorer = "evaluator" if cal.get("scorer") == "evaluator" else "judge"
+    name = scores.get("evaluator") if scorer == "evaluator" else scores.get("judge")
+    return (f"\n\n> ⚠ **The {scorer} `{name or '?'}` is not above the length baseline:** it agrees "
             f"with the {cal.get('labels', 'human')} labels on {cal['agreement']:.0%} of judgments (95% CI from "
             f"{cal['agreement_ci_low']:.0%}), while \"the longer answer wins\" scores {cal['length_baseline']:.0%} "
             "on the same pairs: its verdicts may reward length, not quality.")

@@ -38,6 +38,8 @@ class PairItem:
     messages: list[dict]
     candidate: str
     baseline: str
+    candidate_cut: bool = False  # the answer stopped at the token limit: the judge is told, outside its fence
+    baseline_cut: bool = False
 
 
 def fence_token(*parts: str) -> str:
@@ -45,20 +47,23 @@ def fence_token(*parts: str) -> str:
     return f"FENCE-{digest[:24]}"
 
 
-def judge_prompt(rubric: str, messages: list[dict], response_a: str, response_b: str) -> tuple[list[dict], str]:
-    """The chat messages for one judgment, and the fence token used in them."""
+def judge_prompt(rubric: str, messages: list[dict], response_a: str, response_b: str,
+                 cut: tuple[bool, bool] = (False, False)) -> tuple[list[dict], str]:
+    """The chat messages for one judgment, and the fence token used in them. ``cut``: whether response
+    A, B stopped at the token limit — said after its fence, where no response can forge it."""
     token = fence_token(rubric, json.dumps(messages, sort_keys=True), response_a, response_b)
     text = render("judge_pairwise.j2", rubric=rubric, conversation=messages,
-                  response_a=response_a, response_b=response_b, boundary=token)
+                  response_a=response_a, response_b=response_b, boundary=token, cut_a=cut[0], cut_b=cut[1])
     return [{"role": "user", "content": text}], token
 
 
 async def judge_once(client: ChatLike, rubric: str, messages: list[dict], response_a: str,
-                     response_b: str, *, max_tokens: int = JUDGE_MAX_TOKENS) -> dict:
+                     response_b: str, *, max_tokens: int = JUDGE_MAX_TOKENS,
+                     cut: tuple[bool, bool] = (False, False)) -> dict:
     """One judgment: ``{"verdict": Verdict, "reply": str | None, "error": str | None}``."""
     from preftune.client import ChatError
 
-    prompt, token = judge_prompt(rubric, messages, response_a, response_b)
+    prompt, token = judge_prompt(rubric, messages, response_a, response_b, cut)
     try:
         # a reply without a valid verdict is not a final answer: the client's cache lets a later
         # run ask again (bounded), so fixing the judge fixes the run
@@ -94,8 +99,10 @@ async def judge_item(client: ChatLike, rubric: str, item: PairItem, *,
                      max_tokens: int = JUDGE_MAX_TOKENS) -> dict:
     """Judge one comparison in both orders; the per-comparison record written to judgments."""
     ab, ba = await asyncio.gather(
-        judge_once(client, rubric, item.messages, item.candidate, item.baseline, max_tokens=max_tokens),
-        judge_once(client, rubric, item.messages, item.baseline, item.candidate, max_tokens=max_tokens))
+        judge_once(client, rubric, item.messages, item.candidate, item.baseline, max_tokens=max_tokens,
+                   cut=(item.candidate_cut, item.baseline_cut)),
+        judge_once(client, rubric, item.messages, item.baseline, item.candidate, max_tokens=max_tokens,
+                   cut=(item.baseline_cut, item.candidate_cut)))
     errors = [e for e in (ab["error"], ba["error"]) if e]
     return {
         "key": item.key,

@@ -174,13 +174,7 @@ def train_model(spec: ModelSpec, tokenizer, stream, name: str = "model"):
 
     from preftune import fmt
 
-    model = make_model(spec, tokenizer)
-    gen = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, spec.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / spec.steps))) + 0.02)
-    model.train()
+    # The clock starts with the "training ..." line: building the model takes seconds under load too.
     t0, done, finished = time.monotonic(), [0], threading.Event()
 
     def progress() -> None:  # from its own thread: one step can take longer than the period under load
@@ -191,6 +185,13 @@ def train_model(spec: ModelSpec, tokenizer, stream, name: str = "model"):
 
     threading.Thread(target=progress, daemon=True, name=f"zoo-{name}").start()
     try:
+        model = make_model(spec, tokenizer)
+        gen = torch.Generator().manual_seed(spec.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
+        warmup = max(1, spec.steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, s / spec.steps))) + 0.02)
+        model.train()
         _train_steps(model, spec, stream, gen, opt, sched, done)
     finally:
         finished.set()

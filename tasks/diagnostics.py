@@ -321,18 +321,25 @@ def run_diagnostics(root: str | Path, inspection: dict, data: dict, reference: d
 REFERENCE_SAMPLE, REFERENCE_BUDGET_S = 256, 60.0  # per base model, at plan time (free local CPU work)
 
 
-def with_reference_view(plan: dict, spec: Any, ws: Any, inspection: dict, jobs: list[dict]) -> dict:
-    """The plan with each base model's own view of the training pairs (tasks/training/prepare.py) in
-    its diagnostics: pairs datasets only (prompts-only data has no pairs before phase 3), for the
-    bases with a job that needs reference log-probs — whose cache this pass fills when it scores them all."""
-    if inspection["format"] != "pairs" or not plan.get("diagnostics"):
-        return plan
+def reference_views(spec: Any, ws: Any, jobs: list[dict]) -> dict:
+    """Each base model's own view of its jobs' training pairs (tasks/training/prepare.py), for the bases
+    with a job that needs reference log-probs — whose cache this pass fills when it scores them all."""
     from preftune.tasks.sweep import job_config
     from preftune.tasks.training.prepare import base_view
 
     views = {}
     for job in jobs:
-        cfg = job_config(spec, ws, {**job, "train_data": str(ws.train_data), "eval_data": str(ws.test_data)}, None)
+        cfg = job_config(spec, ws, job, None)
         if cfg.needs_reference and job["base_model"] not in views:
             views[job["base_model"]] = base_view(cfg, sample=REFERENCE_SAMPLE, budget_s=REFERENCE_BUDGET_S)
+    return views
+
+
+def with_reference_view(plan: dict, spec: Any, ws: Any, inspection: dict, jobs: list[dict]) -> dict:
+    """The plan with each base model's own view of the training pairs in its diagnostics: pairs datasets
+    only (prompts-only data has no pairs before phase 3: the flow measures them then, reference_views)."""
+    if inspection["format"] != "pairs" or not plan.get("diagnostics"):
+        return plan
+    views = reference_views(spec, ws, [{**job, "train_data": str(ws.train_data), "eval_data": str(ws.test_data)}
+                                       for job in jobs])
     return {**plan, "diagnostics": {**plan["diagnostics"], "reference": views}} if views else plan

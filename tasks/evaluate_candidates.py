@@ -85,7 +85,7 @@ def evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs:
     """Each candidate against its own base model, merged into eval/scores.json. Every paid judge
     request goes to the workspace's cost ledger when it is paid, so an early-stop evaluation during
     the sweep and the final one (answered from the cache) are each counted once. `on_progress(done,
-    total)` reports the share done, in base-model groups (each group's items are its fraction)."""
+    total)` reports completions generated and scored so far, of all base models' groups."""
     try:
         return _evaluate_candidates(spec, ws, evaluator_kind, jobs, on_progress)
     except AuthError as err:  # the judge refused the key: the run ends with that one line
@@ -113,10 +113,18 @@ def lora_server(stack: contextlib.ExitStack, ws: Workspace, base: str, candidate
     return {BASE: ep.model_copy(update={"model": base}), **{n: ep.model_copy(update={"model": n}) for n in candidates}}
 
 
-def _group_progress(report: Callable[[float, float], None] | None, index: int, groups: int):
+def _group_progress(report: Callable[[float, float], None] | None, index: int, groups: int, finished: list[int]):
+    """One base model's (done, total) items as the whole phase's: the groups before it count what they
+    did (`finished`, appended to as each group ends), the ones after it as many items as this one."""
     if report is None:
         return None
-    return lambda done, total: report(index + done / max(total, 1), groups)
+
+    def on_group(done: float, total: float) -> None:
+        finished.extend([0] * (index - len(finished)))  # a group before it that reported nothing
+        if done >= total:
+            finished[index:] = [int(total)]
+        report(sum(finished[:index]) + done, sum(finished[:index]) + total * (groups - index))
+    return on_group
 
 
 def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs: list[dict],
@@ -126,12 +134,14 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
     for job in jobs:
         groups.setdefault(job["base_model"], []).append(job)
     merged = _empty(evaluator_kind)
+    finished: list[int] = []  # items each base model's group scored, for the progress line
+    merged["evaluator"] = spec.evaluator if evaluator_kind == "evaluator" else None
     with contextlib.ExitStack() as stack:
         use_judge = spec.judge is not None and evaluator_kind != "evaluator"
         judge = resolve_run_endpoints([spec.judge], log_dir=ws.logs_dir, stack=stack)[0] if use_judge else None
         for index, (base, group) in enumerate(groups.items()):
             weights = {j["id"]: trained_weights(ws, j["id"]) for j in group}
-            limit = ({"value": spec.eval_max_new_tokens, "why": "set in the run (eval_max_new_tokens)"}
+            limit = ({"value": spec.eval_max_new_tokens, "why": "set in the run: eval_max_new_tokens"}
                      if spec.eval_max_new_tokens else token_limit_for(base, load_test(data["test"], spec.max_eval_prompts)[1]))
             cfg = EvalConfig(test_data=data["test"], base_model=base, out_dir=ws.eval_base_dir(base),
                              candidates=weights,
@@ -141,7 +151,7 @@ def _evaluate_candidates(spec: RunSpec, ws: Workspace, evaluator_kind: str, jobs
                              validity_pairs=spec.judge_calibration_pairs, labels=label_kind(ws),
                              max_new_tokens=limit["value"], seed=spec.seed,
                              served=lora_server(stack, ws, base, weights))
-            _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups))))
+            _merge(merged, base, run_evaluation(cfg, _group_progress(on_progress, index, len(groups), finished)))
             merged["max_new_tokens"][short_name(base)] = limit
     select_merged(merged, spec.seed)
     if merged.get("rubric"):

@@ -1,6 +1,6 @@
 """What phase 5 checks around its verdicts (tasks/evaluate.py): the token limit fitted to the held-out
-answers, the judge measured against the labels before it judges candidates, and the answers cut at
-the token limit, counted per model with the verdicts they took part in."""
+answers, the judge (or the Python evaluator) measured against the labels before it scores candidates,
+and the answers cut at the token limit, counted per model with the verdicts they took part in."""
 
 from __future__ import annotations
 
@@ -48,21 +48,50 @@ def token_limit_for(tokenizer_dir: str, labelled: list[dict]) -> dict:
                                    f"is {p90(lengths)}, bounded to {EVAL_TOKENS_BOUNDS[0]}–{EVAL_TOKENS_BOUNDS[1]}"}
 
 
-def calibration(cfg: EvalConfig, labelled: list[dict], records: list[dict], warnings: list[str]) -> dict:
-    """The judge against the labels (stats.judge_validity), beside the longer-answer baseline."""
-    write_jsonl_atomic(cfg.out_dir / "validity.jsonl", records)
+def calibration(cfg: EvalConfig, labelled: list[dict], preference_ab: list[int | None],
+                preference_ba: list[int | None], warnings: list[str], scorer: str = "judge") -> dict:
+    """The judge (or evaluator) against the labels (stats.judge_validity), beside the longer-answer
+    baseline on the same pairs. `preference_*`: its preference for position A, the labelled-preferred
+    answer first (AB) and second (BA); an evaluator scores each answer alone, so it has no BA."""
     longer = [1.0 if len(p["preferred"]) > len(p["non_preferred"]) else 0.5
               if len(p["preferred"]) == len(p["non_preferred"]) else 0.0 for p in labelled]
-    validity = stats.judge_validity(*preferences(records), longer, seed=cfg.seed, resamples=cfg.bootstrap_resamples)
-    validity["labels"] = cfg.labels
+    validity = stats.judge_validity(preference_ab, preference_ba, longer, seed=cfg.seed,
+                                    resamples=cfg.bootstrap_resamples)
+    validity["labels"], validity["scorer"] = cfg.labels, scorer
     if validity["low_agreement"]:
-        warnings.append(f"judge agrees with the held-out {cfg.labels} labels on only "
+        warnings.append(f"{scorer} agrees with the held-out {cfg.labels} labels on only "
                         f"{validity['agreement']:.0%} of judgments (< 60%): treat its verdicts with care")
     if validity["judgments_valid"] and not validity["above_length_baseline"]:
-        warnings.append(f"judge not above the length baseline: its agreement with the {cfg.labels} labels "
+        warnings.append(f"{scorer} not above the length baseline: its agreement with the {cfg.labels} labels "
                         f"({validity['agreement']:.0%}, 95% CI from {validity['agreement_ci_low']:.0%}) is not above "
                         f"\"the longer answer wins\" ({validity['length_baseline']:.0%}) on the same pairs")
     return validity
+
+
+def judge_calibration(cfg: EvalConfig, labelled: list[dict], records: list[dict], warnings: list[str]) -> dict:
+    """The judge's verdicts on the labelled pairs, each judged in both orders."""
+    write_jsonl_atomic(cfg.out_dir / "validity.jsonl", records)
+    return calibration(cfg, labelled, *preferences(records), warnings)
+
+
+def calibration_items(labelled: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """(key, messages, answer) for an evaluator to score: both answers of each labelled pair."""
+    return [(f"label-{side}:{p['key']}", p["messages"], p[side])
+            for p in labelled for side in ("preferred", "non_preferred")]
+
+
+def evaluator_calibration(cfg: EvalConfig, labelled: list[dict], results: list[dict], warnings: list[str]) -> dict:
+    """A Python evaluator against the same labels a judge is held to: it scores both answers of each
+    labelled pair (`results`, in calibration_items' order), and agrees when the preferred one scores
+    higher (a tie does not agree; an error is invalid). Order plays no part: no position consistency."""
+    rows, prefs = [], []
+    for p, pref, non in zip(labelled, results[0::2], results[1::2], strict=True):
+        s, t = pref["score"], non["score"]
+        prefs.append(None if s is None or t is None else (s > t) - (s < t))
+        rows.append({"key": p["key"], "preferred_score": s, "non_preferred_score": t,
+                     "error": pref["error"] or non["error"]})
+    write_jsonl_atomic(cfg.out_dir / "validity.jsonl", rows)
+    return calibration(cfg, labelled, prefs, [None] * len(prefs), warnings, scorer="evaluator")
 
 
 def calibration_sample(labelled: list[dict], n: int, seed: int) -> list[dict]:

@@ -3,6 +3,7 @@ stopping exactly what the command started."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,6 +123,44 @@ def test_up_server_refuses_strangers_and_preftune_commands_log_in(tmp_path):
     finally:
         if paused is not None and paused.poll() is None:
             paused.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_runs_temporary_server_refuses_strangers_and_the_owner_answers_it(tmp_path, zoo, public_datasets):
+    """#21: `preftune run` without PREFECT_API_URL reports to a temporary Prefect server, which answered
+    anyone on the machine. Now it asks for this run's own auth string (stored 0600), the run's run.json
+    names the server, and the owner's `preftune approve WORKSPACE` finds both and answers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFTUNE_CACHE": str(tmp_path / "cache")}
+    ws = tmp_path / "ws"
+    argv = PREFTUNE + ["run", "--dataset", str(public_datasets / "public_pairs.jsonl"), "--workspace", str(ws),
+                       "--base-model", zoo["models"]["tiny-llama"], "--evaluator", "preftune.judges.builtin:answer_quality"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    try:
+        record = wait_for(lambda: (ws / "run.json").is_file() and json.loads((ws / "run.json").read_text()), 300,
+                          "the run's run.json")
+        api, run_id = record["api_url"], record["flow_run_id"]
+        assert api.startswith("http://127.0.0.1:") and api.endswith("/api")
+        (auth_file,) = (tmp_path / "cache" / "temporary-servers").glob("*.auth")
+        assert auth_file.stat().st_mode & 0o777 == 0o600
+        user, _, password = auth_file.read_text().strip().partition(":")
+
+        def state() -> dict:
+            return httpx.get(f"{api}/flow_runs/{run_id}", auth=(user, password), timeout=60).json()["state"]
+
+        wait_for(lambda: state()["type"] == "PAUSED", 300, "the plan question")
+        for creds in (None, ("preftune", "guess")):
+            assert httpx.post(f"{api}/flow_runs/filter", json={}, auth=creds, timeout=60).status_code == 401
+        ok = subprocess.run(PREFTUNE + ["approve", str(ws), "--reject"], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+        assert ok.returncode == 0 and '"decision": "reject"' in ok.stdout, ok.stderr
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 3 and out.startswith("run rejected"), (out, err)
+        assert password not in out + err + ok.stdout + ok.stderr
+    finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -185,7 +185,11 @@ _OOM_MESSAGES = ("can't allocate memory", "out of memory", "std::bad_alloc", "Ca
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.command in PREFECT_COMMANDS:
+            from preftune.cli.prefect_auth import temporary_auth
             from preftune.cli.prefect_server import die_with_us
+
+            if args.command != "up":  # `preftune up` starts its own server, with its own auth string
+                temporary_auth()  # before Prefect is imported: it reads its settings once
 
             die_with_us()
             _deadline_on_prefect_sigterm()

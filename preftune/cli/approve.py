@@ -4,7 +4,10 @@ terminal, as the Prefect UI's form would. RUN is a flow-run id or the run's work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -17,14 +20,34 @@ from preftune.workspace import Workspace
 _DEPLOY_ANSWER = {False: "recommended", True: "none"}
 
 
-def _run_id(ref: str) -> UUID:
-    record = Workspace(Path(ref)).run_record
+def _run_ref(ref: str) -> tuple[UUID, str | None]:
+    """(the flow run, the API it reports to when its workspace's run.json says so)."""
+    record, api_url = Workspace(Path(ref)).run_record, None
     if record.exists():
-        ref = read_json(record)["flow_run_id"]
+        run = read_json(record)
+        ref, api_url = run["flow_run_id"], run.get("api_url")
     try:
-        return UUID(ref)
+        return UUID(ref), api_url
     except ValueError:
         raise UserError(f"{ref!r} is neither a flow-run id nor a workspace with run.json") from None
+
+
+@contextlib.contextmanager
+def _api(api_url: str | None) -> Iterator[None]:
+    """The run's own API (and its stored auth string) when PREFECT_API_URL does not name one: a
+    `preftune run` without it reports to a temporary server only its workspace's run.json names."""
+    if os.environ.get("PREFECT_API_URL") or not api_url:
+        yield
+        return
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from preftune.cli.prefect_auth import saved_auth
+
+    updates = {PREFECT_API_URL: api_url}
+    if auth := saved_auth(api_url):
+        updates[PREFECT_API_AUTH_STRING] = auth
+    with temporary_settings(updates=updates):
+        yield
 
 
 def _parse_sets(pairs: list[str], schema: dict) -> dict:
@@ -85,6 +108,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    values = answer(_run_id(args.run), reject=args.reject, sets=args.sets)
+    run_id, api_url = _run_ref(args.run)
+    with _api(api_url):
+        values = answer(run_id, reject=args.reject, sets=args.sets)
     print(f"answered: {json.dumps(values)}")
     return 0

@@ -32,13 +32,14 @@ def demo_spec(workspace: str, zoo: dict, *, evaluator: str = EVALUATOR, max_prom
         max_concurrent_jobs=2, target_win_rate=None, auto_approve_max_usd=0.0)
 
 
-def real_demo_spec(workspace: str, zoo: dict, real: dict, *, evaluator: str = EVALUATOR, prompts: int = 24,
-                   betas: tuple[float, ...] = (0.1, 0.5), pair_max_tokens: int = 32,
-                   eval_max_new_tokens: int = 40, deploy: bool = True):
+def real_demo_spec(workspace: str, zoo: dict, real: dict, *, evaluator: str = EVALUATOR, prompts: int = 40,
+                   betas: tuple[float, ...] = (0.1, 0.5), pair_max_tokens: int = 96,
+                   eval_max_new_tokens: int = 0, deploy: bool = True):
     """The flow on the real model: base = strong generator = SmolLM2-135M-Instruct, weak = tiny-weak.
 
-    Sized for two CPU cores: `prompts` bundled prompts (80/20 split), short answers, one LoRA epoch
-    per beta on 192-token sequences (the chat template's default system prompt alone is ~30 tokens)."""
+    Sized for two CPU cores: `prompts` bundled prompts (80/20 split), answers of up to 96 tokens (most
+    end before it: 32 cut most of them mid-sentence, and the evaluation's fitted limit follows them),
+    one LoRA epoch per beta on 192-token sequences (the chat template's system prompt alone is ~30 tokens)."""
     from preftune.endpoint import Endpoint
     from preftune.paths import EXAMPLES_DIR
     from preftune.spec import RunSpec
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workspace", help="Where the run writes (default: ./workspaces/demo, or demo-real).")
     p.add_argument("--real", action="store_true",
                    help="Run on the real instruct model SmolLM2-135M-Instruct (base and strong generator; the "
-                   "weak generator is a tiny zoo model). About 2 minutes on two CPU cores (1 min 51 s measured under load).")
+                   "weak generator is a tiny zoo model). About 4 minutes on two quiet CPU cores (4 min 06 s measured).")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     # Loading torch, transformers and prefect takes seconds quiet and a minute under load: say so first.
     print("preftune demo: loading torch, transformers and prefect ...", flush=True)
+    from preftune.cli.common import ticking
     from preftune.cli.run import run_flow
     from preftune.workspace import default_workspace
     from preftune.zoo import build_zoo
@@ -80,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return run_flow(demo_spec(workspace, zoo), as_json=args.json)
     from preftune.realmodel import build_real_model
 
-    print("building (or reusing) the real model SmolLM2-135M-Instruct ...", flush=True)
-    real = build_real_model()
+    with ticking("building (or reusing) the real model SmolLM2-135M-Instruct (converting its GGUF once, ~30 s)"):
+        real = build_real_model()
     print(f"real model ready in {real['path']}", flush=True)
     workspace = args.workspace or str(default_workspace("demo-real"))
     return run_flow(real_demo_spec(workspace, zoo, real), as_json=args.json)

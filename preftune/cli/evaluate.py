@@ -61,6 +61,11 @@ def _print_table(scores: dict) -> None:
         for name, m in models.items():
             ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
             print(f"{name:<20} {m['n']:>5} {_fmt(m['mean_score']):>7} {ci:>17} {m['errors']:>7}")
+        cal = scores.get("judge_validity") or {}
+        if cal.get("judgments_valid"):
+            print(f"evaluator agreement with {cal.get('labels', 'the')} labels: {_fmt(cal['agreement'])} "
+                  f"[{_fmt(cal.get('agreement_ci_low'))}, {_fmt(cal.get('agreement_ci_high'))}]; longer answer "
+                  f"wins: {_fmt(cal.get('length_baseline'))}")
     else:
         print(f"{'candidate':<20} {'n':>5} {'W/T/L/inv':>15} {'win rate':>9} {'95% CI':>17} {'LC':>7}")
         for name, m in models.items():

@@ -9,6 +9,12 @@ itself 0700: the SQLite database holds every run's parameters), starts the serve
 sends it (``PREFECT_API_AUTH_STRING``) when the environment does not set one: ``use_saved_auth`` runs
 before Prefect is imported, because Prefect reads its settings once, at import.
 
+The temporary server Prefect starts for a command when no PREFECT_API_URL is set (`preftune run`,
+`preftune demo`) gets one too (``temporary_auth``, ``record_temporary``): a fresh string per process,
+stored 0600 beside the other per-user state and recorded for that server's URL, so another local user
+cannot answer the run's questions through it while the owner's `preftune approve WORKSPACE` can
+(the run records the server's URL in its run.json).
+
 The UI asks for the same string once per browser, on its Login page (the password field: the whole
 ``user:password`` string); `preftune up` prints where the file lies, never the string itself.
 """
@@ -127,3 +133,28 @@ def check_credentials(api_url: str) -> None:
         return  # not reachable: the serve loop says so itself
     if status == 401:
         raise UserError(refused_message(api_url))
+
+
+def temporary_auth() -> None:
+    """Before Prefect is imported, for a command that may start Prefect's temporary server (no
+    PREFECT_API_URL): this process sends a fresh auth string, which that server then requires
+    (``record_temporary``). A string already set (the environment's, or `preftune up`'s) is kept."""
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get(CLIENT_SETTING):
+        os.environ[CLIENT_SETTING] = f"preftune:{secrets.token_urlsafe(24)}"
+
+
+def record_temporary(api_url: str) -> str | None:
+    """The auth string the temporary server at ``api_url`` is to require (this process's), stored 0600
+    and recorded for that URL so the owner's other commands find it; None when there is none."""
+    from preftune.paths import cache_dir
+
+    auth = os.environ.get(CLIENT_SETTING)
+    if not auth:
+        return None
+    folder = cache_dir() / "temporary-servers"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / f"{api_url.rstrip('/').rsplit(':', 1)[-1].split('/')[0]}.auth"  # by port
+    _write_private(path, auth + "\n")
+    record_server(api_url, path)
+    return auth

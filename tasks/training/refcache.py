@@ -100,6 +100,28 @@ def disagreement(stored: dict, idx: list[int], fresh: tuple[torch.Tensor, torch.
     return worst
 
 
+def _checked(path: Path, n: int, compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+             precision: str) -> dict | None:
+    """The stored tensors when they are readable and ``check_indices`` pairs recomputed agree; else None."""
+    stored = _stored(path, n)
+    if stored is None:
+        return None
+    idx = check_indices(n)
+    worst = disagreement(stored, idx, compute(idx), precision)
+    if worst is not None:
+        log.warning("reference cache %s disagrees with %d pairs recomputed (max difference %.4g nats): "
+                    "computing it again", path.name, len(idx), worst)
+        return None
+    return stored
+
+
+def lookup(cache: Path, key: str, n: int, compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+           precision: str = "fp32") -> dict | None:
+    """A stored cache, checked as ``load_or_compute`` checks it, without computing it on a miss (None)."""
+    with file_lock(Path(cache) / f"{key}.lock"):
+        return _checked(Path(cache) / f"{key}.pt", n, compute, precision)
+
+
 def load_or_compute(cache: Path, key: str, fields: dict, n: int,
                     compute: Callable[[list[int] | None], tuple[torch.Tensor, torch.Tensor]],
                     precision: str = "fp32") -> tuple[dict, str]:
@@ -109,14 +131,9 @@ def load_or_compute(cache: Path, key: str, fields: dict, n: int,
     only after ``check_indices`` pairs recomputed agree with it; otherwise it is computed again whole."""
     path = Path(cache) / f"{key}.pt"
     with file_lock(Path(cache) / f"{key}.lock"):
-        stored = _stored(path, n)
+        stored = _checked(path, n, compute, precision)
         if stored is not None:
-            idx = check_indices(n)
-            worst = disagreement(stored, idx, compute(idx), precision)
-            if worst is None:
-                return stored, "hit"
-            log.warning("reference cache %s disagrees with %d pairs recomputed (max difference %.4g nats): "
-                        "computing it again", path.name, len(idx), worst)
+            return stored, "hit"
         chosen, rejected = compute(None)
         blob = {"chosen": chosen.detach().float().cpu(), "rejected": rejected.detach().float().cpu(),
                 "fields": json.dumps(fields, sort_keys=True)}

@@ -93,3 +93,59 @@ def test_position_consistency_pools_every_base():
     _merge(merged, "/m/a", {"mode": "rubric", "models": {}, "position_consistency": 1.0, "position_pairs": 10})
     _merge(merged, "/m/b", {"mode": "rubric", "models": {}, "position_consistency": 0.0, "position_pairs": 30})
     assert merged["position_consistency"] == 0.25
+
+
+EVALUATOR = '''
+import re
+
+
+def score(messages, completion):
+    """Sides with the label on pairs i % 5 != 0 (80%): one answer at a time, by its text."""
+    i = int(re.search(r"answer #(\\d+)", completion).group(1)) if "answer #" in completion else 1
+    preferred = completion.startswith("Preferred")
+    return 1.0 if preferred == bool(i % 5) else 0.0
+'''
+
+
+def test_a_python_evaluator_is_held_to_the_labels_as_a_judge_is(tmp_path, monkeypatch):
+    """The run's scorer is a Python evaluator: it scores both answers of each labelled pair before any
+    candidate, and the report's Judge calibration gives its agreement (80% scripted) beside the length
+    baseline, with no position consistency (it sees one answer at a time)."""
+    test = _pairs(tmp_path / "test.jsonl")
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "labelled.py").write_text(EVALUATOR)
+    monkeypatch.setenv("PREFTUNE_EVALUATOR_DIRS", str(tmp_path / "evals"))
+    evaluator = f"{tmp_path / 'evals' / 'labelled.py'}:score"
+    with StubServer(world) as srv:
+        cfg = EvalConfig(test_data=test, base_model=f"base@{srv.base_url}", out_dir=tmp_path / "eval",
+                         evaluator=evaluator, validity_pairs=PAIRS, bootstrap_resamples=1000,
+                         labels="strong-vs-weak")
+        scores = run_evaluation(cfg)
+    cal = scores["judge_validity"]
+    assert cal["scorer"] == "evaluator" and cal["labels"] == "strong-vs-weak"
+    assert cal["pairs"] == PAIRS and cal["judgments_valid"] == PAIRS  # one comparison per pair, not two
+    assert cal["agreement"] == 0.8 and cal["agreement_ci_low"] < 0.8 < cal["agreement_ci_high"]
+    assert cal["length_baseline"] == 0.5 and cal["above_length_baseline"]
+    assert cal["position_consistency"] is None
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "validity.jsonl").read_text().splitlines()]
+    assert len(rows) == PAIRS and rows[1] == {"key": rows[1]["key"], "preferred_score": 1.0,
+                                              "non_preferred_score": 0.0, "error": None}
+    assert rows[0]["preferred_score"] == 0.0  # pair 0: the scripted disagreement
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    ws.scores.parent.mkdir(parents=True, exist_ok=True)
+    merged = _empty("evaluator") | {"evaluator": evaluator}
+    _merge(merged, "base", scores)
+    ws.scores.write_text(json.dumps(select_merged(merged)))
+    write_report(ws)
+    report = ws.report.read_text()
+    section = report[report.index("\n## Judge calibration\n"):]
+    assert f"The run's scorer is the Python evaluator `{evaluator}`" in section
+    assert re.search(r"^Agreement with strong-vs-weak labels: 80\.0% \(95% CI 7\d\.\d%–8\d\.\d%\), 200 valid pairs "
+                     r"scored of 200 held-out generated pairs", section, re.M)
+    assert "Position consistency: not applicable" in section
+    assert judge_caution(merged) == ""
+    # and when it reads only length, the gate names the evaluator, not a judge
+    weak = dict(cal, agreement=0.5, agreement_ci_low=0.43, above_length_baseline=False)
+    assert f"**The evaluator `{evaluator}` is not above the length baseline:**" in judge_caution(
+        {"evaluator": evaluator, "judge_validity": weak})

@@ -20,11 +20,12 @@ from tests.test_evaluate import BLOCK, QUESTIONS, write_pairs
 from tests.test_report import _check_layout
 
 LOOP = "the answer goes on and on and on and on and on <b>&"
+TOLD: list[tuple[set, set]] = []  # per judge request: (the sides it was told were cut, the cut sides)
 
 
 def world(req: StubRequest) -> Reply:
     """'base' answers briefly; 'cand' loops until the token limit on the first three questions;
-    'judge' prefers the longer answer and says why."""
+    'judge' prefers the longer answer and says why, and checks it is told which answers were cut."""
     model = req.body["model"]
     if model == "base":
         return Reply(text="A short answer.")
@@ -33,6 +34,8 @@ def world(req: StubRequest) -> Reply:
             return Reply(text=f"{req.last_user} " + LOOP, finish_reason="length")
         return Reply(text=f"A complete answer to {req.last_user}")
     r = {m.group(1): m.group(3) for m in BLOCK.finditer(req.last_user)}
+    TOLD.append(({side for side in "AB" if f"(Response {side} stopped at the token limit" in req.last_user},
+                 {side for side in "AB" if LOOP in r[side]}))
     verdict = "A>B" if len(r["A"]) > len(r["B"]) else "B>A"
     return Reply(text=f"The longer one explains more.\nFinal verdict: [[{verdict}]]")
 
@@ -44,7 +47,11 @@ def test_cut_answers_are_counted_marked_and_shown_side_by_side(tmp_path):
         cfg = EvalConfig(test_data=test, base_model=f"base@{srv.base_url}", candidates={"cand": f"cand@{srv.base_url}"},
                          out_dir=ws.eval_dir / "stub-base", rubric="Prefer the better answer.",
                          judge=Endpoint.parse(f"judge@{srv.base_url}"), max_new_tokens=20, bootstrap_resamples=1000)
+        TOLD.clear()
         scores = run_evaluation(cfg)
+    # the judge is told which answer stopped at the limit (after its fence, where no answer can forge it):
+    # in both orders of the 3 cut comparisons, and never of an answer that ended
+    assert all(told == cut for told, cut in TOLD) and sum(bool(cut) for _, cut in TOLD) == 6, TOLD
     m = scores["models"]["cand"]
     assert len(scores["models_info"]["cand"]["cut"]) == 3 and scores["models_info"]["base"]["cut"] == []
     assert (m["cut_answers"], m["baseline_cut_answers"], m["cut_verdicts"]) == (3, 0, 3)

@@ -70,7 +70,7 @@ def test_evaluate_and_the_flow_agree_on_the_same_judgments(tmp_path, monkeypatch
     cfg = EvalConfig(test_data=tmp_path / "t.jsonl", base_model="b", out_dir=tmp_path / "eval",
                      evaluator=f"{evaluator}:score", bootstrap_resamples=1000)
     (tmp_path / "eval").mkdir()
-    alone = score_with_evaluator(cfg, prompts, completions, [])
+    alone = score_with_evaluator(cfg, prompts, [], completions, [])
     merged = _empty("evaluator")
     _merge(merged, "/models/tiny-llama", {"mode": "evaluator", **alone})
     flow = select_merged(merged)

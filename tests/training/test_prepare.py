@@ -32,6 +32,14 @@ def test_the_plan_time_pass_is_the_sweeps_reference_cache(small_cfg, tmp_path):
     assert view["preferred_share"] == round(float((margins > 0).mean()), 4)
     assert view["quantiles"]["p50"] == round(float(np.quantile(margins, 0.5)), 3)
     assert run_training(cfg)["ref_cache"] == "hit"
+    # a re-run (a resumed plan, or the view of generated pairs measured again) reads that cache back:
+    # the same figures, nothing scored but the cache's 3 check pairs, nothing written
+    before = stored.stat().st_mtime_ns
+    again = base_view(cfg, sample=256, budget_s=0.0)  # no budget: only a cache hit can give all 16
+    assert again["note"] == "all 16 training pairs, read from the reference cache" and again["cached"] == "hit"
+    assert {k: again[k] for k in ("pairs", "preferred_share", "quantiles", "histogram")} == {
+        k: view[k] for k in ("pairs", "preferred_share", "quantiles", "histogram")}
+    assert stored.stat().st_mtime_ns == before
 
 
 def test_the_sample_shrinks_to_the_time_budget_and_stores_nothing(small_cfg, tmp_path):
