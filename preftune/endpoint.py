@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from preftune.errors import UserError
@@ -19,7 +19,13 @@ from preftune.keys import note_secret_env
 class Endpoint(BaseModel):
     """An OpenAI-compatible chat endpoint, or a local model folder that preftune serves itself."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=plain_optionals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_text_is_none(cls, data: Any) -> Any:
+        """The form's empty text boxes (preftune.forms) mean "not given"."""
+        return empty_text_is_none(cls, data)
 
     model: str = Field(min_length=1, description="Model name sent in each request, or a local Hugging Face "
                        "model folder (preftune serves it, continuously batched).")

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from preftune.endpoint import Endpoint
+from preftune.forms import empty_text_is_none, plain_optionals
 from preftune.job import Beta, LoraOptions, LossOptions, TrainingOptions
 from preftune.workspace import default_workspace
 
@@ -45,26 +46,15 @@ def _run_fields_first(schema: dict, cls: type) -> None:
     the properties in schema order."""
     inherited = set(TrainingOptions.model_fields) | set(LoraOptions.model_fields)
     props = schema.get("properties", {})
+    for k in inherited & set(props):  # one group below the run's fields, named as such on each label
+        props[k]["title"] = f"Advanced training · {props[k].get('title', k)}"
     schema["properties"] = {k: v for k, v in props.items() if k not in inherited} | \
         {k: v for k, v in props.items() if k in inherited}
 
 
-_OPTIONAL_TEXT = [{"type": "string"}, {"type": "null"}]
-
-
-def _plain_text(schema: dict) -> None:
-    """Optional text is a plain text box on the form, empty by default: the Prefect UI shows a
-    `str | None` field as a two-button type switch captioned 'Property is type "None"'. The form's
-    empty string is read back as None (`RunSpec._empty_text_is_none`)."""
-    for prop in schema.get("properties", {}).values():
-        if prop.get("anyOf") == _OPTIONAL_TEXT and prop.get("default", "") is None:
-            del prop["anyOf"]
-            prop.update(type="string", default="")
-
-
 def _form_layout(schema: dict, cls: type) -> None:
     _run_fields_first(schema, cls)
-    _plain_text(schema)
+    plain_optionals(schema)
 
 
 class RunSpec(TrainingOptions, LoraOptions):
@@ -113,7 +103,8 @@ class RunSpec(TrainingOptions, LoraOptions):
         "measure its agreement with the labels before it judges candidates. 0: not measured.")
     target_win_rate: float | None = Field(
         0.75, ge=0.0, le=1.0, description="Performance target: win rate vs base (with a Python evaluator, "
-        "per prompt: a higher score wins). Once a finished job meets it, no new job starts. Empty: whole grid.")
+        "per prompt: a higher score wins). Once a finished job meets it, no new job starts. 0: no target, "
+        "the whole grid.")
     max_concurrent_jobs: int = Field(6, ge=1, le=64, description="Sweep jobs active at once.")
     budget_usd: float | None = Field(None, ge=0, description="Refuse a plan whose high estimate exceeds this.")
     work_pool: str | None = Field(None, description="Run sweep jobs as deployment runs on this Prefect work pool.")
@@ -134,11 +125,13 @@ class RunSpec(TrainingOptions, LoraOptions):
     @model_validator(mode="before")
     @classmethod
     def _empty_text_is_none(cls, data: Any) -> Any:
-        """The form's empty text box for an optional text field (see `_plain_text`) means "not given"."""
+        """The form's empty text box for an optional text field (preftune.forms) means "not given"."""
         if not isinstance(data, dict):
             return data
-        optional = {k for k, f in cls.model_fields.items() if f.default is None and f.annotation == str | None}
-        return {k: (None if k in optional and v == "" else v) for k, v in data.items()}
+        data = empty_text_is_none(cls, data)
+        if data.get("target_win_rate") == 0:  # the form's number box cannot be emptied to None: 0 says it
+            data["target_win_rate"] = None
+        return data
 
     @model_validator(mode="after")
     def _dataset_or_instruction(self):

@@ -177,3 +177,32 @@ def test_model_names_resolve_in_the_form_as_in_the_cli(zoo, tmp_path, monkeypatc
         resolve_model_names(RunSpec(dataset="d.jsonl", base_models=["tiny-lama"]))
     assert str(err.value).startswith("base_models: 'tiny-lama' is neither a local folder nor a model preftune knows; "
                                      "did you mean `tiny-llama`")
+
+
+def test_optional_numbers_are_number_boxes_and_the_training_options_are_one_named_group():
+    """#23: `float | None` fields (budget, port, pair budget, target) showed the UI's type switch, and the
+    ~20 inherited training fields were not told apart from the run's own. A number box keeps its bounds
+    and has no default when it is optional (an empty box is not sent: None); the target's 0 says "none"."""
+    from preftune.endpoint import Endpoint
+    from preftune.job import LoraOptions, TrainingOptions
+    from preftune.spec import RunSpec
+
+    defs = parameter_schema(preference_learning).model_dump()["definitions"]
+    props = defs["RunSpec"]["properties"]
+    assert {k: props["budget_usd"].get(k) for k in ("type", "minimum", "default", "anyOf")} == \
+        {"type": "number", "minimum": 0, "default": None, "anyOf": None}
+    assert "default" not in props["budget_usd"] and "default" not in props["deploy_port"]
+    assert {k: props["deploy_port"].get(k) for k in ("type", "minimum", "maximum")} == \
+        {"type": "integer", "minimum": 1024, "maximum": 65535}
+    assert {k: props["target_win_rate"].get(k) for k in ("type", "default", "maximum")} == \
+        {"type": "number", "default": 0.75, "maximum": 1.0}
+    assert not [name for name, p in props.items() if "anyOf" in p and name not in ("planner", "strong", "weak", "judge")]
+    for name in set(TrainingOptions.model_fields) | set(LoraOptions.model_fields):
+        assert props[name]["title"].startswith("Advanced training · "), name
+    assert props["lora_r"]["title"] == "Advanced training · Lora R"
+    assert not props["dataset"].get("title", "Dataset").startswith("Advanced")
+    ep = defs["Endpoint"]["properties"]
+    assert ep["base_url"]["type"] == "string" and ep["price_input_per_m"]["type"] == "number"
+    assert Endpoint(model="m", base_url="", api_key_env="") == Endpoint(model="m")
+    assert RunSpec(dataset="d.jsonl", target_win_rate=0).target_win_rate is None
+    assert RunSpec(dataset="d.jsonl").target_win_rate == 0.75

@@ -252,3 +252,58 @@ def test_sigterm_during_a_training_job_checkpoints_the_step_and_resumes(tmp_path
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["resumed_from_step"] == ckpt_step
+
+
+SLOW_EVALUATOR = '''
+import time
+from pathlib import Path
+
+
+def score(messages, completion):
+    """A slow evaluator that leaves a mark when phase 5 first calls it."""
+    Path(__file__).with_suffix(".called").touch()
+    time.sleep(0.3)
+    return 0.5
+'''
+
+
+def test_sigint_during_evaluation_ends_the_run_within_10s_and_a_rerun_resumes_after_the_sweep(tmp_path, zoo):
+    """Ctrl-C (SIGINT to the whole `preftune run`) while phase 5 scores: the run ends within 10 s with
+    exit 130, one line and no traceback, its evaluator workers gone; the re-run finishes without
+    training the job again."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ws, evaluator = tmp_path / "ws", tmp_path / "slow_eval.py"
+    evaluator.write_text(SLOW_EVALUATOR)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((Path(__file__).parent.parent / "examples" / "pairs.jsonl").read_text()
+                            .splitlines(keepends=True)[:60]))
+    argv = PREFTUNE + ["run", "--dataset", str(data), "--workspace", str(ws), "--base-model", zoo["models"]["tiny-llama"],
+                       "--beta", "0.1", "--evaluator", f"{evaluator}:score", "--yes", "--no-deploy",
+                       "--max-length", "64", "--eval-max-new-tokens", "8", "--max-eval-prompts", "8"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: evaluator.with_suffix(".called").exists() or proc.poll() is not None, 900,
+                 "phase 5 to call the evaluator")
+        assert proc.poll() is None, proc.stderr.read().decode()
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "evaluators" in " ".join(p.cmdline())]
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        err = proc.stderr.read().decode()
+        print(f"SIGINT during evaluation: the run exited after {took:.1f} s with {proc.returncode}")
+        assert took < 10 and proc.returncode == 130, err
+        assert "Traceback" not in err and "interrupted" in err
+        assert all_gone(workers, 3.0), [w.pid for w in workers if w.is_running()]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    (summary,) = ws.glob("jobs/*/summary.json")
+    trained = summary.stat().st_mtime_ns
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert again.returncode == 0 and "run completed" in again.stdout, again.stderr
+    assert summary.stat().st_mtime_ns == trained  # the finished job was not trained again
+    assert json.loads((ws / "eval" / "scores.json").read_text())["models"]
