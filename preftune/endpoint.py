@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from preftune.errors import UserError
+from preftune.forms import empty_text_is_none, plain_optionals
 from preftune.keys import note_secret_env
 
 
