@@ -2,10 +2,11 @@
 
 The Prefect UI (3.8) shows a `str | None` or `float | None` field as a two-button type switch, its
 "None" side captioned 'Property is type "None"' (#23 saw ~25 of them on the run form). Optional text
-becomes a text box, empty by default, and optional numbers a number box, empty when its default is
-None (an empty box is not sent: the field's default applies); bounds stay. A model that uses
-`plain_optionals` as its `json_schema_extra` reads the form's empty text back as None with
-`empty_text_is_none` in a `mode="before"` validator.
+becomes a text box and an optional number a number box, both empty, with no default in the schema:
+an empty box is not sent (the field's default applies), and Prefect's validation accepts a null for a
+property without a default (a spec pasted from a run.json holds nulls; with a default it refused
+them). Bounds stay. A model that uses `plain_optionals` as its `json_schema_extra` reads an empty
+text back as None with `empty_text_is_none` in a `mode="before"` validator.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ def plain_optionals(schema: dict, cls: type | None = None) -> None:
         branches = prop.get("anyOf") or []
         if branches == _OPTIONAL_TEXT and prop.get("default", "") is None:
             del prop["anyOf"]
-            prop.update(type="string", default="")
+            prop["type"] = "string"
         elif len(branches) == 2 and branches[1] == {"type": "null"} and branches[0].get("type") in ("number", "integer"):
             del prop["anyOf"]
             prop.update(branches[0])
-            if prop.get("default", 0) is None:
-                del prop["default"]
+        else:
+            continue
+        # No default in the schema: Prefect's validation then accepts a null for it (a spec pasted from a
+        # run.json holds them), and the empty box is not sent. A real default is named in the description.
+        default = prop.pop("default", None)
+        if default is not None:
+            prop["description"] = f"{prop.get('description', '')} Empty: {default}.".strip()
 
 
 def empty_text_is_none(cls: type, data: Any) -> Any:

@@ -150,7 +150,7 @@ def test_the_runspec_form_has_no_internal_fields_and_optional_text_is_a_plain_te
     props = defs["RunSpec"]["properties"]
     for name in ("instruction", "test_dataset", "workspace", "evaluator", "rubric", "work_pool"):
         assert {k: props[name].get(k) for k in ("type", "default", "anyOf")} == \
-            {"type": "string", "default": "", "anyOf": None}, name
+            {"type": "string", "default": None, "anyOf": None}, name
     spec = RunSpec(dataset="d.jsonl", workspace="", evaluator="", rubric="", test_dataset="", work_pool="")
     assert (spec.workspace, spec.evaluator, spec.rubric, spec.test_dataset, spec.work_pool) == (None,) * 5
     assert spec.digest() == RunSpec(dataset="d.jsonl").digest()  # the form's empty boxes: the same run
@@ -195,7 +195,15 @@ def test_optional_numbers_are_number_boxes_and_the_training_options_are_one_name
     assert {k: props["deploy_port"].get(k) for k in ("type", "minimum", "maximum")} == \
         {"type": "integer", "minimum": 1024, "maximum": 65535}
     assert {k: props["target_win_rate"].get(k) for k in ("type", "default", "maximum")} == \
-        {"type": "number", "default": 0.75, "maximum": 1.0}
+        {"type": "number", "default": None, "maximum": 1.0}
+    assert props["target_win_rate"]["description"].endswith("0: no target, the whole grid. Empty: 0.75.")
+    # what Prefect's UI checks a form's values with: a spec pasted from a run.json (its nulls) passes
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = parameter_schema(preference_learning).model_dump()
+    pasted = {"spec": {"dataset": "d.jsonl", "workspace": None, "target_win_rate": None, "budget_usd": None,
+                       "deploy_port": None, "rubric": None}}
+    assert validate(pasted, schema, preprocess=True) == []
     assert not [name for name, p in props.items() if "anyOf" in p and name not in ("planner", "strong", "weak", "judge")]
     for name in set(TrainingOptions.model_fields) | set(LoraOptions.model_fields):
         assert props[name]["title"].startswith("Advanced training · "), name
