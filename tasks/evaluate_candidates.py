@@ -51,7 +51,9 @@ def _merge(merged: dict, base: str, scores: dict) -> None:
             merged["bases"][name] = entry
         else:
             merged["models"][model] = _candidate_entry(entry, scores["mode"]) | {"base_model": name}
-    merged["warnings"] += [f"{name}: {w}" for w in scores.get("warnings", [])]
+    # A warning every base gives alike (the calibration pairs and the scorer are the run's) is said once.
+    said = {w.split(": ", 1)[-1] for w in merged["warnings"]}
+    merged["warnings"] += [f"{name}: {w}" for w in scores.get("warnings", []) if w not in said]
     # The calibration pairs and the judge are the same for every base (its replies come from the cache):
     # any base's figures are the run's. Position consistency pools every base's judgments.
     for key in ("judge_agreement", "judge_validity", "judge"):

@@ -149,3 +149,13 @@ def test_a_python_evaluator_is_held_to_the_labels_as_a_judge_is(tmp_path, monkey
     weak = dict(cal, agreement=0.5, agreement_ci_low=0.43, above_length_baseline=False)
     assert f"**The evaluator `{evaluator}` is not above the length baseline:**" in judge_caution(
         {"evaluator": evaluator, "judge_validity": weak})
+
+
+def test_a_warning_every_base_gives_alike_is_said_once():
+    """The calibration pairs and the scorer are the run's: two bases gave the same calibration warning
+    twice in the demo's report ("tiny-llama: evaluator not above ...", "tiny-qwen: evaluator not above ...")."""
+    merged = _empty("evaluator")
+    same = "evaluator not above the length baseline: 74% vs 56%"
+    _merge(merged, "/m/a", {"mode": "evaluator", "models": {}, "warnings": [same, "a-dpo: 3 of 27 verdicts cut"]})
+    _merge(merged, "/m/b", {"mode": "evaluator", "models": {}, "warnings": [same, "b-dpo: 1 of 27 verdicts cut"]})
+    assert merged["warnings"] == [f"a: {same}", "a: a-dpo: 3 of 27 verdicts cut", "b: b-dpo: 1 of 27 verdicts cut"]
