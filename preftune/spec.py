@@ -103,8 +103,8 @@ class RunSpec(TrainingOptions, LoraOptions):
         "measure its agreement with the labels before it judges candidates. 0: not measured.")
     target_win_rate: float | None = Field(
         0.75, ge=0.0, le=1.0, description="Performance target: win rate vs base (with a Python evaluator, "
-        "per prompt: a higher score wins). Once a finished job meets it, no new job starts. 0: no target, "
-        "the whole grid.")
+        "per prompt: a higher score wins). Once a finished job meets it, no new job starts. null (the "
+        "JSON input): no target, the whole grid.")
     max_concurrent_jobs: int = Field(6, ge=1, le=64, description="Sweep jobs active at once.")
     budget_usd: float | None = Field(None, ge=0, description="Refuse a plan whose high estimate exceeds this.")
     work_pool: str | None = Field(None, description="Run sweep jobs as deployment runs on this Prefect work pool.")
@@ -128,10 +128,7 @@ class RunSpec(TrainingOptions, LoraOptions):
         """The form's empty text box for an optional text field (preftune.forms) means "not given"."""
         if not isinstance(data, dict):
             return data
-        data = empty_text_is_none(cls, data)
-        if data.get("target_win_rate") == 0:  # the form's number box cannot be emptied to None: 0 says it
-            data["target_win_rate"] = None
-        return data
+        return empty_text_is_none(cls, data)
 
     @model_validator(mode="after")
     def _dataset_or_instruction(self):

@@ -182,7 +182,7 @@ def test_model_names_resolve_in_the_form_as_in_the_cli(zoo, tmp_path, monkeypatc
 def test_optional_numbers_are_number_boxes_and_the_training_options_are_one_named_group():
     """#23: `float | None` fields (budget, port, pair budget, target) showed the UI's type switch, and the
     ~20 inherited training fields were not told apart from the run's own. A number box keeps its bounds
-    and has no default when it is optional (an empty box is not sent: None); the target's 0 says "none"."""
+    and has no default in the schema (an empty box is not sent: the field's default applies)."""
     from preftune.endpoint import Endpoint
     from preftune.job import LoraOptions, TrainingOptions
     from preftune.spec import RunSpec
@@ -196,7 +196,7 @@ def test_optional_numbers_are_number_boxes_and_the_training_options_are_one_name
         {"type": "integer", "minimum": 1024, "maximum": 65535}
     assert {k: props["target_win_rate"].get(k) for k in ("type", "default", "maximum")} == \
         {"type": "number", "default": None, "maximum": 1.0}
-    assert props["target_win_rate"]["description"].endswith("0: no target, the whole grid. Empty: 0.75.")
+    assert props["target_win_rate"]["description"].endswith("no target, the whole grid. Empty: 0.75.")
     # what Prefect's UI checks a form's values with: a spec pasted from a run.json (its nulls) passes
     from prefect.utilities.schema_tools.validation import validate
 
@@ -212,5 +212,5 @@ def test_optional_numbers_are_number_boxes_and_the_training_options_are_one_name
     ep = defs["Endpoint"]["properties"]
     assert ep["base_url"]["type"] == "string" and ep["price_input_per_m"]["type"] == "number"
     assert Endpoint(model="m", base_url="", api_key_env="") == Endpoint(model="m")
-    assert RunSpec(dataset="d.jsonl", target_win_rate=0).target_win_rate is None
+    assert RunSpec(dataset="d.jsonl", target_win_rate=None).target_win_rate is None
     assert RunSpec(dataset="d.jsonl").target_win_rate == 0.75
