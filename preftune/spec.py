@@ -126,8 +126,6 @@ class RunSpec(TrainingOptions, LoraOptions):
     @classmethod
     def _empty_text_is_none(cls, data: Any) -> Any:
         """The form's empty text box for an optional text field (preftune.forms) means "not given"."""
-        if not isinstance(data, dict):
-            return data
         return empty_text_is_none(cls, data)
 
     @model_validator(mode="after")
