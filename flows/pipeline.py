@@ -275,7 +275,9 @@ def _api_url() -> str | None:
     started (preftune.cli.prefect_server), for `preftune approve WORKSPACE`."""
     from prefect.settings import PREFECT_API_URL
 
-    return PREFECT_API_URL.value() or os.environ.get("PREFTUNE_TEMPORARY_API_URL")
+    from preftune.cli.prefect_server import TEMPORARY_API_ENV
+
+    return PREFECT_API_URL.value() or os.environ.get(TEMPORARY_API_ENV)
 
 
 def _owned_run(spec: RunSpec, ws: Workspace) -> State:

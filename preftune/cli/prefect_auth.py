@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from preftune.errors import UserError
 
@@ -154,7 +155,7 @@ def record_temporary(api_url: str) -> str | None:
     folder = cache_dir() / "temporary-servers"
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    path = folder / f"{api_url.rstrip('/').rsplit(':', 1)[-1].split('/')[0]}.auth"  # by port
+    path = folder / f"{urlsplit(api_url).port}.auth"
     _write_private(path, auth + "\n")
     record_server(api_url, path)
     return auth
