@@ -53,10 +53,11 @@ def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, se
     def score(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset_logps(module, [pairs[i] for i in idx], CHUNK, pad_id(tokenizer), "cpu")
 
-    if len(pairs) <= sample and not torch.cuda.is_available():  # every pair: maybe scored before (a re-run)
+    # Every pair on a CPU: the job's own reference cache, maybe filled before (a re-run), or filled now.
+    whole = _key(cfg, tokenizer) if len(pairs) <= sample and not torch.cuda.is_available() else None
+    if whole is not None:
         with reference_mode(module.lm):
-            cache, key, _ = _key(cfg, tokenizer)
-            stored = lookup(cache, key, len(pairs), score)
+            stored = lookup(whole[0], whole[1], len(pairs), score)
         if stored is not None:
             out = margin_summary(stored["chosen"] - stored["rejected"])
             return out | {"seconds": round(time.perf_counter() - t0, 1), "scoring_seconds": 0.0,
@@ -80,8 +81,8 @@ def base_view(cfg: TrainConfig, *, sample: int = 256, budget_s: float = 60.0, se
     out["note"] = (f"all {len(pairs)} training pairs" if len(done) == len(pairs)
                    else f"a sample of {len(done)} of {len(pairs)} training pairs"
                         + (f", cut to fit {budget_s:g} s" if len(done) < min(sample, len(pairs)) else ""))
-    if len(done) == len(pairs) and not torch.cuda.is_available():  # a CPU job's key: fp32
-        out["cached"] = _store(cfg, tokenizer, done, c, r)
+    if whole is not None and len(done) == len(pairs):
+        out["cached"] = _store(whole, done, c, r)
     return out
 
 
@@ -92,11 +93,12 @@ def _key(cfg: TrainConfig, tokenizer) -> tuple:
                                   cfg.max_prompt_length, "fp32"))
 
 
-def _store(cfg: TrainConfig, tokenizer, done: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> str:
-    """Store every pair's log-probs (in data order) as the job's reference cache; "miss" when written."""
+def _store(whole: tuple, done: list[int], chosen: torch.Tensor, rejected: torch.Tensor) -> str:
+    """Store every pair's log-probs (in data order) as the job's reference cache (`whole`: _key's
+    cache folder, key and fields); "miss" when written."""
     full_c, full_r = torch.empty(len(done)), torch.empty(len(done))
     full_c[done], full_r[done] = chosen, rejected
-    cache, key, fields = _key(cfg, tokenizer)
+    cache, key, fields = whole
 
     def compute(idx: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         return (full_c, full_r) if idx is None else (full_c[idx], full_r[idx])
