@@ -13,11 +13,12 @@ Three backends:
   in-process, with a bearer-key check and without the model-loading routes). The fallback: a model
   with sliding-window or hybrid layers, and deployments on CPU. ``--continuous-batching`` from
   ``BATCHING_MIN_PARAMS`` up; below, a tiny model is ~3x slower with it on CPU.
-* ``vllm``: ``vllm serve`` (paged attention, a memory budget, LoRA adapters served unmerged). The
-  default when CUDA is present and vLLM is installed (``pip install 'preftune[vllm]'``). Phase 5
-  answers every candidate of one base with one vLLM server, the adapters loaded as LoRA modules
-  (``--enable-lora --lora-modules NAME=PATH ... --max-lora-rank R``). Not run in this project's
-  CI (no GPU): its selection and command line are tested (tests/test_backends.py).
+* ``vllm``: ``vllm serve`` (paged attention, a memory budget, LoRA adapters served unmerged), its
+  app behind ``preftune.gate.VllmGate`` (the key on every route, not /v1 alone). The default when
+  CUDA is present and vLLM is installed (``pip install 'preftune[vllm]'``). Phase 5 answers every
+  candidate of one base with one vLLM server, the adapters loaded as LoRA modules (``--enable-lora
+  --lora-modules NAME=PATH ... --max-lora-rank R``). Not run in this project's CI (no GPU): its
+  selection and command line are tested (tests/test_backends.py), its gate in tests/test_gate.py.
 
 ``PREFTUNE_LOCAL_SERVER`` (``preftune``, ``transformers`` or ``vllm``) overrides the choice;
 ``choose_backend`` is the one rule, a pure function of the facts so it is tested on any machine.
@@ -215,10 +216,12 @@ def vllm_command(base: str, adapters: dict[str, str]) -> list[str]:
     """``vllm serve BASE`` on loopback, with ``adapters`` (served name -> folder) as LoRA modules.
 
     The key is not here: vLLM reads ``VLLM_API_KEY`` from its environment (the argv of a process is
-    world-readable). vLLM checks it on the /v1 routes only (its security guide), so the host is
-    loopback and a deployment is for this machine's owner's use."""
+    world-readable). vLLM itself checks it on the /v1 routes only (its security guide): /tokenize,
+    /metrics, /invocations (which generates), /sleep, ... would answer any local user. So the app
+    gets preftune.gate.VllmGate, which reads the same variable: the key on every route but /health,
+    and the routes that load adapters or reconfigure the server closed to everyone."""
     cmd = [sys.executable, "-c", "from vllm.entrypoints.cli.main import main; main()", "serve", base,
-           "--host", "127.0.0.1", "--port", "{port}"]
+           "--host", "127.0.0.1", "--port", "{port}", "--middleware", "preftune.gate.VllmGate"]
     if not adapters:
         return cmd
     modules = [f"{name}={path}" for name, path in adapters.items()]

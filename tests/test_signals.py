@@ -152,7 +152,8 @@ def _answers(httpx, url: str) -> bool:
         return False
 
 
-def _train_children(pid: int) -> list[psutil.Process]:
+def _children_whose(pid: int, holds) -> list[psutil.Process]:
+    """Descendants of ``pid`` whose argv (a list) ``holds(argv)`` says yes to."""
     try:
         kids = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -160,11 +161,15 @@ def _train_children(pid: int) -> list[psutil.Process]:
     out = []
     for kid in kids:
         try:
-            if "train" in kid.cmdline():
+            if holds(kid.cmdline()):
                 out.append(kid)
         except psutil.Error:
             continue
     return out
+
+
+def _train_children(pid: int) -> list[psutil.Process]:
+    return _children_whose(pid, lambda argv: "train" in argv)
 
 
 def _metrics_lines(ws: Path) -> int:
@@ -267,6 +272,15 @@ def score(messages, completion):
 '''
 
 
+def _rerun_completes_without_training(argv: list[str], ws: Path, cwd: Path, env: dict) -> None:
+    """The interrupted run again: it completes, and its one finished job is not trained again."""
+    (summary,) = ws.glob("jobs/*/summary.json")
+    trained = summary.stat().st_mtime_ns
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+    assert again.returncode == 0 and "run completed" in again.stdout, again.stderr
+    assert summary.stat().st_mtime_ns == trained
+
+
 def test_sigint_during_evaluation_ends_the_run_within_10s_and_a_rerun_resumes_after_the_sweep(tmp_path, zoo):
     """Ctrl-C (SIGINT to the whole `preftune run`) while phase 5 scores: the run ends within 10 s with
     exit 130, one line and no traceback, its evaluator workers gone; the re-run finishes without
@@ -301,9 +315,82 @@ def test_sigint_during_evaluation_ends_the_run_within_10s_and_a_rerun_resumes_af
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    (summary,) = ws.glob("jobs/*/summary.json")
-    trained = summary.stat().st_mtime_ns
-    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert again.returncode == 0 and "run completed" in again.stdout, again.stderr
-    assert summary.stat().st_mtime_ns == trained  # the finished job was not trained again
+    _rerun_completes_without_training(argv, ws, tmp_path, env)
     assert json.loads((ws / "eval" / "scores.json").read_text())["models"]
+
+
+KNOWN_FOR_EVALUATOR = '''
+def score(messages, completion):
+    """1 for an answer that says what someone is best known for, as the dataset's answers do."""
+    return 1.0 if "known for" in completion else 0.0
+'''
+
+
+def _deploy_servers(pid: int, folder: Path) -> list[psutil.Process]:
+    """The run's children serving ``folder`` with ``transformers serve`` (preftune.hfserve, a
+    deployment's server on CPU), listening or not."""
+    return _children_whose(pid, lambda argv: "preftune.hfserve" in argv and str(folder) in argv)
+
+
+def test_sigterm_during_deploy_ends_the_run_within_10s_and_the_server_it_was_starting(tmp_path, zoo):
+    """SIGTERM to `preftune run` while phase 6 waits for the server it deploys to load: the run ends
+    within 10 s with exit 143, one line and no traceback, and that server is gone (a server still
+    starting is the run's to stop; only one that is up and smoke-tested outlives the command, found
+    by `preftune deploy --stop`). The re-run deploys without training the job again.
+
+    Reaching phase 6 headless (`--yes`) takes a candidate that beats its base: at lr 0.02 for two
+    epochs the tiny model picks up the dataset's "X is best known for ..." (the base answers "The
+    main language of ..."), and the evaluator scores exactly that. The signal is sent as soon as the
+    server process exists: it then imports transformers and loads the merged model (~5 s on 2 cores)
+    before /health answers, which the test checks it has not yet done. The workspace is relative, as
+    typed: a merged model's relative path once named nothing from the server's folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ws, evaluator, log = tmp_path / "ws", tmp_path / "known_for.py", tmp_path / "run.err"
+    evaluator.write_text(KNOWN_FOR_EVALUATOR)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((Path(__file__).parent.parent / "examples" / "pairs.jsonl").read_text()
+                            .splitlines(keepends=True)[:60]))
+    argv = PREFTUNE + ["run", "--dataset", str(data), "--workspace", "ws", "--base-model", zoo["models"]["tiny-llama"],
+                       "--beta", "0.1", "--lr", "0.02", "--epochs", "2", "--evaluator", f"{evaluator}:score", "--yes",
+                       "--max-length", "64", "--eval-max-new-tokens", "8", "--max-eval-prompts", "8"]
+    stop = PREFTUNE + ["deploy", "--stop", "--workspace", "ws"]
+    try:
+        with open(log, "w") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, env=env,
+                                    start_new_session=True)
+        try:
+            merged = (ws / "deploy" / "model").resolve()  # the job's adapter merged into its base, served
+            servers = wait_for(lambda: _deploy_servers(proc.pid, merged) or proc.poll() is not None, 900,
+                               "phase 6 to start the model server")
+            assert proc.poll() is None, log.read_text()
+            from preftune.server import healthy
+
+            port = json.loads((ws / "deploy" / "starting.json").read_text())["port"]
+            assert not healthy(port, timeout=1.0), "the server was up before the signal: not the case under test"
+            family = psutil.Process(proc.pid).children(recursive=True)  # the server, the temporary Prefect API
+            sent = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+            took = time.monotonic() - sent
+            print(f"SIGTERM during deploy: the run exited after {took:.1f} s with {proc.returncode}")
+            err_text = log.read_text()
+            assert took < 10 and proc.returncode == 128 + signal.SIGTERM, err_text
+            assert "Traceback" not in err_text
+            assert len([line for line in err_text.splitlines() if "interrupted" in line]) == 1, err_text
+            assert all_gone(servers, 3.0), [s.pid for s in servers if s.is_running()]
+            assert all_gone(family, 5.0), [(p.pid, p.cmdline()) for p in family if p.is_running()]
+            assert not (ws / "deploy" / "endpoint.json").exists()  # nothing recorded as deployed
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _rerun_completes_without_training(argv, ws, tmp_path, env)
+        endpoint = json.loads((ws / "deploy" / "endpoint.json").read_text())
+        assert endpoint["smoke"]["completion_tokens"] > 0 and healthy(endpoint["port"], timeout=5.0)
+        deployed = psutil.Process(endpoint["pid"])
+        stopped = subprocess.run(stop, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert stopped.stdout.startswith(f"stopped server pid {endpoint['pid']}"), stopped.stdout + stopped.stderr
+        assert all_gone([deployed], 15.0)
+    finally:  # whatever failed above, no deployment is left running
+        subprocess.run(stop, capture_output=True, cwd=tmp_path, env=env, timeout=120)
