@@ -20,20 +20,24 @@ from typing import Annotated, Any, Literal, TypeVar
 from prefect import get_run_logger, runtime
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import Field, ValidationError, WithJsonSchema, create_model, field_validator
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, create_model, field_validator
 
 from preftune.approvals_log import read_approvals
 from preftune.files import append_jsonl
 from preftune.flows.cards import say, show_markdown
+from preftune.forms import plain_optionals
 from preftune.workspace import Workspace
 
 T = TypeVar("T", bound=RunInput)
 
 
 def choice(options: type[StrEnum]) -> Any:
-    """An enum field whose options sit inline in the form's JSON schema: the Prefect UI's resume form
-    (3.8.8) does not follow a `$ref` to an enum and shows an empty dropdown that cannot be answered."""
-    return Annotated[options, WithJsonSchema({"type": "string", "enum": [o.value for o in options]})]
+    """The question's one decision, its options inline in the form's JSON schema: the Prefect UI's
+    resume form (3.8.8) does not follow a `$ref` to an enum and shows an empty dropdown that cannot be
+    answered. Titled, since the replaced schema loses pydantic's title and the V2 UI then labels the
+    field by its type ("str")."""
+    return Annotated[options, WithJsonSchema({"title": "Decision", "type": "string",
+                                              "enum": [o.value for o in options]})]
 
 
 class PlanChoice(StrEnum):
@@ -42,6 +46,8 @@ class PlanChoice(StrEnum):
 
 
 class PlanDecision(RunInput):
+    model_config = ConfigDict(json_schema_extra=plain_optionals)  # the budget: a plain number box
+
     decision: choice(PlanChoice) = Field(description="Approve the plan and its cost, or reject it (nothing is spent).")
     budget_usd: float | None = Field(None, ge=0, description="Optional budget cap in USD for this run.")
     drop_models: list[str] = Field(default_factory=list, description="Base models (name or path) to drop.")
@@ -168,18 +174,13 @@ def _shown_form(form: type[T], description: str, defaults: dict[str, Any]) -> ty
     """The form with the question above it and `defaults` filled in. Prefect's `with_initial_data`
     rebuilds each defaulted field from its bare type, so the UI lost its description and bounds.
 
-    The question is also the start of the first field's description: Prefect 3.8's Resume dialog gives
-    its own description box only the height the form leaves (none at 1280x900 for a long form), while
-    the form's first field is always at the top of the dialog, in view."""
+    The question is the dialog's own text, shown above the form (Prefect's V2 UI, the one a browser
+    lands on, gives it the room it needs at 1280x900); it is not repeated in a field."""
     fields = {}
-    first = next(iter(form.model_fields))
     for key, value in defaults.items():
         info = copy.copy(form.model_fields[key])
         info.default, info.default_factory = value, None
         fields[key] = (form.model_fields[key].annotation, info)
-    info = copy.copy(fields[first][1] if first in fields else form.model_fields[first])
-    info.description = f"{description}\n\n{info.description or ''}"
-    fields[first] = (form.model_fields[first].annotation, info)
     model = create_model(form.__name__, __base__=form, **fields)
     model._description = description
     return model

@@ -17,8 +17,11 @@ _OPTIONAL_TEXT = [{"type": "string"}, {"type": "null"}]
 
 
 def plain_optionals(schema: dict, cls: type | None = None) -> None:
-    """Rewrite the optional text and number properties of ``schema`` in place (module docstring)."""
-    for prop in schema.get("properties", {}).values():
+    """Rewrite the optional text and number properties of ``schema`` in place (module docstring), and
+    title every property: pydantic leaves an optional object (`Endpoint | None`) untitled, and the V2
+    UI then labels it "Field"."""
+    for name, prop in schema.get("properties", {}).items():
+        prop.setdefault("title", name.replace("_", " ").title())
         branches = prop.get("anyOf") or []
         if branches == _OPTIONAL_TEXT and prop.get("default", "") is None:
             del prop["anyOf"]

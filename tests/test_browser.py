@@ -1,7 +1,9 @@
 """The Prefect UI journey in a real browser: `preftune up` (a real Prefect server and the served
-deployments), headless Debian Chromium driven by playwright. A person's path: the deployment's
-custom-run form starts a run, the plan question is answered in the UI (and every later one), the run
-ends Completed, and the final-report artifact renders: every image loaded, every section there.
+deployments), headless Debian Chromium driven by playwright, in the UI a browser lands on (Prefect
+3.8's V2 UI, its default). A person's path: the deployment's custom-run form starts a run (a bad field
+first, refused where the person looks), the plan question is answered in the UI (and every later
+one), the run ends Completed, and the final-report artifact renders: every image loaded, every
+section there.
 
 Screenshots of each step are kept under the test's tmp folder (the path is printed)."""
 
@@ -38,8 +40,10 @@ def _auth() -> tuple[str, str]:
 
 
 def _log_in(page, ui_url: str, shot) -> None:
-    """What the owner does once per browser: the UI's Login page, the auth string as the password."""
-    page.goto(f"{ui_url}/login", wait_until="networkidle")
+    """What the owner does once per browser: the address `preftune up` printed, which lands on the V2
+    UI's Login page; the auth string as the password."""
+    page.goto(ui_url, wait_until="networkidle")
+    page.wait_for_url(re.compile(r".*/v2/login.*"))  # the server's redirect to V2, then the UI's to its login
     page.locator("input[type=password]").fill(":".join(_auth()))
     page.get_by_role("button", name="Login").click()
     page.wait_for_url(lambda url: "/login" not in url)
@@ -125,22 +129,60 @@ def _deployment_id(api: str) -> str:
                 if d["name"] == "preftune" and flows.get(d["flow_id"]) == "preference-learning")
 
 
+def _json_input(page, spec: dict) -> None:
+    """spec ⋮ → Use JSON Input, and the spec typed into its editor (CodeMirror) in place of what is there."""
+    if not page.locator(".cm-content").count():  # still the form (not after a refused submit)
+        page.get_by_role("button", name="Open menu").first.click()
+        page.get_by_role("menuitem", name="Use JSON Input").click()
+    editor = page.locator(".cm-content").first
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text(json.dumps(spec, indent=2))
+
+
 def _start_run_from_the_form(page, ui_url: str, api: str, spec: dict, shot: Shots) -> str:
     deployment = _deployment_id(api)
     _log_in(page, ui_url, shot)
-    page.goto(f"{ui_url}/deployments/deployment/{deployment}", wait_until="networkidle")
+    page.goto(f"{ui_url}/v2/deployments/deployment/{deployment}", wait_until="networkidle")
     page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run", exact=True).first.click()
+    page.get_by_role("menuitem", name="Custom run").click()
     page.wait_for_url(re.compile(r".*/deployment/[0-9a-f-]+/run(\?.*)?$"))
-    # "Dataset (Optional)": an instruction that names the dataset may stand in for it
-    page.get_by_text(re.compile(r"^Dataset( \(Optional\))?$")).first.wait_for()
+    page.get_by_label("Dataset (Optional)", exact=True).wait_for()
     shot(page, "custom-run-form")
-    page.locator(".flow-run-create-form-v2__header button").click()  # the Parameters menu
-    page.get_by_text("Use JSON input").click()
-    page.locator("textarea.p-code-input__textarea").fill(json.dumps({"spec": spec}, indent=2))
-    shot(page, "custom-run-json")
+    # every field is named (an untitled one read "Field"); the only type switches left are the four
+    # optional endpoints (an object or nothing), no `str | None` or `number | None` one
+    labels = page.evaluate("Array.from(document.querySelectorAll('label')).map(l => l.innerText.trim())")
+    assert not [x for x in labels if x.startswith("Field")], labels
+    assert page.get_by_text('Property is type "None"').count() == 4
+    # A bad field: the run is not created, and the reason shows beside the Submit button just pressed
     before = _runs(api, deployment)
-    page.get_by_role("button", name="Submit").click()
+    _json_input(page, {**spec, "betas": [-1]})
+    submit = page.get_by_role("button", name="Submit", exact=True)
+    submit.click()
+    refusal = page.get_by_text("Validation failed for field 'spec.betas[0]'")
+    refusal.wait_for()
+    box = wait_for(lambda: (b := refusal.bounding_box()) and 0 <= b["y"] and b["y"] + b["height"] <= 900 and b,
+                   10, "the refusal to slide fully into view")  # a toast, sliding in from the bottom edge
+    shot(page, "custom-run-refused")
+    button = submit.bounding_box()
+    assert abs(box["y"] - button["y"]) < 300, f"the refusal {box} is far from the Submit button {button}"
+    assert _runs(api, deployment) == before
+    # the toast lies over the Submit button until it goes, and stays while the pointer rests on it
+    page.mouse.move(600, 300)
+    refusal.wait_for(state="hidden", timeout=60_000)
+    _json_input(page, spec)
+    shot(page, "custom-run-json")
+    # Prefect 3.8.8's V2 form: the first Submit after a refusal only validates again (and clears the
+    # refusal); the next one sends. A person presses it again; so does the test, only when nothing was sent.
+    from playwright.sync_api import TimeoutError as NothingSent
+
+    for _ in range(3):
+        try:
+            with page.expect_request(lambda r: r.url.endswith("/create_flow_run"), timeout=15_000):
+                submit.click()
+            break
+        except NothingSent:
+            continue
     new = wait_for(lambda: _runs(api, deployment) - before, 120, "the run the form submits")
     assert len(new) == 1, new
     page.get_by_text("scheduled to start").first.wait_for()  # the UI's own confirmation
@@ -162,7 +204,7 @@ CUT_TABLES_JS = """Array.from(document.querySelectorAll('table')).filter(t => t.
 
 
 # Where a text is on screen: its box's height and whether all of it lies inside the window.
-SHOWN_JS = """text => { const els = Array.from(document.querySelectorAll('.p-modal__card *'))
+SHOWN_JS = """text => { const els = Array.from(document.querySelectorAll('[role=dialog] *'))
   .filter(e => e.innerText && e.innerText.includes(text)
     && !Array.from(e.children).some(c => c.innerText && c.innerText.includes(text)));
   return els.map(e => { const r = e.getBoundingClientRect();
@@ -180,64 +222,55 @@ def _state(api: str, run_id: str) -> dict:
     return httpx.get(f"{api}/flow_runs/{run_id}", timeout=60, auth=_auth()).json()["state"]
 
 
-def _field(page, label: str):
-    return page.locator(".schema-form-property").filter(
-        has=page.locator(f".schema-form-property__label:text-is('{label}')"))
-
-
-def _choose(page, field, option: str) -> None:
-    control = field.locator(".p-select-button__control").first
-    control.click()
-    # The click alone does not keep the list open inside Prefect 3.8's Resume dialog (its focus trap
-    # takes the focus back from the list's filter box); ArrowDown opens it.
-    control.press("ArrowDown")
-    page.get_by_role("option", name=option, exact=True).click()
+def _choose(page, field: str, options: set[str]) -> str:
+    """Open the dropdown of `field` with one click (#23: it used to need ArrowDown as well), pick the
+    option offered that is in `options`."""
+    page.get_by_role("button", name=f"Select {field}").click()
+    page.get_by_role("option").first.wait_for()
+    offered = {t.strip() for t in page.get_by_role("option").all_inner_texts()}
+    chosen = next(iter(offered & options), None)
+    assert chosen, f"{field}: the dropdown offers {sorted(offered)}, none of {sorted(options)}"
+    page.get_by_role("option", name=chosen, exact=True).click()
+    return chosen
 
 
 def _answer_the_evaluator_question(page, shot: Shots, answered: list[str]) -> str:
     """First 'a Python evaluator' without naming one: the question comes back with the reason on top,
     in view; then with the bundled evaluator's id."""
-    submit = page.get_by_role("button", name="Submit", exact=True)
+    submit = page.locator("[role=dialog]").get_by_role("button", name="Resume", exact=True)
     if "evaluator-unnamed" not in answered:
         _assert_shown(page, "No evaluator id and no judge endpoint were given", "the evaluator question")
-        _choose(page, _field(page, "Decision"), "a Python evaluator")
+        _choose(page, "Decision", {"a Python evaluator"})
         shot(page, "question-evaluator-unnamed")
         submit.click()
         return "evaluator-unnamed"
     _assert_shown(page, "Your last answer was not used", "the re-asked evaluator question")
     _assert_shown(page, "'a Python evaluator' needs its id in 'evaluator'", "the re-asked evaluator question")
     shot(page, "question-evaluator-reasked")
-    _choose(page, _field(page, "Decision"), "a Python evaluator")
-    _field(page, "Evaluator (Optional)").locator("textarea, input").first.fill(EVALUATOR)
+    _choose(page, "Decision", {"a Python evaluator"})
+    page.get_by_label("Evaluator (Optional)", exact=True).fill(EVALUATOR)
     submit.click()
     return "evaluator"
 
 
 def _answer_in_the_ui(page, ui_url: str, run_id: str, shot: Shots, answered: list[str]) -> str:
-    """Open the paused run, press Resume, choose this question's decision in its dropdown, submit."""
-    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
-    page.get_by_role("button", name="Resume").first.click()
-    submit = page.get_by_role("button", name="Submit", exact=True)
+    """Open the paused run, ⋮ → Resume, choose this question's decision in its dropdown, submit."""
+    page.goto(f"{ui_url}/v2/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.get_by_role("button", name="Open menu").first.click()
+    page.get_by_role("menuitem", name="Resume").click()
+    dialog = page.locator("[role=dialog]")
+    submit = dialog.get_by_role("button", name="Resume", exact=True)
     submit.wait_for()
-    page.locator(".schema-form-property__label").first.wait_for()  # the form inside the modal
-    if _field(page, "Evaluator (Optional)").count():
+    dialog.locator("label").first.wait_for()  # the form inside the dialog
+    if page.get_by_label("Evaluator (Optional)", exact=True).count():
         return _answer_the_evaluator_question(page, shot, answered)
-    if _field(page, "Drop Betas (Optional)").count():  # the plan: its summary is what a person approves from
+    if page.get_by_text("Drop Betas (Optional)").count():  # the plan: its summary is what a person approves from
         for text in ("Approve this plan?", "1 training job (", "Cost:", "Time:"):
             _assert_shown(page, text, "the plan question")
     for label, options in ANSWERS.items():
-        field = page.locator(".schema-form-property").filter(
-            has=page.locator(f".schema-form-property__label:text-is('{label}')"))
-        if not field.count():
+        if not page.get_by_role("button", name=f"Select {label}").count():
             continue
-        control = field.locator(".p-select-button__control").first
-        control.click()
-        control.press("ArrowDown")  # opens the list where the click alone did not (inside the modal)
-        page.get_by_role("option").first.wait_for()
-        offered = {t.strip() for t in page.get_by_role("option").all_inner_texts()}
-        chosen = next(iter(offered & options), None)
-        assert chosen, f"{label}: the dropdown offers {sorted(offered)}, none of {sorted(options)}"
-        page.get_by_role("option", name=chosen, exact=True).click()
+        chosen = _choose(page, label, options)
         shot(page, f"question-{label.lower()}-{chosen.replace(' ', '-')}")
         cut = page.evaluate(CUT_TABLES_JS)
         assert not cut, f"{label} question: tables cut off at a 1280 px window: {cut}"
@@ -327,25 +360,25 @@ def test_a_person_runs_the_flow_from_the_prefect_ui(ui, page, zoo, tmp_path):
     ui_url = api.removesuffix("/api")
     run_id = _start_run_from_the_form(page, ui_url, api, _spec(zoo, tmp_path), shot)
     state, answered = _wait_for_the_end(page, ui_url, api, run_id, shot)
-    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.goto(f"{ui_url}/v2/runs/flow-run/{run_id}", wait_until="networkidle")
     shot(page, "run-ended")
     assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}"
     # the evaluator (asked again when not named), the plan, then the comparison
     assert answered[:3] == ["evaluator-unnamed", "evaluator", "approve"] and "recommended" in answered, answered
     _every_card_once_and_no_table_cut(page, ui_url, api, run_id, shot)
 
-    page.goto(f"{ui_url}/artifacts/artifact/{_report_artifact(api, run_id)}", wait_until="networkidle")
+    page.goto(f"{ui_url}/v2/artifacts/artifact/{_report_artifact(api, run_id)}", wait_until="networkidle")
     report = (tmp_path / "ws" / "final_report.md").read_text(encoding="utf-8")
     sections = re.findall(r"^## (.+)$", report, flags=re.M)
     assert len(sections) >= 5, sections
     page.get_by_role("heading", name=sections[-1].strip()).first.wait_for()
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
     shot(page, "final-report")
-    images = page.evaluate("Array.from(document.querySelectorAll('.markdown-renderer img, article img'))"
+    images = page.evaluate("Array.from(document.querySelectorAll('.prose img'))"
                            ".map(i => ({src: i.src.slice(0, 60), width: i.naturalWidth}))")
     assert images, "the report shows no figure"
     assert all(i["width"] > 0 for i in images), f"images that did not load: {images}"
-    page.locator("article img, .markdown-renderer img").first.scroll_into_view_if_needed()
+    page.locator(".prose img").first.scroll_into_view_if_needed()
     shot(page, "final-report-figure")
     headings = {h.strip() for h in page.locator("h2").all_inner_texts()}
     missing = [s for s in sections if s.strip() not in headings]
@@ -377,12 +410,11 @@ def _every_card_once_and_no_table_cut(page, ui_url: str, api: str, run_id: str, 
     assert {"sweep-results", "approval-plan", "sweep-progress", "final-report"} <= set(keys), keys
     progress = next(r for r in rows if r["key"] == "sweep-progress")
     assert progress["data"] == 100.0 and "1/1 jobs finished" in progress["description"], progress
-    page.goto(f"{ui_url}/runs/flow-run/{run_id}", wait_until="networkidle")
-    page.get_by_text("Artifacts", exact=True).first.click()
-    page.locator(".artifact-card, .artifacts-card, [class*=artifact]").first.wait_for()
+    page.goto(f"{ui_url}/v2/runs/flow-run/{run_id}?tab=Artifacts", wait_until="networkidle")
+    page.get_by_text("final-report", exact=True).first.wait_for()
     shot(page, "run-artifacts")
     for row in rows:
-        page.goto(f"{ui_url}/artifacts/artifact/{row['id']}", wait_until="networkidle")
+        page.goto(f"{ui_url}/v2/artifacts/artifact/{row['id']}", wait_until="networkidle")
         if row["type"] == "table":
             page.locator("table").first.wait_for()
         cut = page.evaluate(CUT_TABLES_JS)

@@ -53,9 +53,20 @@ def test_a_default_keeps_its_description_and_bounds():
     """Prefect's `with_initial_data` rebuilt a defaulted field from its bare type: the budget lost its
     description and its lower bound in the UI."""
     prop = _saved_schema(PlanDecision)["properties"]["budget_usd"]
-    assert prop["default"] == 12.5
-    assert prop["description"] == "Optional budget cap in USD for this run."
-    assert {"minimum": 0, "type": "number"} in prop["anyOf"]
+    # a plain number box (no `number | None` switch); its empty box keeps the run's budget, named
+    assert prop == {"title": "Budget Usd", "type": "number", "minimum": 0,
+                    "description": "Optional budget cap in USD for this run. Empty: 12.5."}
+    assert PlanDecision.model_fields["budget_usd"].default is None  # None: the spec's budget (spending_cap)
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f.__name__)
+def test_the_decision_is_titled_and_the_question_is_said_once(form):
+    """The V2 UI labels an untitled field by its type ("str"); the question is the dialog's own text,
+    not repeated in a field's description (the V2 dialog showed it twice, the second as raw markdown)."""
+    schema = _saved_schema(form)
+    name = "deploy" if "deploy" in schema["properties"] else "decision"
+    assert schema["properties"][name]["title"] == name.title()
+    assert not [n for n, p in schema["properties"].items() if "the question" in p.get("description", "")]
 
 
 def test_the_comparison_offers_exactly_the_finished_jobs_and_the_three_words():
@@ -118,8 +129,7 @@ def test_the_evaluator_question_asks_again_until_the_evaluator_imports(zoo, tmp_
     pairs.write_text("\n".join((EXAMPLES_DIR / "pairs.jsonl").read_text().splitlines()[:40]) + "\n")
     ws = tmp_path / "ws"
     fut = start_flow(_spec(zoo, pairs, ws, evaluator=None))
-    # every answer not used comes back with its reason at the top: the dialog's own text box and the
-    # first field's description (the one the Resume dialog always shows at 1280x900)
+    # every answer not used comes back with its reason at the top of the dialog's own text
     for values, reason in [
             ({"decision": "a Python evaluator"}, "'a Python evaluator' needs its id in 'evaluator'"),
             ({"decision": "a Python evaluator", "evaluator": "no_such_pkg.mod:fn"},
@@ -129,7 +139,7 @@ def test_the_evaluator_question_asks_again_until_the_evaluator_imports(zoo, tmp_
         assert "judge_model" in schema["properties"]
         top = f"### ⚠ Your last answer was not used\n\n**{reason}"
         assert question_text(run_id).startswith(top), question_text(run_id)
-        assert schema["properties"]["decision"]["description"].startswith(top)
+        assert "Your last answer" not in schema["properties"]["decision"]["description"]
         assert "Property is type" not in json.dumps(schema) and "null" not in json.dumps(schema["properties"])
     assert _approvals(ws) == []
     good = "preftune.judges.builtin:answer_quality"
