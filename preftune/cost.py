@@ -50,6 +50,9 @@ def model_params(model: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from preftune.hf import check_config_sizes
+
+    check_config_sizes(model)
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True)
     except OSError as err:

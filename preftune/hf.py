@@ -107,9 +107,22 @@ def check_model_config(model: str | Path) -> None:
     """Refuse, in one line naming the field, a config.json whose sizes no model has, or whose
     parameters (counted from the config on the meta device: nothing allocated) cannot fit in this
     machine's memory as float32. Every model load (training, generation) goes through here first."""
-    import json
-
     from preftune.cost import model_params
+
+    check_config_sizes(model)
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return
+    need, have = 4 * model_params(str(model)), machine_memory()
+    if need > have:
+        raise UserError(f"the model's parameters alone need {need / 2**30:,.1f} GiB as float32; this machine "
+                        f"has {have / 2**30:,.1f} GiB of memory", path=path)
+
+
+def check_config_sizes(model: str | Path) -> None:
+    """Refuse, in one line naming the field, a config.json whose sizes no model has (before anything
+    counts or prices its parameters: `plan` read a vocab_size of 1e12 as a 128,000B model)."""
+    import json
 
     path = Path(model) / "config.json"
     if not path.is_file():
@@ -124,10 +137,6 @@ def check_model_config(model: str | Path) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit):
                 raise UserError(f"{field} {value!r} is not a size a model can have (a positive integer "
                                 f"up to {limit:,})", path=path)
-    need, have = 4 * model_params(str(model)), machine_memory()
-    if need > have:
-        raise UserError(f"the model's parameters alone need {need / 2**30:,.1f} GiB as float32; this machine "
-                        f"has {have / 2**30:,.1f} GiB of memory", path=path)
 
 
 def machine_memory() -> int:

@@ -14,10 +14,13 @@ Layout (docs/ARCHITECTURE.md says which phase writes each):
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from preftune.errors import UserError
 from preftune.job import SUMMARY_FILE
 
 WORKSPACES = "workspaces"  # default parent of every workspace, under the directory preftune runs in
@@ -43,7 +46,12 @@ class Workspace:
         object.__setattr__(self, "root", Path(self.root))
 
     def ensure(self) -> Workspace:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """The folder, created 0700 (its data, answers, adapters and ledger are its owner's), or an
+        existing one that is this user's alone (``check_owned``)."""
+        try:
+            self.root.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            check_owned(self.root)
         return self
 
     @property
@@ -161,6 +169,20 @@ class Workspace:
     @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+
+def check_owned(root: Path, me: int | None = None) -> None:
+    """Refuse (one line) a workspace another user owns or anyone may write: its owner or any local user
+    could plant a link there (a run appended its ledger and approvals lines to a file of root's
+    through links a second user had made) or a forged file. ``me``: the user to check for."""
+    st = os.stat(root)
+    me = os.geteuid() if me is None else me
+    if st.st_uid != me:
+        raise UserError(f"the workspace belongs to another user (uid {st.st_uid}): files or links they put "
+                        "there would be written through or believed; give a folder of your own", path=root)
+    if st.st_mode & stat.S_IWOTH:
+        raise UserError(f"the workspace is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): they "
+                        "could plant files or links in it; `chmod o-w` it, or give another folder", path=root)
 
 
 def in_use_message(root: Path, holder: dict) -> str:

@@ -70,3 +70,17 @@ def test_cli_one_line_exit_2(tmp_path, command):
         assert res.returncode == 2, (name, res.stderr[-2000:])
         assert res.stderr == f"preftune {command}: error: {expected}\n", name
         assert not (tmp_path / "ws").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("record, problem", [
+    ("[]", "not a run record: expected an object with a flow_run_id text (and an api_url)"),
+    ('{"flow_run_id": 5}', "not a run record: expected an object with a flow_run_id text (and an api_url)"),
+    ("{", "cannot read the run's record (JSONDecodeError)"),
+])
+def test_approve_refuses_a_broken_run_record_in_one_line(tmp_path, record, problem):
+    """Before: `preftune approve WORKSPACE` with a run.json of `[]` or a number for its id was a traceback."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "run.json").write_text(record)
+    proc = subprocess.run(PREFTUNE + ["approve", str(tmp_path / "ws")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"preftune approve: error: {tmp_path / 'ws' / 'run.json'}: {problem}"]

@@ -111,6 +111,11 @@ def test_configs_with_impossible_sizes_are_refused_before_any_allocation(zoo, tm
     proc = _train(model, tmp_path / "job")
     line = _one_line(proc, proc.stderr, "train")
     assert line.startswith(f"preftune train: error: {model / 'config.json'}: {message}")
+    if field == "vocab_size":  # `plan` prices the model first: it read 1e12 as a 128,000B model, no field named
+        pairs = EXAMPLES_DIR / "pairs.jsonl"
+        plan = subprocess.run(PREFTUNE + ["plan", "--dataset", str(pairs), "--base-model", str(model)],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert _one_line(plan, plan.stderr, "plan").startswith(f"preftune plan: error: {model / 'config.json'}: {message}")
 
 
 def test_file_size_and_memory_limits_are_one_line_and_the_job_resumes(zoo, tmp_path):

@@ -78,3 +78,12 @@ def test_a_reply_edited_in_the_cache_is_a_miss(tmp_path: Path) -> None:
     again = ResponseCache(tmp_path)
     assert again.get(key("a")) is None
     assert again.get(key("b")) == {"key": key("b"), "text": "another answer"}
+
+
+def test_a_reply_in_the_old_unsealed_layout_is_a_miss(tmp_path: Path) -> None:
+    """The old layout (a file per reply, no seal) cannot tell a reply from a planted one: it was sealed
+    as read and believed, so a text written there became a preferred answer. Now it is asked again."""
+    k = key("q")
+    (tmp_path / k[:2]).mkdir()
+    (tmp_path / k[:2] / f"{k}.json").write_text(json.dumps({"key": k, "text": "planted", "finish_reason": "stop"}))
+    assert ResponseCache(tmp_path).get(k) is None

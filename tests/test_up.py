@@ -160,6 +160,7 @@ def test_a_runs_temporary_server_refuses_strangers_and_the_owner_answers_it(tmp_
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 3 and out.startswith("run rejected"), (out, err)
         assert password not in out + err + ok.stdout + ok.stderr
+        assert not auth_file.exists()  # the string went with its server (31 of them had piled up)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

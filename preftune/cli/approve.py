@@ -24,7 +24,14 @@ def _run_ref(ref: str) -> tuple[UUID, str | None]:
     """(the flow run, the API it reports to when its workspace's run.json says so)."""
     record, api_url = Workspace(Path(ref)).run_record, None
     if record.exists():
-        run = read_json(record)
+        try:
+            run = read_json(record)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the run's record ({type(err).__name__})", path=record) from None
+        if not (isinstance(run, dict) and isinstance(run.get("flow_run_id"), str)
+                and isinstance(run.get("api_url"), str | None)):
+            raise UserError("not a run record: expected an object with a flow_run_id text (and an api_url)",
+                            path=record)
         ref, api_url = run["flow_run_id"], run.get("api_url")
     try:
         return UUID(ref), api_url

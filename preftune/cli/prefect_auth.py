@@ -21,6 +21,7 @@ The UI asks for the same string once per browser, on its Login page (the passwor
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -158,4 +159,5 @@ def record_temporary(api_url: str) -> str | None:
     path = folder / f"{urlsplit(api_url).port}.auth"
     _write_private(path, auth + "\n")
     record_server(api_url, path)
+    atexit.register(path.unlink, missing_ok=True)  # the server goes with this process; so does its string
     return auth

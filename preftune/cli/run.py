@@ -138,11 +138,14 @@ EXIT_CODES = {"completed": 0, "failed": 1, "rejected": 3}
 
 
 def check_workspace_free(spec) -> None:
-    """Refuse at once, before a flow run exists, when a live run holds the workspace."""
+    """Refuse at once, before a flow run exists, when a live run holds the workspace or it is not this
+    user's alone."""
     from preftune.files import LockHeld, exclusive
-    from preftune.workspace import Workspace, in_use_message
+    from preftune.workspace import Workspace, check_owned, in_use_message
 
     ws = Workspace(spec.workspace_path())
+    if ws.root.is_dir():
+        check_owned(ws.root)
     if not ws.lock.exists():
         return
     try:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from preftune.files import atomic_output, file_lock, write_json_atomic
+from preftune.files import atomic_output, file_lock, file_sha256, write_json_atomic
 from preftune.hf import file_digest, model_identity
 from preftune.job import TRAINER_VERSION
 
@@ -60,22 +61,48 @@ def reference_key(cache: Path, model_dir: Path, chat_template: str | None, data:
     return key, fields
 
 
-# A stored cache is checked on first use against these pairs recomputed (first, middle, last). The
+# A stored cache is checked on first use against CHECK_PAIRS pairs recomputed, drawn at random each
+# time: an edit cannot aim at the pairs left unchecked (a fixed first/middle/last could). The
 # tolerance on a summed log-prob: batching and padding move fp32 values by ~1e-4; bf16 by up to ~1 nat
 # on long answers. A cache with wrong values (another model's, a stale or doctored file) is off by far more.
 CHECK_PAIRS = 3
 TOLERANCE = {"fp32": (0.05, 1e-3), "bf16": (1.0, 2e-2)}  # (absolute nats, relative)
 
 
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: Path, problem: str) -> None:
+    """One line per cache and problem: a lookup (the base model's view) and the job that computes the
+    cache again would both say it."""
+    if (str(path), problem) not in _warned:
+        _warned.add((str(path), problem))
+        log.warning("reference cache %s %s: computing it again", path.name, problem)
+
+
+def _digest_file(path: Path) -> Path:
+    """Where the sha256 of a stored cache is kept, written with it: a cache whose bytes changed since
+    is not read (the recomputed sample alone would miss a few values edited off its pairs)."""
+    return path.with_suffix(".sha256")
+
+
 def _stored(path: Path, n: int) -> dict | None:
-    """The stored tensors, or None when the file is absent, truncated, unreadable or of another size."""
+    """The stored tensors, or None when the file is absent, truncated, changed since it was written,
+    unreadable or of another size."""
+    try:
+        recorded = _digest_file(path).read_text().strip()
+    except FileNotFoundError:
+        recorded = None
+    if path.exists() and recorded != file_sha256(path):
+        _warn_once(path, "has no recorded digest" if recorded is None else "changed since it was written")
+        return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         chosen, rejected = blob["chosen"], blob["rejected"]
     except FileNotFoundError:
         return None
     except Exception as err:  # noqa: BLE001 — a torn or foreign file of any kind is a cache miss
-        log.warning("reference cache %s unreadable (%s): computing it again", path.name, type(err).__name__)
+        _warn_once(path, f"unreadable ({type(err).__name__})")
         return None
     if not (isinstance(chosen, torch.Tensor) and isinstance(rejected, torch.Tensor)
             and chosen.shape == rejected.shape == (n,)):
@@ -83,8 +110,9 @@ def _stored(path: Path, n: int) -> dict | None:
     return {"chosen": chosen, "rejected": rejected}
 
 
-def check_indices(n: int) -> list[int]:
-    return sorted({0, n // 2, n - 1})[:CHECK_PAIRS] if n else []
+def check_indices(n: int, rng: random.Random | None = None) -> list[int]:
+    """``CHECK_PAIRS`` distinct pairs of ``n`` (all of them when fewer), in order."""
+    return sorted((rng or random.SystemRandom()).sample(range(n), min(CHECK_PAIRS, n)))
 
 
 def disagreement(stored: dict, idx: list[int], fresh: tuple[torch.Tensor, torch.Tensor], precision: str) -> float | None:
@@ -139,4 +167,6 @@ def load_or_compute(cache: Path, key: str, fields: dict, n: int,
                 "fields": json.dumps(fields, sort_keys=True)}
         with atomic_output(path, "wb") as fh:
             torch.save(blob, fh)
+        with atomic_output(_digest_file(path)) as fh:
+            fh.write(file_sha256(path) + "\n")
         return {"chosen": blob["chosen"], "rejected": blob["rejected"]}, "miss"

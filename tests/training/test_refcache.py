@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from preftune.files import file_sha256
 from preftune.tasks.training import run_training
 from preftune.tasks.training.data import load_pair_records, tokenize_pairs
 from preftune.tasks.training.logps import SequenceLogps
@@ -89,6 +90,7 @@ def test_a_cache_with_wrong_values_is_recomputed_with_one_log_line(small_cfg, tm
     real = torch.load(stored, weights_only=True)
     doctored = {**real, "chosen": real["chosen"] + 5.0, "rejected": real["rejected"] - 5.0}
     torch.save(doctored, stored)
+    stored.with_suffix(".sha256").write_text(file_sha256(stored))  # as one who re-hashes it would: the sample is left
     with caplog.at_level("WARNING", logger="preftune.refcache"):
         again = run_training(small_cfg(out=tmp_path / "second", ref_cache=cache))
     assert again["ref_cache"] == "miss"
@@ -99,6 +101,25 @@ def test_a_cache_with_wrong_values_is_recomputed_with_one_log_line(small_cfg, tm
     torch.testing.assert_close(healed["rejected"], real["rejected"], rtol=1e-5, atol=1e-4)
     third = run_training(small_cfg(out=tmp_path / "third", ref_cache=cache))
     assert third["ref_cache"] == "hit"  # the healed cache passes the check
+
+
+def test_a_cache_edited_off_the_checked_pairs_is_refused_by_its_digest(small_cfg, tmp_path, caplog):
+    """A few values edited (not the first, middle or last pair, which a fixed sample checked): the
+    bytes no longer match the digest written with the cache, so it is computed again, said once."""
+    cache = tmp_path / "rc"
+    run_training(small_cfg(out=tmp_path / "first", ref_cache=cache))
+    (stored,) = list(cache.glob("*.pt"))
+    real = torch.load(stored, weights_only=True)
+    n = len(real["chosen"])
+    edited = real["chosen"].clone()
+    edited[[1, 2, n - 2]] += 5.0
+    torch.save({**real, "chosen": edited}, stored)
+    with caplog.at_level("WARNING", logger="preftune.refcache"):
+        again = run_training(small_cfg(out=tmp_path / "second", ref_cache=cache))
+    assert again["ref_cache"] == "miss"
+    lines = [r.getMessage() for r in caplog.records if r.name == "preftune.refcache"]
+    assert lines == [f"reference cache {stored.name} changed since it was written: computing it again"], lines
+    torch.testing.assert_close(torch.load(stored, weights_only=True)["chosen"], real["chosen"], rtol=1e-5, atol=1e-4)
 
 
 def test_a_truncated_cache_file_is_a_miss(small_cfg, tmp_path):
@@ -116,7 +137,10 @@ def test_disagreement_tolerance_by_hand():
     """fp32: |stored − fresh| may reach 0.05 + 1e-3·|fresh|: at fresh −100 that is 0.15 nats."""
     from preftune.tasks.training.refcache import check_indices, disagreement
 
-    assert check_indices(10) == [0, 5, 9] and check_indices(2) == [0, 1] and check_indices(1) == [0]
+    assert check_indices(2) == [0, 1] and check_indices(1) == [0] and check_indices(0) == []
+    drawn = [check_indices(100) for _ in range(20)]
+    assert all(len(set(d)) == 3 and d == sorted(d) and 0 <= d[0] and d[-1] < 100 for d in drawn)
+    assert len({tuple(d) for d in drawn}) > 1  # not a fixed set an edit could avoid
     stored = {"chosen": torch.tensor([-100.0, -50.0]), "rejected": torch.tensor([-80.0, -40.0])}
     fresh = (torch.tensor([-100.14, -50.0]), torch.tensor([-80.0, -40.0]))
     assert disagreement(stored, [0, 1], fresh, "fp32") is None
