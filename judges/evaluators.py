@@ -125,6 +125,8 @@ def _split_evaluator_id(evaluator_id: str) -> EvaluatorRef:
         return EvaluatorRef(evaluator_id, str(path), function, True)
     if not all(part.isidentifier() for part in target.split(".")):
         raise UserError(f"evaluator '{evaluator_id}': '{target}' is not a module name")
+    if _module_location(target) is None:  # said now, before the plan: it was found out after training
+        raise UserError(f"evaluator '{evaluator_id}': module not found ({target.split('.')[0]})")
     return EvaluatorRef(evaluator_id, target, function, False)
 
 

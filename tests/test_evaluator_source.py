@@ -65,6 +65,18 @@ def test_a_module_id_is_located_without_importing_it(stranger, monkeypatch):
         run_evaluator("no_such_pkg.mod:f", [])
 
 
+def test_a_module_that_is_not_there_is_refused_before_the_plan(tmp_path):
+    """Before: a module id nothing finds passed the source check and failed in phase 5, after the
+    sweep had trained (the hostile pass's 3h)."""
+    from preftune.flows.questions import resolve_evaluator
+    from preftune.spec import RunSpec
+    from preftune.workspace import Workspace
+
+    spec = RunSpec(dataset="pairs.jsonl", evaluator="no_such_pkg.mod:score")
+    with pytest.raises(UserError, match=r"^evaluator 'no_such_pkg.mod:score': module not found \(no_such_pkg\)$"):
+        resolve_evaluator(spec, Workspace(tmp_path / "ws"))
+
+
 def test_preftune_and_the_owners_folders_are_accepted(stranger, monkeypatch):
     from preftune.judges.evaluators import EvalItem, run_evaluator
 
