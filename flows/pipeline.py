@@ -257,11 +257,14 @@ def preference_learning(spec: RunSpec) -> State:
     if not spec.dataset:
         reason = (spec.instruction_plan or {}).get("unresolved", {}).get("dataset") or "the instruction names no dataset"
         return _no_workspace_failure(reason, f"failed: no dataset ({reason}); fill in the dataset field")
-    ws = Workspace(spec.workspace_path())
+    try:  # resolved once and checked: every phase writes under this real path
+        ws = Workspace(spec.workspace_path()).ensure()
+    except UserError as err:
+        return _no_workspace_failure(str(err), f"failed: {err}")
     holder = {"pid": os.getpid(), "flow_run_id": str(runtime.flow_run.id or ""),
               "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     try:
-        with exclusive(ws.ensure().lock, holder):
+        with exclusive(ws.lock, holder):
             return _owned_run(spec, ws)
     except LockHeld as held:  # another live run owns this workspace: touch none of its files
         reason = in_use_message(ws.root, held.holder)

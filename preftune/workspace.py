@@ -46,13 +46,16 @@ class Workspace:
         object.__setattr__(self, "root", Path(self.root))
 
     def ensure(self) -> Workspace:
-        """The folder, created 0700 (its data, answers, adapters and ledger are its owner's), or an
-        existing one that is this user's alone (``check_owned``)."""
+        """The workspace at its real path, resolved once (a link swapped later changes nothing), after
+        ``check_path``; its folder created 0700 (its data, answers, adapters and ledger are its
+        owner's), or an existing one that is this user's alone (``check_owned``)."""
+        check_path(self.root)
+        ws = Workspace(self.root.resolve())
         try:
-            self.root.mkdir(parents=True, mode=0o700)
+            ws.root.mkdir(parents=True, mode=0o700)
         except FileExistsError:
-            check_owned(self.root)
-        return self
+            check_owned(ws.root)
+        return ws
 
     @property
     def lock(self) -> Path:
@@ -183,6 +186,29 @@ def check_owned(root: Path, me: int | None = None) -> None:
     if st.st_mode & stat.S_IWOTH:
         raise UserError(f"the workspace is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): they "
                         "could plant files or links in it; `chmod o-w` it, or give another folder", path=root)
+
+
+def check_path(root: Path, me: int | None = None) -> None:
+    """Refuse (one line) a workspace reached through a folder or link that another user owns, or a
+    folder every user may change (not sticky, as /tmp is): they could swap what the path leads to
+    while the run writes (a link of another user's was repointed, once the run had checked it, to a
+    folder of their links). Root's own folders and links are trusted."""
+    me = os.geteuid() if me is None else me
+    path = Path(os.path.abspath(root))
+    for part in [*reversed(path.parents), path]:
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            return  # the rest is created by this run, 0700
+        if part == path and not stat.S_ISLNK(st.st_mode):
+            return  # the folder itself: check_owned says what is wrong with it
+        if st.st_uid not in (me, 0):
+            raise UserError(f"the way to the workspace passes through {part}, which another user (uid "
+                            f"{st.st_uid}) owns: they could swap where it leads; give a folder of your own",
+                            path=root)
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise UserError(f"the way to the workspace passes through {part}, which every user may change "
+                            f"(mode {stat.S_IMODE(st.st_mode):o}): give a folder of your own", path=root)
 
 
 def in_use_message(root: Path, holder: dict) -> str:

@@ -48,3 +48,31 @@ def test_a_run_refuses_a_workspace_every_user_may_write_and_writes_nothing_there
     assert sorted(p.name for p in ws.iterdir()) == ["ledger.jsonl"]
     assert not (tmp_path / "someone-elses-file").exists()
     assert json.dumps(lines).count("Traceback") == 0
+
+
+def test_a_workspace_reached_through_a_folder_every_user_may_change_is_refused(tmp_path):
+    """Another user could swap a link or folder there while the run writes (a link repointed after the
+    run had checked it, to a folder of their links). /tmp's sticky bit keeps others' hands off."""
+    from preftune.workspace import check_path
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(UserError, match=rf"passes through {shared}, which every user may change \(mode 777\)"):
+        Workspace(shared / "ws").ensure()
+    assert not (shared / "ws").exists()
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: only an entry's owner may replace it
+    check_path(shared / "ws")
+
+
+def test_the_workspace_is_its_real_path_resolved_once(tmp_path):
+    """A link given as the workspace is followed once; swapping it afterwards moves nothing the run writes."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    ws = Workspace(link).ensure()
+    assert ws.root == tmp_path / "real"
+    link.unlink()
+    link.symlink_to(tmp_path / "other")
+    assert ws.ledger.parent == tmp_path / "real"

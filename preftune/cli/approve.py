@@ -23,11 +23,13 @@ _DEPLOY_ANSWER = {False: "recommended", True: "none"}
 def _run_ref(ref: str) -> tuple[UUID, str | None]:
     """(the flow run, the API it reports to when its workspace's run.json says so)."""
     record, api_url = Workspace(Path(ref)).run_record, None
-    if record.exists():
-        try:
-            run = read_json(record)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read the run's record ({type(err).__name__})", path=record) from None
+    try:
+        run = read_json(record) if Path(ref).is_dir() else None
+    except FileNotFoundError:
+        run = None
+    except (OSError, ValueError) as err:  # a folder of another user's (0700) is a PermissionError here
+        raise UserError(f"cannot read the run's record ({type(err).__name__})", path=record) from None
+    if run is not None:
         if not (isinstance(run, dict) and isinstance(run.get("flow_run_id"), str)
                 and isinstance(run.get("api_url"), str | None)):
             raise UserError("not a run record: expected an object with a flow_run_id text (and an api_url)",
