@@ -59,11 +59,11 @@ class ResponseCache:
         self._fds: dict[Path, int] = {}  # open segments, read with pread: no open() per hit
         self._segment: Path | None = None  # our own segment, created on the first put
         self._offset = 0
-        self._legacy = False
+        # The older layout (a file per reply, in folders named by the key's first two characters) is not
+        # read: its replies were unsealed, so a planted file could not be told from a reply (#21).
         if self.root.is_dir():
             for seg in sorted(self.root.glob("seg-*.log")):
                 self._scan(seg)
-            self._legacy = any(p.is_dir() and len(p.name) == 2 for p in self.root.iterdir())
 
     def _scan(self, seg: Path) -> None:
         offset = 0
@@ -93,7 +93,7 @@ class ResponseCache:
     def get(self, key: str) -> dict[str, Any] | None:
         where = self._index.get(key)
         if where is None:
-            return self._legacy_get(key) if self._legacy else None
+            return None
         return _checked(self._read(where), key)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
@@ -118,16 +118,6 @@ class ResponseCache:
 
     def __del__(self) -> None:
         self.close()
-
-    def _legacy_get(self, key: str) -> dict[str, Any] | None:
-        try:
-            with open(self.root / key[:2] / f"{key}.json", encoding="utf-8") as fh:
-                entry = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        # That layout wrote each reply unsealed: nothing tells a reply from an edited one, so it is a
-        # miss (asked again), as an edited sealed one is. Sealing it here made any planted file believed.
-        return _checked(entry, key)
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

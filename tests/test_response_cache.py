@@ -59,13 +59,6 @@ def test_a_line_whose_key_does_not_match_its_body_is_a_miss(tmp_path: Path) -> N
     assert ResponseCache(tmp_path).get(good) is None
 
 
-def test_replies_cached_by_the_one_file_per_reply_layout_are_still_read(tmp_path: Path) -> None:
-    k = key("old")
-    (tmp_path / k[:2]).mkdir()
-    (tmp_path / k[:2] / f"{k}.json").write_text(json.dumps({"key": k, "text": "from before"}))
-    assert ResponseCache(tmp_path).get(k)["text"] == "from before"
-
-
 def test_a_reply_edited_in_the_cache_is_a_miss(tmp_path: Path) -> None:
     """Before: an edited reply text was served from the cache (issue 21: an edited pair-cache text
     was used after pairs/done.json was removed). The line's own sha256 no longer matches."""
@@ -82,7 +75,7 @@ def test_a_reply_edited_in_the_cache_is_a_miss(tmp_path: Path) -> None:
 
 def test_a_reply_in_the_old_unsealed_layout_is_a_miss(tmp_path: Path) -> None:
     """The old layout (a file per reply, no seal) cannot tell a reply from a planted one: it was sealed
-    as read and believed, so a text written there became a preferred answer. Now it is asked again."""
+    as read and believed, so a text written there became a preferred answer. Now it is not read."""
     k = key("q")
     (tmp_path / k[:2]).mkdir()
     (tmp_path / k[:2] / f"{k}.json").write_text(json.dumps({"key": k, "text": "planted", "finish_reason": "stop"}))
