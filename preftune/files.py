@@ -179,6 +179,45 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class _Hashing:
+    """A write-only file that hashes what passes through it (torch.save needs only ``write``)."""
+
+    def __init__(self, fh: IO) -> None:
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+@contextmanager
+def digested_output(path: str | Path, digests: str | Path) -> Iterator[IO]:
+    """``atomic_output(path, "wb")``, hashed as it is written: its sha256 goes into ``digests`` (a JSON
+    list, [new, previous]) before the file is renamed into place, so a crash between the two renames
+    still leaves a pair that matches. ``matches_recorded`` checks it on the way back."""
+    with atomic_output(path, "wb") as fh:
+        sink = _Hashing(fh)
+        yield sink
+        write_json_atomic(digests, [sink.digest.hexdigest(), *recorded_digests(digests)[:1]])
+
+
+def recorded_digests(digests: str | Path) -> list:
+    """The sha256s ``digested_output`` recorded ([] when none can be read)."""
+    try:
+        found = read_json(digests)
+    except (OSError, ValueError):
+        return []
+    return found if isinstance(found, list) else []
+
+
+def matches_recorded(path: str | Path, digests: str | Path) -> bool:
+    """Whether ``path``'s bytes are the ones ``digested_output`` wrote (a torn or edited file is not)."""
+    return file_sha256(path) in recorded_digests(digests)
+
+
 def file_sha256(path: str | Path) -> str:
     """Content hash of a file, read in 1 MiB chunks (datasets and weights can be large)."""
     digest = hashlib.sha256()

@@ -45,15 +45,22 @@ class Workspace:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    def ensure(self) -> Workspace:
+    def checked(self) -> Workspace:
         """The workspace at its real path, resolved once (a link swapped later changes nothing), after
-        ``check_path``; its folder created 0700 (its data, answers, adapters and ledger are its
-        owner's), or an existing one that is this user's alone (``check_owned``)."""
+        ``check_path``; an existing folder must be this user's alone (``check_owned``)."""
         check_path(self.root)
         ws = Workspace(self.root.resolve())
+        if ws.root.is_dir():
+            check_owned(ws.root)
+        return ws
+
+    def ensure(self) -> Workspace:
+        """``checked``, its folder created 0700 when missing (its data, answers, adapters and ledger
+        are its owner's)."""
+        ws = self.checked()
         try:
             ws.root.mkdir(parents=True, mode=0o700)
-        except FileExistsError:
+        except FileExistsError:  # there already, or made since `checked` looked: whose is it?
             check_owned(ws.root)
         return ws
 

@@ -102,9 +102,9 @@ def snippet(base_url: str, model: str, key_file: Path) -> str:
 def deploy(model: str | Path, workspace: str | Path, *, adapter: str | Path | None = None, port: int | None = None,
            device: str = "cpu", engine: str = "auto", timeout: float = 300.0) -> dict[str, Any]:
     """Serve ``model`` (+ ``adapter``), health-check, smoke-test; write and return endpoint.json."""
-    # Absolute: the server runs in the workspace's logs/ folder, where a relative merged-model path
-    # (`--workspace ws`) names nothing (transformers took it for a hub id and the deploy failed).
-    ws = Workspace(Path(workspace).resolve()).ensure()
+    # ensure() gives the real, absolute path: the server runs in the workspace's logs/ folder, where a
+    # relative merged-model path (`--workspace ws`) named nothing (transformers took it for a hub id).
+    ws = Workspace(Path(workspace)).ensure()
     if not (Path(model) / "config.json").is_file():
         raise UserError("not a model folder (no config.json)", path=model)
     if engine not in ("auto", "transformers", "vllm"):

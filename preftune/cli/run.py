@@ -141,12 +141,9 @@ def check_workspace_free(spec) -> None:
     """Refuse at once, before a flow run exists, when a live run holds the workspace or it is not this
     user's alone."""
     from preftune.files import LockHeld, exclusive
-    from preftune.workspace import Workspace, check_owned, check_path, in_use_message
+    from preftune.workspace import Workspace, in_use_message
 
-    check_path(spec.workspace_path())
-    ws = Workspace(spec.workspace_path().resolve())
-    if ws.root.is_dir():
-        check_owned(ws.root)
+    ws = Workspace(spec.workspace_path()).checked()
     if not ws.lock.exists():
         return
     try:

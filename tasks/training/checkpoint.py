@@ -13,33 +13,18 @@ treated as absent: the job trains from the start.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
 import torch
 
-from preftune.files import atomic_output, file_sha256, read_json, stale, write_json_atomic
+from preftune.files import digested_output, matches_recorded, stale
 from preftune.tasks.training.loop import TrainState
 
 CHECKPOINT = "checkpoint.pt"
 DIGESTS = "checkpoint.sha256"
 _RESTART = "the job trains from step 0"
 _KEYS = ("config_hash", "state", "weights", "optimizer", "scheduler", "rng")
-
-
-class _Hashing:
-    """A write-only file that hashes what passes through it (torch.save needs only ``write``)."""
-
-    def __init__(self, fh) -> None:
-        self.fh, self.digest = fh, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.fh.write(data)
-
-    def flush(self) -> None:
-        self.fh.flush()
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,18 +55,8 @@ def save_checkpoint(out: Path, config_hash: str, module, optimizer, scheduler, s
         "rng": _rng_state(),
     }
     out = Path(out)
-    with atomic_output(out / CHECKPOINT, "wb") as fh:
-        sink = _Hashing(fh)
+    with digested_output(out / CHECKPOINT, out / DIGESTS) as sink:
         torch.save(blob, sink)
-        write_json_atomic(out / DIGESTS, [sink.digest.hexdigest(), *_digests(out)[:1]])
-
-
-def _digests(out: Path) -> list:
-    try:
-        found = read_json(out / DIGESTS)
-    except (OSError, ValueError):
-        return []
-    return found if isinstance(found, list) else []
 
 
 def peek_checkpoint(out: Path) -> dict | None:
@@ -90,7 +65,7 @@ def peek_checkpoint(out: Path) -> dict | None:
     path = Path(out) / CHECKPOINT
     if not path.exists():
         return None
-    if file_sha256(path) not in _digests(Path(out)):
+    if not matches_recorded(path, Path(out) / DIGESTS):
         return stale(path, "does not match its recorded sha256 (torn or edited)", _RESTART)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

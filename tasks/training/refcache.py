@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.files import atomic_output, file_lock, file_sha256, write_json_atomic
+from preftune.files import digested_output, file_lock, matches_recorded, recorded_digests, write_json_atomic
 from preftune.hf import file_digest, model_identity
 from preftune.job import TRAINER_VERSION
 
@@ -81,20 +81,18 @@ def _warn_once(path: Path, problem: str) -> None:
 
 
 def _digest_file(path: Path) -> Path:
-    """Where the sha256 of a stored cache is kept, written with it: a cache whose bytes changed since
-    is not read (the recomputed sample alone would miss a few values edited off its pairs)."""
+    """Where the sha256 of a stored cache is kept (preftune.files.digested_output, as a checkpoint's): a
+    cache whose bytes changed since is not read (the recomputed sample alone would miss a few values
+    edited off its pairs)."""
     return path.with_suffix(".sha256")
 
 
 def _stored(path: Path, n: int) -> dict | None:
     """The stored tensors, or None when the file is absent, truncated, changed since it was written,
     unreadable or of another size."""
-    try:
-        recorded = _digest_file(path).read_text().strip()
-    except FileNotFoundError:
-        recorded = None
-    if path.exists() and recorded != file_sha256(path):
-        _warn_once(path, "has no recorded digest" if recorded is None else "changed since it was written")
+    if path.exists() and not matches_recorded(path, _digest_file(path)):
+        _warn_once(path, "changed since it was written" if recorded_digests(_digest_file(path))
+                   else "has no recorded digest")
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -110,9 +108,9 @@ def _stored(path: Path, n: int) -> dict | None:
     return {"chosen": chosen, "rejected": rejected}
 
 
-def check_indices(n: int, rng: random.Random | None = None) -> list[int]:
+def check_indices(n: int) -> list[int]:
     """``CHECK_PAIRS`` distinct pairs of ``n`` (all of them when fewer), in order."""
-    return sorted((rng or random.SystemRandom()).sample(range(n), min(CHECK_PAIRS, n)))
+    return sorted(random.SystemRandom().sample(range(n), min(CHECK_PAIRS, n)))
 
 
 def disagreement(stored: dict, idx: list[int], fresh: tuple[torch.Tensor, torch.Tensor], precision: str) -> float | None:
@@ -165,8 +163,6 @@ def load_or_compute(cache: Path, key: str, fields: dict, n: int,
         chosen, rejected = compute(None)
         blob = {"chosen": chosen.detach().float().cpu(), "rejected": rejected.detach().float().cpu(),
                 "fields": json.dumps(fields, sort_keys=True)}
-        with atomic_output(path, "wb") as fh:
-            torch.save(blob, fh)
-        with atomic_output(_digest_file(path)) as fh:
-            fh.write(file_sha256(path) + "\n")
+        with digested_output(path, _digest_file(path)) as sink:
+            torch.save(blob, sink)
         return {"chosen": blob["chosen"], "rejected": blob["rejected"]}, "miss"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -90,7 +91,7 @@ def test_a_cache_with_wrong_values_is_recomputed_with_one_log_line(small_cfg, tm
     real = torch.load(stored, weights_only=True)
     doctored = {**real, "chosen": real["chosen"] + 5.0, "rejected": real["rejected"] - 5.0}
     torch.save(doctored, stored)
-    stored.with_suffix(".sha256").write_text(file_sha256(stored))  # as one who re-hashes it would: the sample is left
+    stored.with_suffix(".sha256").write_text(json.dumps([file_sha256(stored)]))  # re-hashed: the sample is left
     with caplog.at_level("WARNING", logger="preftune.refcache"):
         again = run_training(small_cfg(out=tmp_path / "second", ref_cache=cache))
     assert again["ref_cache"] == "miss"
